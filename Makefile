@@ -1,0 +1,36 @@
+# make test / make demo: each sets up what it needs on a fresh Debian 12 machine (as root).
+SHELL := /bin/bash
+VENV  ?= .venv
+PY    := $(VENV)/bin/python
+APT_PACKAGES := runc busybox-static fuse3 libfuse3-dev pkg-config iptables conntrack iproute2 \
+                python3 python3-venv python3-dev gcc
+PYTHON ?= python3
+
+.PHONY: test demo deps venv unit clean
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip >/dev/null
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+venv: deps $(VENV)/.installed
+
+test: venv
+	$(VENV)/bin/pytest -p no:cacheprovider $(PYTEST_ARGS)
+
+unit: venv
+	$(VENV)/bin/pytest -p no:cacheprovider tests/unit
+
+demo: venv
+	$(PY) -m fused.demo
+
+clean:
+	rm -rf $(VENV) *.egg-info

@@ -1,0 +1,145 @@
+"""Typed settings, loaded from TOML (DESIGN "Configuration")."""
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PATH = "/etc/tether/tether.toml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NetworkConfig(_Strict):
+    bridge: str = "tether0"
+    subnet: str = "10.213.0.0/16"
+    facade_subnet: str = "10.214.0.0/16"
+    port_range: str = "30000-32767"
+    strategy: Literal["facade", "direct"] = "facade"
+
+    @field_validator("bridge")
+    @classmethod
+    def _bridge(cls, v: str) -> str:
+        if not (1 <= len(v) <= 15) or not all(c.isalnum() or c in "-_." for c in v):
+            raise ValueError("bridge must be a Linux interface name (1-15 of [A-Za-z0-9-_.])")
+        return v
+
+    @field_validator("subnet", "facade_subnet")
+    @classmethod
+    def _subnet(cls, v: str) -> str:
+        net = ipaddress.IPv4Network(v, strict=True)
+        if net.num_addresses < 8:
+            raise ValueError("subnet must be a /29 or larger")
+        return str(net)
+
+    @field_validator("port_range")
+    @classmethod
+    def _ports(cls, v: str) -> str:
+        lo, _, hi = v.partition("-")
+        if not (lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi) <= 65535):
+            raise ValueError("port_range must look like 30000-32767")
+        return v
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> "NetworkConfig":
+        if self.network.overlaps(self.facade_network):
+            raise ValueError("subnet and facade_subnet must not overlap")
+        return self
+
+    @property
+    def network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.subnet)
+
+    @property
+    def facade_network(self) -> ipaddress.IPv4Network:
+        return ipaddress.IPv4Network(self.facade_subnet)
+
+    @property
+    def gateway(self) -> ipaddress.IPv4Address:
+        return self.network.network_address + 1
+
+    @property
+    def ports(self) -> range:
+        lo, _, hi = self.port_range.partition("-")
+        return range(int(lo), int(hi) + 1)
+
+
+class FirewallConfig(_Strict):
+    driver: Literal["iptables", "nftables", "none"] = "iptables"
+    chain_prefix: str = "TETHER"
+
+    @field_validator("chain_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        # chain names are at most 28 characters; the longest suffix we add is
+        # "-POSTROUTING" (12), plus room for a per-link suffix.
+        if not (1 <= len(v) <= 12) or not all(c.isalnum() or c in "-_" for c in v):
+            raise ValueError("chain_prefix must be 1-12 of [A-Za-z0-9-_]")
+        return v
+
+
+class DnsConfig(_Strict):
+    enabled: bool = True
+    upstreams: list[str] = Field(default_factory=lambda: ["host"])
+
+
+class Config(_Strict):
+    state_dir: Path = Path("/var/lib/tether")
+    run_dir: Path = Path("/run/tether")
+    network: NetworkConfig = NetworkConfig()
+    firewall: FirewallConfig = FirewallConfig()
+    dns: DnsConfig = DnsConfig()
+    # where this config was read from (None: built-in defaults); passed on to
+    # hooks written by `tether oci patch`.
+    source: Path | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.run_dir / "fused.sock"
+
+    @property
+    def fs_dir(self) -> Path:
+        return self.run_dir / "fs"
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / "tether.db"
+
+
+class ConfigError(Exception):
+    pass
+
+
+def config_path(explicit: str | None) -> Path | None:
+    """--config FILE, else $TETHER_CONFIG, else /etc/tether/tether.toml if present."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get("TETHER_CONFIG")
+    if env:
+        return Path(env)
+    default = Path(DEFAULT_PATH)
+    return default if default.exists() else None
+
+
+def load(explicit: str | None = None) -> Config:
+    path = config_path(explicit)
+    if path is None:
+        return Config()
+    try:
+        data = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}; pass an existing file with --config") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config {path} is not valid TOML: {e}") from e
+    try:
+        return Config(**data, source=path.resolve())
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise ConfigError(f"config {path}: {where}: {err['msg']}") from e

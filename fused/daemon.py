@@ -1,0 +1,110 @@
+"""tether-fused: the daemon. Root nursery: control socket, reconcile, signals."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+
+import trio
+
+from . import config as config_mod
+from . import control
+from .net import firewall as fw
+from .net.wiring import Wiring, Worker
+from .service import Service
+from .store.sqlite import SqliteStore, StoreError
+
+log = logging.getLogger("tether")
+
+
+def sd_notify(msg: str) -> None:
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(msg.encode(), addr)
+
+
+def _prepare_run_dir(cfg: config_mod.Config) -> None:
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(cfg.run_dir, 0o700)
+
+
+def _parts(cfg: config_mod.Config) -> tuple[Wiring, fw.Firewall]:
+    net = cfg.network
+    return Wiring(net.bridge, str(net.gateway), net.network.prefixlen), fw.make(cfg.firewall.driver, cfg.firewall.chain_prefix)
+
+
+async def run(cfg: config_mod.Config) -> None:
+    _prepare_run_dir(cfg)
+    store = SqliteStore(cfg.db_path)
+    wiring, firewall = _parts(cfg)
+    worker = Worker("tether-kernel")
+    service = Service(cfg, store, wiring, firewall, worker)
+    try:
+        await service.start()
+        async with trio.open_nursery() as nursery:
+            await nursery.start(control.serve, cfg.socket_path, service.dispatch)
+            log.info("tether-fused ready: socket %s, bridge %s, subnet %s", cfg.socket_path, cfg.network.bridge, cfg.network.subnet)
+            sd_notify("READY=1")
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                async for sig in signals:
+                    if sig == signal.SIGHUP:
+                        await service.reconcile()
+                        continue
+                    log.info("tether-fused: %s, stopping (containers keep their wiring)", signal.Signals(sig).name)
+                    break
+            sd_notify("STOPPING=1")
+            nursery.cancel_scope.cancel()
+    finally:
+        try:
+            cfg.socket_path.unlink()
+        except FileNotFoundError:
+            pass
+        await worker.run(wiring.close)
+        worker.shutdown()
+        store.close()
+
+
+def cleanup(cfg: config_mod.Config) -> None:
+    """Remove everything the daemon made in the kernel: veths, bridge, chains."""
+    wiring, firewall = _parts(cfg)
+    wiring.delete_bridge()
+    wiring.close()
+    firewall.teardown()
+    try:
+        cfg.socket_path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="tether-fused", description="tether daemon: leases, wiring, served files")
+    p.add_argument("--config", help="TOML config (default: $TETHER_CONFIG, else /etc/tether/tether.toml)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--cleanup", action="store_true", help="remove the bridge, chains and mount this config made, then exit")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format="%(name)s: %(message)s", stream=sys.stderr)
+    try:
+        cfg = config_mod.load(a.config)
+    except config_mod.ConfigError as e:
+        print(f"tether-fused: {e}", file=sys.stderr)
+        sys.exit(1)
+    if os.geteuid() != 0:
+        print("tether-fused: must run as root (it creates bridges, veths and firewall rules)", file=sys.stderr)
+        sys.exit(1)
+    try:
+        if a.cleanup:
+            cleanup(cfg)
+            return
+        trio.run(run, cfg)
+    except StoreError as e:
+        print(f"tether-fused: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        pass

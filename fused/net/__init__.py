@@ -1,0 +1,1 @@
+"""Kernel wiring: links and addresses (pyroute2) and the firewall drivers."""

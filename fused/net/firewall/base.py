@@ -1,0 +1,81 @@
+"""The firewall driver interface.
+
+The daemon computes the whole desired content of its own chains from the
+store (`RuleSet`) and a driver makes the kernel match it, in one commit per
+table, touching only `<prefix>-*` chains and the jumps into them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# (table, hook chain) pairs the daemon owns a chain for, in that table.
+HOOKS: tuple[tuple[str, str], ...] = (
+    ("nat", "PREROUTING"),
+    ("nat", "OUTPUT"),
+    ("nat", "POSTROUTING"),
+    ("filter", "FORWARD"),
+)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule; fields left None do not match on anything."""
+
+    target: str  # ACCEPT | MASQUERADE | DNAT | RETURN
+    src: str | None = None
+    dst: str | None = None
+    in_iface: str | None = None
+    out_iface: str | None = None
+    not_out_iface: str | None = None
+    not_dst: str | None = None
+    proto: str | None = None
+    dport: int | None = None
+    to: str | None = None  # DNAT destination "ip[:port]"
+    dst_local: bool = False  # -m addrtype --dst-type LOCAL
+    comment: str | None = None
+
+
+@dataclass
+class RuleSet:
+    """Desired rules per (table, hook chain); each goes into <prefix>-<HOOK>."""
+
+    chains: dict[tuple[str, str], list[Rule]] = field(default_factory=lambda: {h: [] for h in HOOKS})
+
+    def add(self, table: str, hook: str, rule: Rule) -> None:
+        self.chains[(table, hook)].append(rule)
+
+
+class Firewall(Protocol):
+    prefix: str
+
+    def setup(self) -> None:
+        """Create the base chains and the jumps into them (idempotent)."""
+
+    def apply(self, rules: RuleSet) -> int:
+        """Make the chains hold exactly `rules`; returns the number of commits made."""
+
+    def teardown(self) -> None:
+        """Remove every chain with our prefix and every jump into them."""
+
+    def dump(self) -> dict[tuple[str, str], list[str]]:
+        """What the kernel holds in our chains, for tests and doctor."""
+
+
+class NullFirewall:
+    """driver = "none": the user manages forwarding and NAT themselves."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+
+    def setup(self) -> None:
+        pass
+
+    def apply(self, rules: RuleSet) -> int:
+        return 0
+
+    def teardown(self) -> None:
+        pass
+
+    def dump(self) -> dict[tuple[str, str], list[str]]:
+        return {}

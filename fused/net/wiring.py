@@ -1,0 +1,197 @@
+"""Bridge and veth wiring with pyroute2.
+
+Every method here is synchronous and runs on one dedicated OS thread (see
+`Worker`): a pyroute2 socket is not thread safe, and a network namespace
+belongs to the thread that entered it.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import hashlib
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import trio
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger("tether.net")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+CLONE_NEWNET = 0x40000000
+
+
+class WiringError(Exception):
+    pass
+
+
+class Worker:
+    """Runs blocking calls on one dedicated thread, awaited from trio."""
+
+    def __init__(self, name: str) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    async def run(self, fn, *args):
+        fut = self._pool.submit(fn, *args)
+        return await trio.to_thread.run_sync(fut.result)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def veth_name(bridge: str, name: str) -> str:
+    """Host-side veth name: stable per (bridge, container name), 12 chars."""
+    return "tt" + hashlib.sha1(f"{bridge}/{name}".encode()).hexdigest()[:10]
+
+
+def netns_inode(pid: int) -> int | None:
+    """The inode of a process's network namespace, or None if it is gone."""
+    try:
+        return os.stat(f"/proc/{pid}/ns/net").st_ino
+    except OSError:
+        return None
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    pid: int
+    veth: str
+    ip: str
+    prefixlen: int
+    mac: str
+    gateway: str
+
+
+def _set_sysctl(path: str, value: str) -> None:
+    with open(path, "w") as f:
+        f.write(value)
+
+
+class Wiring:
+    def __init__(self, bridge: str, gateway: str, prefixlen: int) -> None:
+        self.bridge = bridge
+        self.gateway = gateway
+        self.prefixlen = prefixlen
+        self._ipr: IPRoute | None = None
+
+    @property
+    def ipr(self) -> IPRoute:
+        if self._ipr is None:
+            self._ipr = IPRoute()
+        return self._ipr
+
+    def close(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+    def _index(self, ifname: str) -> int | None:
+        found = self.ipr.link_lookup(ifname=ifname)
+        return found[0] if found else None
+
+    # --- bridge -----------------------------------------------------------
+    def ensure_bridge(self) -> None:
+        idx = self._index(self.bridge)
+        if idx is None:
+            self.ipr.link("add", ifname=self.bridge, kind="bridge")
+            idx = self._index(self.bridge)
+        have = {
+            (a.get_attr("IFA_ADDRESS"), a["prefixlen"]) for a in self.ipr.get_addr(index=idx, family=2)
+        }
+        if (self.gateway, self.prefixlen) not in have:
+            self.ipr.addr("add", index=idx, address=self.gateway, prefixlen=self.prefixlen)
+        self.ipr.link("set", index=idx, state="up")
+        _set_sysctl("/proc/sys/net/ipv4/ip_forward", "1")
+
+    def delete_bridge(self) -> None:
+        idx = self._index(self.bridge)
+        if idx is not None:
+            for veth in self.bridge_ports():
+                self.unwire(veth)
+            self.ipr.link("del", index=idx)
+
+    def bridge_ports(self) -> list[str]:
+        idx = self._index(self.bridge)
+        if idx is None:
+            return []
+        return [ln.get_attr("IFLA_IFNAME") for ln in self.ipr.get_links() if ln.get_attr("IFLA_MASTER") == idx]
+
+    # --- containers -------------------------------------------------------
+    def veth_exists(self, veth: str) -> bool:
+        return self._index(veth) is not None
+
+    def wire(self, ep: Endpoint) -> None:
+        """veth pair: host end on the bridge, eth0 in the container's netns."""
+        bridge_idx = self._index(self.bridge)
+        if bridge_idx is None:
+            raise WiringError(f"bridge {self.bridge} is missing: restart tether-fused")
+        if self._index(ep.veth) is not None:
+            self.unwire(ep.veth)
+        peer = "tp" + ep.veth[2:]
+        try:
+            self.ipr.link("add", ifname=ep.veth, kind="veth", peer={"ifname": peer, "net_ns_pid": ep.pid})
+        except NetlinkError as e:
+            raise WiringError(f"cannot create veth for pid {ep.pid}: {os.strerror(e.code)}") from e
+        try:
+            self._configure_inside(ep, peer)
+            idx = self._index(ep.veth)
+            self.ipr.link("set", index=idx, master=bridge_idx, state="up")
+        except BaseException:
+            self.unwire(ep.veth)
+            raise
+
+    def _configure_inside(self, ep: Endpoint, peer: str) -> None:
+        ns = _open_netns(ep.pid)
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            if _libc.setns(ns, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise WiringError(f"cannot enter the netns of pid {ep.pid}: {os.strerror(err)}")
+            try:
+                inner = IPRoute()
+            finally:
+                if _libc.setns(own, CLONE_NEWNET) != 0:  # pragma: no cover - would be fatal
+                    os.abort()
+        finally:
+            os.close(ns)
+            os.close(own)
+        try:
+            found = inner.link_lookup(ifname=peer)
+            if not found:
+                raise WiringError(f"veth peer vanished in the netns of pid {ep.pid}")
+            idx = found[0]
+            if inner.link_lookup(ifname="eth0"):
+                raise WiringError(
+                    f"the container (pid {ep.pid}) already has an eth0: give it its own network namespace"
+                )
+            inner.link("set", index=idx, ifname="eth0", address=ep.mac)
+            inner.addr("add", index=idx, address=ep.ip, prefixlen=ep.prefixlen)
+            inner.link("set", index=idx, state="up")
+            lo = inner.link_lookup(ifname="lo")
+            if lo:
+                inner.link("set", index=lo[0], state="up")
+            inner.route("add", dst="0.0.0.0/0", gateway=ep.gateway)
+        except NetlinkError as e:
+            raise WiringError(f"cannot configure eth0 in the netns of pid {ep.pid}: {os.strerror(e.code)}") from e
+        finally:
+            inner.close()
+
+    def unwire(self, veth: str) -> None:
+        idx = self._index(veth)
+        if idx is None:
+            return
+        try:
+            self.ipr.link("del", index=idx)
+        except NetlinkError as e:
+            if e.code != errno.ENODEV:
+                raise
+
+
+def _open_netns(pid: int) -> int:
+    try:
+        return os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+    except OSError as e:
+        raise WiringError(f"the netns of pid {pid} is gone ({e.strerror}): the container exited early") from e

@@ -1,0 +1,238 @@
+"""The one place where a request becomes: validate -> store txn -> kernel -> publish.
+
+Every operation holds `self.lock`: one writer, and readers never see a
+transaction half done. A kernel failure inside a transaction rolls the store
+back and undoes the wiring, so a failed registration leaves nothing behind.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import trio
+
+from . import allocator, model, rules
+from .allocator import Holder
+from .config import Config
+from .model import InputError
+from .net.firewall import Firewall
+from .net.wiring import Endpoint, Wiring, Worker, netns_inode, veth_name
+from .store.sqlite import ContainerRow, SqliteStore
+
+log = logging.getLogger("tether.service")
+
+
+class ServiceError(Exception):
+    """A request that cannot be done; the message names the cause and the fix."""
+
+
+def _host_netns() -> int:
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+class Service:
+    def __init__(self, cfg: Config, store: SqliteStore, wiring: Wiring, firewall: Firewall, worker: Worker) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.wiring = wiring
+        self.firewall = firewall
+        self.worker = worker
+        self.lock = trio.Lock()
+        self.net = cfg.network.network
+
+    # --- kernel helpers ---------------------------------------------------
+    def _endpoint(self, name: str, pid: int, ip: str, mac: str) -> Endpoint:
+        return Endpoint(
+            pid=pid,
+            veth=veth_name(self.cfg.network.bridge, name),
+            ip=ip,
+            prefixlen=self.net.prefixlen,
+            mac=mac,
+            gateway=str(self.cfg.network.gateway),
+        )
+
+    async def apply_firewall(self) -> int:
+        rs = rules.build(self.cfg)
+        return await self.worker.run(self.firewall.apply, rs)
+
+    async def start(self) -> None:
+        """Bridge, forwarding, base chains, then reconcile with the store."""
+        await self.worker.run(self.wiring.ensure_bridge)
+        await self.worker.run(self.firewall.setup)
+        await self.apply_firewall()
+        await self.reconcile()
+
+    def _alive(self, row: ContainerRow) -> bool:
+        return bool(row.pid) and row.netns_ino is not None and netns_inode(row.pid) == row.netns_ino
+
+    async def reconcile(self) -> dict:
+        """The store is the truth: running containers whose netns is gone become
+        stopped; live ones get their veth back if it went missing; veths on our
+        bridge that belong to no running container are removed."""
+        stopped, rewired = [], []
+        async with self.lock:
+            with self.store.transaction():
+                keep = set()
+                for row in self.store.containers():
+                    if not row.running:
+                        continue
+                    if not self._alive(row):
+                        self.store.mark_stopped(row.name)
+                        stopped.append(row.name)
+                        continue
+                    ep = self._endpoint(row.name, row.pid, row.ip, row.mac)
+                    keep.add(ep.veth)
+                    if not await self.worker.run(self.wiring.veth_exists, ep.veth):
+                        await self.worker.run(self.wiring.wire, ep)
+                        rewired.append(row.name)
+                for veth in await self.worker.run(self.wiring.bridge_ports):
+                    if veth not in keep:
+                        await self.worker.run(self.wiring.unwire, veth)
+        for n in stopped:
+            log.info("reconcile: %s: netns gone, marked stopped", n)
+        for n in rewired:
+            log.info("reconcile: %s: veth was missing, rewired", n)
+        return {"stopped": stopped, "rewired": rewired}
+
+    # --- hook operations --------------------------------------------------
+    async def register(self, args: dict) -> dict:
+        reg = model.parse_registration(args.get("state"), args.get("annotations"))
+        ino = netns_inode(reg.pid)
+        if ino is None:
+            raise ServiceError(f"container {reg.id!r}: process {reg.pid} is gone: the container exited early")
+        if ino == _host_netns():
+            raise ServiceError(
+                f"container {reg.id!r} shares the host's network namespace: "
+                'add {"type": "network"} to linux.namespaces in its config.json'
+            )
+        async with self.lock:
+            with self.store.transaction():
+                row = self.store.get(reg.name)
+                if row and row.running:
+                    if row.pid == reg.pid and row.netns_ino == ino:
+                        # the same start seen twice (prestart + createRuntime, or a retry)
+                        ep = self._endpoint(reg.name, reg.pid, row.ip, row.mac)
+                        if not await self.worker.run(self.wiring.veth_exists, ep.veth):
+                            await self.worker.run(self.wiring.wire, ep)
+                        return self._summary(self.store.get(reg.name))
+                    if self._alive(row):
+                        raise ServiceError(
+                            f"name {reg.name!r} is already used by running container {row.id!r}: "
+                            f"stop it first or choose another {model.ANN_NAME}"
+                        )
+                ip = self._lease_address(reg.name, row)
+                mac = model.mac_for(ip)
+                self.store.upsert_running(
+                    reg.name,
+                    reg.id,
+                    reg.pid,
+                    ino,
+                    reg.bundle,
+                    [str(p) for p in reg.expose],
+                    [str(p) for p in reg.publish],
+                )
+                self.store.set_ip_lease(reg.name, ip, mac)
+                self.store.set_note(reg.name, "")
+                await self.worker.run(self.wiring.wire, self._endpoint(reg.name, reg.pid, ip, mac))
+                result = self._summary(self.store.get(reg.name))
+        log.info("registered %s (id %s, pid %d) at %s", reg.name, reg.id, reg.pid, ip)
+        return result
+
+    def _lease_address(self, name: str, row: ContainerRow | None) -> str:
+        held = {ip: Holder(n, running, stopped_at) for ip, n, running, stopped_at in self.store.ip_holders()}
+        try:
+            choice = allocator.choose(allocator.address_pool(self.net), held, name, row.ip if row else None)
+        except allocator.Exhausted:
+            raise ServiceError(
+                f"address pool exhausted: every address of {self.net} is held by a running container; "
+                "stop one, or enlarge network.subnet in the config"
+            ) from None
+        if choice.evict:
+            self.store.drop_ip_lease(choice.evict)
+            self.store.set_note(
+                choice.evict,
+                f"evicted: address {choice.key} given to {name} at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}; "
+                "it gets a new address on its next start",
+            )
+            log.info("evicted %s from %s for %s", choice.evict, choice.key, name)
+        return choice.key
+
+    async def poststop(self, args: dict) -> dict:
+        state = args.get("state")
+        if not isinstance(state, dict):
+            raise InputError("OCI state must be a JSON object: run tether-hook from an OCI runtime")
+        ann = args.get("annotations") or {}
+        name = ann.get(model.ANN_NAME) if isinstance(ann, dict) else None
+        cid = state.get("id")
+        async with self.lock:
+            with self.store.transaction():
+                row = self.store.get(name) if model.is_label(name) else None
+                if row is None or row.id != cid:
+                    row = self.store.find_running_by_id(cid) if isinstance(cid, str) else None
+                if row is None or not row.running:
+                    return {"known": False}
+                self.store.mark_stopped(row.name)
+                await self.worker.run(self.wiring.unwire, veth_name(self.cfg.network.bridge, row.name))
+        log.info("stopped %s (id %s)", row.name, row.id)
+        return {"known": True, "name": row.name}
+
+    # --- CLI operations ---------------------------------------------------
+    def _summary(self, row: ContainerRow) -> dict:
+        return {
+            "name": row.name,
+            "id": row.id,
+            "state": row.state,
+            "ip": row.ip,
+            "mac": row.mac,
+            "pid": row.pid,
+            "expose": row.expose,
+            "publish": row.publish,
+            "links": [],
+            "started_at": row.started_at,
+            "stopped_at": row.stopped_at,
+            "note": row.note,
+        }
+
+    async def ps(self, args: dict) -> list[dict]:
+        async with self.lock:
+            return [self._summary(r) for r in self.store.containers()]
+
+    async def _row(self, args: dict) -> ContainerRow:
+        name = model.check_label(args.get("name"))
+        row = self.store.get(name)
+        if row is None:
+            raise ServiceError(f"no container named {name!r}: see `tether ps`")
+        return row
+
+    async def inspect(self, args: dict) -> dict:
+        async with self.lock:
+            row = await self._row(args)
+            out = self._summary(row)
+            out["leases"] = [lease for lease in self.store.leases() if lease["name"] == row.name]
+            out["veth"] = veth_name(self.cfg.network.bridge, row.name)
+            return out
+
+    async def leases(self, args: dict) -> list[dict]:
+        async with self.lock:
+            return self.store.leases()
+
+    async def rm(self, args: dict) -> dict:
+        async with self.lock:
+            row = await self._row(args)
+            if row.running and self._alive(row):
+                raise ServiceError(f"container {row.name!r} is running: stop it first (runc kill, runc delete)")
+            with self.store.transaction():
+                self.store.delete(row.name)
+                await self.worker.run(self.wiring.unwire, veth_name(self.cfg.network.bridge, row.name))
+        log.info("removed %s, freed %s", row.name, row.ip)
+        return {"name": row.name, "freed": [row.ip] if row.ip else []}
+
+    OPS = ("register", "poststop", "ps", "inspect", "leases", "rm", "reconcile")
+
+    async def dispatch(self, op: str, args: dict):
+        if op not in self.OPS:
+            raise InputError(f"unknown operation {op[:40]!r}: upgrade the tether client to match the daemon")
+        if op == "reconcile":
+            return await self.reconcile()
+        return await getattr(self, op)(args)

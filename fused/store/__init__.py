@@ -1,0 +1,1 @@
+"""The lease store: the one source of truth."""

@@ -1,0 +1,1 @@
+"""The OCI hook (standard library only: it runs on every container start)."""

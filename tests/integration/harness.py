@@ -1,0 +1,290 @@
+"""Test harness: an isolated tether-fused and real runc containers.
+
+Every Daemon gets its own bridge, subnets, run_dir, state_dir, chain prefix
+and runc root, and `close()` removes all of it (containers, processes by PID,
+veths, bridge, chains, mounts, directories) even when a test failed.
+"""
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+TETHER = str(BIN / "tether")
+FUSED = str(BIN / "tether-fused")
+HOOK = str(BIN / "tether-hook")
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+
+
+def sh(*cmd: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} -> {p.returncode}\nstdout: {p.stdout}\nstderr: {p.stderr}")
+    return p
+
+
+def build_rootfs(dest: Path) -> Path:
+    """A busybox-static root: /bin with every applet, empty /etc/hosts."""
+    for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "etc/tether"):
+        (dest / d).mkdir(parents=True, exist_ok=True)
+    shutil.copy2(BUSYBOX, dest / "bin" / "busybox")
+    applets = sh(str(dest / "bin" / "busybox"), "--list").stdout.split()
+    for a in applets:
+        link = dest / "bin" / a
+        if not link.exists():
+            link.symlink_to("busybox")
+    (dest / "etc" / "hosts").write_text("")
+    (dest / "etc" / "resolv.conf").write_text("")
+    (dest / "etc" / "passwd").write_text("root:x:0:0:root:/:/bin/sh\n")
+    return dest
+
+
+def _used_networks() -> list[ipaddress.IPv4Network]:
+    out = sh("ip", "-4", "-o", "addr").stdout.split("\n")
+    nets = []
+    for line in out:
+        parts = line.split()
+        if "inet" in parts:
+            nets.append(ipaddress.IPv4Interface(parts[parts.index("inet") + 1]).network)
+    return nets
+
+
+def free_subnet(prefix: int, first_octet_range: range, taken: list) -> str:
+    used = _used_networks() + taken
+    for _ in range(1000):
+        net = ipaddress.IPv4Network(
+            f"10.{random.choice(first_octet_range)}.{random.randrange(256)}.0/{prefix}", strict=False
+        )
+        if not any(net.overlaps(u) for u in used):
+            taken.append(net)
+            return str(net)
+    raise RuntimeError("no free test subnet")
+
+
+_TAKEN: list = []
+
+
+class Daemon:
+    """An isolated tether-fused with its own runc root."""
+
+    def __init__(self, rootfs: Path, prefix: int = 24, extra: str = "", strategy: str = "direct") -> None:
+        tag = "%06x" % random.randrange(1 << 24)
+        self.tag = tag
+        self.dir = Path(tempfile.mkdtemp(prefix=f"tether-test-{tag}-"))
+        self.rootfs = rootfs
+        self.bridge = f"tb{tag}"
+        self.chain_prefix = f"TT{tag.upper()}"
+        self.subnet = free_subnet(prefix, range(100, 200), _TAKEN)
+        self.facade = free_subnet(20, range(200, 250), _TAKEN)
+        self.run_dir = self.dir / "run"
+        self.state_dir = self.dir / "state"
+        self.runc_root = self.dir / "runc"
+        self.config = self.dir / "tether.toml"
+        self.port_base = 41000 + random.randrange(200) * 100
+        self.config.write_text(
+            f"""state_dir = "{self.state_dir}"
+run_dir = "{self.run_dir}"
+
+[network]
+bridge = "{self.bridge}"
+subnet = "{self.subnet}"
+facade_subnet = "{self.facade}"
+port_range = "{self.port_base}-{self.port_base + 99}"
+strategy = "{strategy}"
+
+[firewall]
+chain_prefix = "{self.chain_prefix}"
+
+[dns]
+upstreams = []
+{extra}
+"""
+        )
+        self.proc: subprocess.Popen | None = None
+        self.log = self.dir / "fused.log"
+        self.containers: set[str] = set()
+        self.pids: set[int] = set()
+
+    @property
+    def gateway(self) -> str:
+        return str(ipaddress.IPv4Network(self.subnet).network_address + 1)
+
+    @property
+    def sock(self) -> Path:
+        return self.run_dir / "fused.sock"
+
+    # --- daemon -----------------------------------------------------------
+    def start(self, timeout: float = 15) -> None:
+        assert self.proc is None or self.proc.poll() is not None
+        logf = open(self.log, "a")
+        self.proc = subprocess.Popen(
+            [FUSED, "--config", str(self.config), "--log-level", "debug"],
+            stdout=logf,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        self.pids.add(self.proc.pid)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"tether-fused exited {self.proc.returncode}:\n{self.log.read_text()}")
+            if self.sock.exists():
+                try:
+                    with socket.socket(socket.AF_UNIX) as s:
+                        s.connect(str(self.sock))
+                    return
+                except OSError:
+                    pass
+            time.sleep(0.02)
+        raise AssertionError(f"tether-fused did not come up:\n{self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return sh(TETHER, "--config", str(self.config), *args, check=check)
+
+    def cli_json(self, *args: str):
+        return json.loads(self.cli("--json", *args).stdout)
+
+    def container(self, name: str) -> dict:
+        return self.cli_json("inspect", name)
+
+    # --- runc ---------------------------------------------------------------
+    def bundle(self, name: str, args: list[str], *patch_args: str, env: list[str] | None = None) -> Path:
+        b = self.dir / "bundles" / name
+        b.mkdir(parents=True, exist_ok=True)
+        spec_dir = self.dir / "spec"
+        if not (spec_dir / "config.json").exists():
+            spec_dir.mkdir(exist_ok=True)
+            sh("runc", "spec", cwd=spec_dir)
+        spec = json.loads((spec_dir / "config.json").read_text())
+        spec["root"] = {"path": str(self.rootfs), "readonly": True}
+        spec["process"]["terminal"] = False
+        spec["process"]["args"] = args
+        spec["process"]["env"] = ["PATH=/bin", *(env or [])]
+        spec["hostname"] = name
+        (b / "config.json").write_text(json.dumps(spec, indent=2))
+        self.cli("oci", "patch", str(b), "--name", name, *patch_args)
+        return b
+
+    def runc(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+        return sh("runc", "--root", str(self.runc_root), *args, check=check, timeout=timeout)
+
+    def run(self, cid: str, bundle: Path, check: bool = True) -> subprocess.CompletedProcess:
+        self.containers.add(cid)
+        out = self.dir / f"{cid}.out"
+        err = self.dir / f"{cid}.err"
+        # the container inherits runc's stdio: files, never pipes we wait on
+        with open(out, "ab") as fo, open(err, "wb") as fe:
+            p = subprocess.run(
+                ["runc", "--root", str(self.runc_root), "run", "-d", "--bundle", str(bundle), cid],
+                stdin=subprocess.DEVNULL,
+                stdout=fo,
+                stderr=fe,
+                timeout=60,
+            )
+        p = subprocess.CompletedProcess(p.args, p.returncode, "", err.read_text(errors="replace"))
+        if check and p.returncode != 0:
+            raise AssertionError(f"runc run {cid} failed: {p.stderr}\n--- daemon log:\n{self.log.read_text()[-3000:]}")
+        return p
+
+    def start_container(self, name: str, args: list[str] | None = None, *patch_args: str, cid: str | None = None):
+        args = args or ["sh", "-c", f"while true; do echo {name} | nc -l -p 5432; done"]
+        b = self.bundle(name, args, *patch_args)
+        self.run(cid or name, b)
+        return b
+
+    def exec(self, cid: str, *cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess:
+        return self.runc("exec", cid, *cmd, check=check, timeout=timeout)
+
+    def state(self, cid: str) -> str | None:
+        p = self.runc("state", cid, check=False)
+        return json.loads(p.stdout)["status"] if p.returncode == 0 else None
+
+    def kill(self, cid: str) -> None:
+        """Stop a container the quick way (kill, wait, delete: runs poststop)."""
+        if self.state(cid) in ("running", "created", "paused"):
+            self.runc("kill", cid, "KILL", check=False)
+            deadline = time.monotonic() + 10
+            while self.state(cid) not in ("stopped", None) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        self.runc("delete", "-f", cid, check=False)
+        self.containers.discard(cid)
+
+    # --- cleanup ------------------------------------------------------------
+    def close(self) -> None:
+        ids = set(self.containers)
+        if self.runc_root.exists():
+            p = self.runc("list", "-q", check=False)
+            ids |= set(p.stdout.split())
+        for cid in ids:
+            self.kill(cid)
+        self.stop()
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        sh(FUSED, "--config", str(self.config), "--cleanup", check=False)
+        fs = self.run_dir / "fs"
+        if os.path.ismount(fs):
+            sh("umount", "-l", str(fs), check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> "Daemon":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def tcp_get(ip: str, port: int, timeout: float = 3.0) -> str:
+    """From the host (test process): connect, read until EOF."""
+    with socket.create_connection((ip, port), timeout=timeout) as s:
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+    return data.decode()
+
+
+def wait_for(pred, timeout: float = 10, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def bridge_ports(bridge: str) -> list[str]:
+    out = sh("ip", "-o", "link", "show", "master", bridge, check=False).stdout
+    return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if line.strip()]
+
+
+def iptables_dump(prefix: str) -> str:
+    return "\n".join(
+        line
+        for table in ("nat", "filter")
+        for line in sh("iptables-legacy", "-t", table, "-S").stdout.splitlines()
+        if prefix in line
+    )
