@@ -18,14 +18,8 @@ class CliError(Exception):
     pass
 
 
-def _ago(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    d = max(0, int(time.time() - ts))
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if d >= n:
-            return f"{d // n}{unit} ago"
-    return f"{d}s ago"
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
 
 
 def table(headers: list[str], rows: list[list[object]]) -> str:
@@ -38,7 +32,7 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
 
 def _ps_rows(items: list[dict]) -> str:
     return table(
-        ["name", "id", "state", "ip", "ports", "links", "stopped"],
+        ["name", "id", "state", "ip", "ports", "links", "stopped since"],
         [
             [
                 c["name"],
@@ -47,7 +41,7 @@ def _ps_rows(items: list[dict]) -> str:
                 c["ip"],
                 ",".join(c.get("published", []) or c["publish"]),
                 ",".join(c.get("links", [])),
-                _ago(c["stopped_at"]) if c["state"] == "stopped" else "-",
+                _when(c["stopped_at"]) if c["state"] == "stopped" else "-",
             ]
             for c in items
         ],
@@ -66,7 +60,7 @@ def _leases_text(items: list[dict]) -> str:
     return table(
         ["kind", "lease", "maps", "name", "state", "last used"],
         [
-            [l["kind"], l["lease"], l["maps"], l["name"], l["state"], "now" if l["state"] == "running" else _ago(l["stopped_at"])]
+            [l["kind"], l["lease"], l["maps"], l["name"], l["state"], "now" if l["state"] == "running" else _when(l["stopped_at"])]
             for l in items
         ],
     )

@@ -27,6 +27,7 @@ BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 
 
 def sh(*cmd: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    kw.setdefault("stdin", subprocess.DEVNULL)
     p = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, **kw)
     if check and p.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} -> {p.returncode}\nstdout: {p.stdout}\nstderr: {p.stderr}")

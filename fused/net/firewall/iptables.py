@@ -110,20 +110,20 @@ class IptablesFirewall:
         for tname in _TABLES:
             table = _table(tname)
             table.autocommit = False
-            for chain in table.chains:
-                if chain.is_builtin():
-                    for r in list(chain.rules):
-                        if r.target.name.startswith(mine):
-                            chain.delete_rule(r)
-            for chain in table.chains:
-                if chain.name.startswith(mine):
+            try:
+                for chain in table.chains:
+                    if chain.is_builtin():
+                        for r in list(chain.rules):
+                            if r.target.name.startswith(mine):
+                                chain.delete_rule(r)
+                ours = [c for c in table.chains if c.name.startswith(mine)]
+                for chain in ours:
                     chain.flush()
-            table.commit()
-            for chain in table.chains:
-                if chain.name.startswith(mine):
+                for chain in ours:
                     table.delete_chain(chain.name)
-            table.commit()
-            table.autocommit = True
+                table.commit()
+            finally:
+                table.autocommit = True
         self._applied = {}
 
     def dump(self) -> dict[tuple[str, str], list[str]]:
