@@ -7,11 +7,19 @@ holder. No I/O here.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Hashable, Iterable, Iterator, Mapping
+from collections.abc import Container, Hashable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 K = TypeVar("K", bound=Hashable)
+
+
+class Pool(Protocol[K]):
+    """Keys in preference order, with membership (a `range` of ports is one)."""
+
+    def __iter__(self) -> Iterator[K]: ...
+
+    def __contains__(self, key: object) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -38,15 +46,19 @@ class HeldByRunning(Exception):
         self.holder = holder
 
 
-def _lru_victim(held: Mapping[K, Holder], exclude: str) -> tuple[K, Holder] | None:
-    stopped = [(h.stopped_at or 0.0, str(k), k, h) for k, h in held.items() if not h.running and h.name != exclude]
+def _lru_victim(pool: Container[K], held: Mapping[K, Holder], exclude: str) -> tuple[K, Holder] | None:
+    stopped = [
+        (h.stopped_at or 0.0, str(k), k, h)
+        for k, h in held.items()
+        if not h.running and h.name != exclude and k in pool
+    ]
     if not stopped:
         return None
     _, _, key, holder = min(stopped, key=lambda t: (t[0], t[1]))
     return key, holder
 
 
-def choose(pool: Iterable[K], held: Mapping[K, Holder], name: str, current: K | None = None) -> Choice[K]:
+def choose(pool: Pool[K], held: Mapping[K, Holder], name: str, current: K | None = None) -> Choice[K]:
     """Pick a key for `name`.
 
     `current`: the key `name` holds now (sticky) or None. Raises Exhausted when
@@ -59,7 +71,7 @@ def choose(pool: Iterable[K], held: Mapping[K, Holder], name: str, current: K | 
     for key in pool:
         if key not in held:
             return Choice(key)
-    victim = _lru_victim(held, name)
+    victim = _lru_victim(pool, held, name)
     if victim is None:
         raise Exhausted()
     return Choice(victim[0], evict=victim[1].name)
@@ -75,13 +87,34 @@ def claim(key: K, held: Mapping[K, Holder], name: str) -> Choice[K]:
     return Choice(key, evict=h.name)
 
 
-def address_pool(network: ipaddress.IPv4Network) -> Iterator[str]:
-    """Container addresses: every host address but the gateway (the first)."""
-    hosts = network.hosts()
-    next(hosts, None)  # the gateway
-    for a in hosts:
-        yield str(a)
+class AddressPool:
+    """Container addresses of a subnet: every host address but the gateway (the first)."""
+
+    def __init__(self, network: ipaddress.IPv4Network) -> None:
+        self.network = network
+        n = int(network.network_address)
+        # /31 and /32 have no network or broadcast address to skip
+        self._first, self._last = (n + 1, n + network.num_addresses - 2) if network.prefixlen < 31 else (n, n - 1)
+        self._first += 1  # the gateway
+
+    def __iter__(self) -> Iterator[str]:
+        for i in range(self._first, self._last + 1):
+            yield str(ipaddress.IPv4Address(i))
+
+    def __contains__(self, key: object) -> bool:
+        try:
+            i = int(ipaddress.IPv4Address(key))  # type: ignore[arg-type]
+        except ValueError:
+            return False
+        return self._first <= i <= self._last
+
+    def __len__(self) -> int:
+        return max(self._last - self._first + 1, 0)
+
+
+def address_pool(network: ipaddress.IPv4Network) -> AddressPool:
+    return AddressPool(network)
 
 
 def address_pool_size(network: ipaddress.IPv4Network) -> int:
-    return max(network.num_addresses - 3, 0)
+    return len(AddressPool(network))

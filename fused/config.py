@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Literal
@@ -26,7 +27,7 @@ class NetworkConfig(_Strict):
     @field_validator("bridge")
     @classmethod
     def _bridge(cls, v: str) -> str:
-        if not (1 <= len(v) <= 15) or not all(c.isalnum() or c in "-_." for c in v):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", v) or v in (".", ".."):
             raise ValueError("bridge must be a Linux interface name (1-15 of [A-Za-z0-9-_.])")
         return v
 
@@ -79,7 +80,7 @@ class FirewallConfig(_Strict):
     def _prefix(cls, v: str) -> str:
         # chain names are at most 28 characters; the longest suffix we add is
         # "-POSTROUTING" (12), plus room for a per-link suffix.
-        if not (1 <= len(v) <= 12) or not all(c.isalnum() or c in "-_" for c in v):
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,12}", v):
             raise ValueError("chain_prefix must be 1-12 of [A-Za-z0-9-_]")
         return v
 
@@ -137,6 +138,8 @@ def load(explicit: str | None = None) -> Config:
         raise ConfigError(f"cannot read config {path}: {e.strerror}; pass an existing file with --config") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config {path} is not valid TOML: {e}") from e
+    if "source" in data:
+        raise ConfigError(f"config {path}: source: Extra inputs are not permitted")
     try:
         return Config(**data, source=path.resolve())
     except ValidationError as e:

@@ -53,7 +53,8 @@ async def _read_line(stream: trio.SocketStream) -> bytes | None:
 
 
 def _reply(ok: bool, payload) -> bytes:
-    body = {"v": VERSION, "ok": ok, ("result" if ok else "error"): payload}
+    # "ok" first: the hook recognises success by the prefix OK_PREFIX
+    body = {"ok": ok, "v": VERSION, ("result" if ok else "error"): payload}
     return json.dumps(body).encode() + b"\n"
 
 

@@ -81,7 +81,7 @@ def _items(value: str) -> list[str]:
 
 
 def _port(s: str, key: str) -> int:
-    if not s.isdigit() or not (1 <= int(s) <= 65535):
+    if not (s.isascii() and s.isdigit() and len(s) <= 5) or not (1 <= int(s) <= 65535):
         raise InputError(f"{key}: bad port {s!r}: use a number from 1 to 65535")
     return int(s)
 

@@ -6,6 +6,7 @@ back and undoes the wiring, so a failed registration leaves nothing behind.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -29,6 +30,34 @@ class ServiceError(Exception):
 
 def _host_netns() -> int:
     return os.stat("/proc/self/ns/net").st_ino
+
+
+MAX_STATE = 1 << 20
+
+
+def hook_input(args: dict) -> tuple[dict, dict | None]:
+    """The OCI state a hook sent (unparsed, as `state_json`) and its annotations:
+    the state's own, else those of `bundle/config.json`."""
+    raw = args.get("state_json")
+    if not isinstance(raw, str) or len(raw) > MAX_STATE:
+        raise InputError("no OCI state received: run tether-hook from an OCI runtime, state JSON on stdin")
+    try:
+        state = json.loads(raw)
+    except ValueError as e:
+        raise InputError(f"OCI state on stdin is not valid JSON ({e}): run tether-hook from an OCI runtime") from None
+    if not isinstance(state, dict):
+        raise InputError("OCI state on stdin must be a JSON object: run tether-hook from an OCI runtime")
+    ann = state.get("annotations")
+    bundle = state.get("bundle")
+    if not ann and isinstance(bundle, str) and os.path.isabs(bundle):
+        try:
+            with open(os.path.join(bundle, "config.json"), "rb") as f:
+                spec = json.loads(f.read(16 << 20))
+            if isinstance(spec, dict) and isinstance(spec.get("annotations"), dict):
+                ann = spec["annotations"]
+        except (OSError, ValueError):
+            pass
+    return state, ann
 
 
 class Service:
@@ -97,7 +126,8 @@ class Service:
 
     # --- hook operations --------------------------------------------------
     async def register(self, args: dict) -> dict:
-        reg = model.parse_registration(args.get("state"), args.get("annotations"))
+        t0 = time.perf_counter()
+        reg = model.parse_registration(*hook_input(args))
         ino = netns_inode(reg.pid)
         if ino is None:
             raise ServiceError(f"container {reg.id!r}: process {reg.pid} is gone: the container exited early")
@@ -136,7 +166,9 @@ class Service:
                 self.store.set_note(reg.name, "")
                 await self.worker.run(self.wiring.wire, self._endpoint(reg.name, reg.pid, ip, mac))
                 result = self._summary(self.store.get(reg.name))
-        log.info("registered %s (id %s, pid %d) at %s", reg.name, reg.id, reg.pid, ip)
+        log.info(
+            "registered %s (id %s, pid %d) at %s in %.1f ms", reg.name, reg.id, reg.pid, ip, (time.perf_counter() - t0) * 1000
+        )
         return result
 
     def _lease_address(self, name: str, row: ContainerRow | None) -> str:
@@ -159,10 +191,7 @@ class Service:
         return choice.key
 
     async def poststop(self, args: dict) -> dict:
-        state = args.get("state")
-        if not isinstance(state, dict):
-            raise InputError("OCI state must be a JSON object: run tether-hook from an OCI runtime")
-        ann = args.get("annotations") or {}
+        state, ann = hook_input(args)
         name = ann.get(model.ANN_NAME) if isinstance(ann, dict) else None
         cid = state.get("id")
         async with self.lock:
@@ -173,7 +202,11 @@ class Service:
                 if row is None or not row.running:
                     return {"known": False}
                 self.store.mark_stopped(row.name)
-                await self.worker.run(self.wiring.unwire, veth_name(self.cfg.network.bridge, row.name))
+            # The netns is gone or going, taking the veth with it; the explicit
+            # delete (for a netns that outlives the container) need not delay
+            # the runtime. Kernel calls run in order: a restart's wire() queues
+            # after this.
+            self.worker.submit(self.wiring.unwire, veth_name(self.cfg.network.bridge, row.name))
         log.info("stopped %s (id %s)", row.name, row.id)
         return {"known": True, "name": row.name}
 

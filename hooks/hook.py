@@ -2,21 +2,25 @@
 
     tether-hook [--config FILE] createRuntime|prestart|poststop   < OCI state JSON
 
-Parses the state, sends one request to tether-fused and exits 0, or prints one
-line naming the cause and the fix and exits 1. Standard library only.
+Sends the state, unparsed, in one request to tether-fused (which validates
+it and reads the bundle's annotations) and exits 0, or prints one line naming
+the cause and the fix and exits 1. It runs on every container start, so it
+imports only the cheapest parts of the standard library: no json, re or enum
+unless something goes wrong.
 """
 from __future__ import annotations
 
-import json
+import _json
 import os
 import sys
 
-from .protocol import DaemonError, Unreachable, request
+from .protocol import OK_PREFIX, VERSION, DaemonError, Unreachable, decode, exchange
 
 STAGES = {"createRuntime": "register", "prestart": "register", "poststop": "poststop"}
 MAX_STATE = 1 << 20
 TIMEOUT = 10.0
 DEFAULT_CONFIG = "/etc/tether/tether.toml"
+DEFAULT_RUN_DIR = "/run/tether"
 USAGE = "usage: tether-hook [--config FILE] createRuntime|prestart|poststop  (OCI state JSON on stdin)"
 
 
@@ -24,54 +28,50 @@ class HookError(Exception):
     pass
 
 
-def _run_dir(config: str | None) -> str:
+def _simple_run_dir(text: str) -> str | None:
+    """run_dir from a top-level `run_dir = "..."` line; None when not that simple."""
+    for line in text.splitlines():
+        s = line.strip()
+        if s.startswith("["):
+            return DEFAULT_RUN_DIR if "run_dir" not in text else None
+        if not s.startswith("run_dir"):
+            continue
+        key, eq, value = s.partition("=")
+        value = value.strip()
+        if key.strip() != "run_dir" or not eq or len(value) < 2 or value[0] not in "\"'":
+            return None
+        q = value[0]
+        end = value.find(q, 1)
+        rest = value[end + 1 :].strip() if end > 0 else "x"
+        if end < 0 or "\\" in value[:end] or (rest and not rest.startswith("#")):
+            return None
+        return value[1:end]
+    return DEFAULT_RUN_DIR if "run_dir" not in text else None
+
+
+def run_dir(config: str | None) -> str:
     path = config or os.environ.get("TETHER_CONFIG")
     if not path:
         if not os.path.exists(DEFAULT_CONFIG):
-            return "/run/tether"
+            return DEFAULT_RUN_DIR
         path = DEFAULT_CONFIG
-    import tomllib  # only when there is a file to read
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise HookError(f"cannot read config {path}: {getattr(e, 'strerror', e)}; fix the --config path in the hook") from None
+    found = _simple_run_dir(text)
+    if found is not None:
+        return found
+    import tomllib  # anything but the simple form
 
     try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except OSError as e:
-        raise HookError(f"cannot read config {path}: {e.strerror}; fix the --config path in the hook") from None
+        value = tomllib.loads(text).get("run_dir", DEFAULT_RUN_DIR)
     except tomllib.TOMLDecodeError as e:
         raise HookError(f"config {path} is not valid TOML: {e}") from None
-    run_dir = data.get("run_dir", "/run/tether")
-    if not isinstance(run_dir, str):
+    if not isinstance(value, str):
         raise HookError(f"config {path}: run_dir must be a string")
-    return run_dir
-
-
-def _read_state(stream) -> dict:
-    raw = stream.buffer.read(MAX_STATE + 1) if hasattr(stream, "buffer") else stream.read(MAX_STATE + 1)
-    if len(raw) > MAX_STATE:
-        raise HookError(f"OCI state on stdin is larger than {MAX_STATE} bytes: run tether-hook from an OCI runtime")
-    try:
-        state = json.loads(raw)
-    except ValueError as e:
-        raise HookError(f"OCI state on stdin is not valid JSON ({e}): run tether-hook from an OCI runtime") from None
-    if not isinstance(state, dict):
-        raise HookError("OCI state on stdin must be a JSON object: run tether-hook from an OCI runtime")
-    return state
-
-
-def _annotations(state: dict) -> dict | None:
-    ann = state.get("annotations")
-    if ann:
-        return ann
-    bundle = state.get("bundle")
-    if not isinstance(bundle, str) or not os.path.isabs(bundle):
-        return ann
-    try:
-        with open(os.path.join(bundle, "config.json"), "rb") as f:
-            spec = json.loads(f.read(16 << 20))
-    except (OSError, ValueError):
-        return ann
-    found = spec.get("annotations") if isinstance(spec, dict) else None
-    return found if isinstance(found, dict) else ann
+    return value
 
 
 def _parse_args(argv: list[str]) -> tuple[str | None, str]:
@@ -97,16 +97,31 @@ def _parse_args(argv: list[str]) -> tuple[str | None, str]:
     return config, rest[0]
 
 
+def _read_state(stream) -> str:
+    raw = stream.read(MAX_STATE + 1)
+    if len(raw) > MAX_STATE:
+        raise HookError(f"OCI state on stdin is larger than {MAX_STATE} bytes: run tether-hook from an OCI runtime")
+    return raw.decode("utf-8", "replace")
+
+
+def request_line(op: str, stage: str, state: str) -> bytes:
+    enc = _json.encode_basestring_ascii
+    return (
+        f'{{"v": {VERSION}, "op": {enc(op)}, "args": {{"stage": {enc(stage)}, "state_json": {enc(state)}}}}}\n'
+    ).encode()
+
+
 def run(argv: list[str], stdin=None) -> int:
-    stdin = stdin if stdin is not None else sys.stdin
+    stdin = stdin if stdin is not None else sys.stdin.buffer
     try:
         config, stage = _parse_args(argv)
         op = STAGES[stage]
-        state = _read_state(stdin)
-        args = {"state": state, "annotations": _annotations(state), "stage": stage}
-        sock = os.path.join(_run_dir(config), "fused.sock")
+        line = request_line(op, stage, _read_state(stdin))
+        sock = os.path.join(run_dir(config), "fused.sock")
         try:
-            request(sock, op, args, timeout=TIMEOUT)
+            answer = exchange(sock, line, timeout=TIMEOUT)
+            if not answer.startswith(OK_PREFIX):
+                decode(answer)
         except Unreachable as e:
             if op == "poststop":
                 # The daemon marks containers whose netns is gone as stopped

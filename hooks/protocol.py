@@ -1,18 +1,20 @@
 """The control protocol's client side: versioned JSON lines over a Unix socket.
 
-Standard library only: tether-hook imports it on every container start, and
-the tether CLI uses it too.
+Standard library only, and only its cheapest parts on the hook's path
+(`_socket`, no `json`/`re`/`enum` until an answer needs decoding): tether-hook
+imports this on every container start. The tether CLI uses `request`.
 
 Request:  {"v": 1, "op": "register", "args": {...}}\\n
-Response: {"v": 1, "ok": true, "result": ...}\\n  or  {"v": 1, "ok": false, "error": "..."}\\n
+Response: {"ok": true, "v": 1, "result": ...}\\n  or  {"ok": false, "v": 1, "error": "..."}\\n
 """
 from __future__ import annotations
 
-import json
-import socket
+import _socket
 
 VERSION = 1
 MAX_LINE = 1 << 20
+# every successful answer starts with exactly this (the server writes "ok" first)
+OK_PREFIX = b'{"ok": true, '
 
 
 class DaemonError(Exception):
@@ -23,27 +25,24 @@ class Unreachable(Exception):
     """The daemon could not be reached or did not answer in time."""
 
 
-def request(sock_path: str, op: str, args: dict | None = None, timeout: float = 10.0):
-    line = json.dumps({"v": VERSION, "op": op, "args": args or {}}).encode() + b"\n"
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+_START = "start it with `systemctl start tether-fused` or `tether-fused --config FILE`"
+
+
+def exchange(sock_path: str, line: bytes, timeout: float = 10.0) -> bytes:
+    """Send one request line, return the answer line (raw)."""
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     s.settimeout(timeout)
+    buf = b""
     try:
         try:
             s.connect(sock_path)
         except FileNotFoundError:
-            raise Unreachable(
-                f"tether-fused is not running (no socket at {sock_path}): start it with "
-                "`systemctl start tether-fused` or `tether-fused --config FILE`"
-            ) from None
+            raise Unreachable(f"tether-fused is not running (no socket at {sock_path}): {_START}") from None
         except ConnectionRefusedError:
-            raise Unreachable(
-                f"tether-fused is not listening on {sock_path}: start it with "
-                "`systemctl start tether-fused` or `tether-fused --config FILE`"
-            ) from None
+            raise Unreachable(f"tether-fused is not listening on {sock_path}: {_START}") from None
         except PermissionError:
             raise Unreachable(f"permission denied on {sock_path}: run as root") from None
         s.sendall(line)
-        buf = bytearray()
         while not buf.endswith(b"\n"):
             chunk = s.recv(65536)
             if not chunk:
@@ -51,9 +50,10 @@ def request(sock_path: str, op: str, args: dict | None = None, timeout: float = 
             buf += chunk
             if len(buf) > 64 * MAX_LINE:
                 raise Unreachable("tether-fused sent an oversized answer")
-    except socket.timeout:
+    except TimeoutError:
         raise Unreachable(
-            f"tether-fused did not answer within {timeout:g} s on {sock_path}: check `journalctl -u tether-fused`"
+            f"tether-fused did not answer within {timeout:g} s on {sock_path}: check its log "
+            "(`journalctl -u tether-fused`)"
         ) from None
     except OSError as e:
         raise Unreachable(f"cannot talk to tether-fused on {sock_path}: {e.strerror or e}") from None
@@ -61,10 +61,24 @@ def request(sock_path: str, op: str, args: dict | None = None, timeout: float = 
         s.close()
     if not buf:
         raise Unreachable(f"tether-fused closed {sock_path} without answering: check its log")
+    return buf
+
+
+def decode(answer: bytes):
+    """The result of an answer line, or DaemonError with the daemon's message."""
+    import json
+
     try:
-        resp = json.loads(buf)
+        resp = json.loads(answer)
     except ValueError:
-        raise Unreachable("tether-fused sent a malformed answer: check its version") from None
-    if not resp.get("ok"):
-        raise DaemonError(str(resp.get("error", "unknown error")))
+        raise Unreachable("tether-fused sent a malformed answer: use the CLI and daemon of one installation") from None
+    if not isinstance(resp, dict) or not resp.get("ok"):
+        raise DaemonError(str(resp.get("error", "unknown error") if isinstance(resp, dict) else resp))
     return resp.get("result")
+
+
+def request(sock_path: str, op: str, args: dict | None = None, timeout: float = 10.0):
+    import json
+
+    line = json.dumps({"v": VERSION, "op": op, "args": args or {}}).encode() + b"\n"
+    return decode(exchange(sock_path, line, timeout))

@@ -38,6 +38,17 @@ class Worker:
         fut = self._pool.submit(fn, *args)
         return await trio.to_thread.run_sync(fut.result)
 
+    def submit(self, fn, *args) -> None:
+        """Queue a call without waiting for it; later calls run after it."""
+
+        def logged():
+            try:
+                fn(*args)
+            except Exception:
+                log.exception("background %s failed", getattr(fn, "__name__", fn))
+
+        self._pool.submit(logged)
+
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True)
 

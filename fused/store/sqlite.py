@@ -200,11 +200,12 @@ class SqliteStore:
         ]
 
     def set_ip_lease(self, name: str, ip: str, mac: str) -> None:
+        holder = self.db.execute("SELECT name FROM ip_leases WHERE ip=?", (ip,)).fetchone()
+        if holder and holder[0] != name:
+            raise StoreError(f"address {ip} is leased to {holder[0]!r}: evict it first")
         self.db.execute("DELETE FROM ip_leases WHERE name=? AND ip<>?", (name, ip))
-        self.db.execute(
-            "INSERT INTO ip_leases (ip, name, mac, since) VALUES (?, ?, ?, ?) ON CONFLICT (ip) DO NOTHING",
-            (ip, name, mac, time.time()),
-        )
+        if not holder:
+            self.db.execute("INSERT INTO ip_leases (ip, name, mac, since) VALUES (?, ?, ?, ?)", (ip, name, mac, time.time()))
 
     def drop_ip_lease(self, name: str) -> None:
         self.db.execute("DELETE FROM ip_leases WHERE name=?", (name,))

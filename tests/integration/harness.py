@@ -129,7 +129,7 @@ upstreams = []
         assert self.proc is None or self.proc.poll() is not None
         logf = open(self.log, "a")
         self.proc = subprocess.Popen(
-            [FUSED, "--config", str(self.config), "--log-level", "debug"],
+            [FUSED, "--config", str(self.config), "--log-level", os.environ.get("TETHER_TEST_LOG", "info")],
             stdout=logf,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
