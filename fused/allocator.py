@@ -64,7 +64,7 @@ def choose(pool: Pool[K], held: Mapping[K, Holder], name: str, current: K | None
     `current`: the key `name` holds now (sticky) or None. Raises Exhausted when
     every key is held by a running container.
     """
-    if current is not None:
+    if current is not None and current in pool:
         h = held.get(current)
         if h is None or h.name == name:
             return Choice(current)

@@ -11,7 +11,7 @@ from pathlib import Path
 from hooks.protocol import DaemonError, Unreachable, request
 
 from . import config as config_mod
-from . import model, oci
+from . import model, oci, render
 
 
 class CliError(Exception):
@@ -49,10 +49,14 @@ def _ps_rows(items: list[dict]) -> str:
 
 
 def _inspect_text(c: dict) -> str:
-    out = [f"{k}: {v if v not in (None, '', []) else '-'}" for k, v in c.items() if k not in ("leases",)]
+    skip = ("leases", "files")
+    out = [f"{k}: {v if v not in (None, '', []) else '-'}" for k, v in c.items() if k not in skip]
     if c.get("leases"):
         out.append("leases:")
         out += ["  " + line for line in _leases_text(c["leases"]).splitlines()]
+    for fname, text in (c.get("files") or {}).items():
+        out.append(f"--- {fname}")
+        out.append(text.rstrip("\n") or "(empty)")
     return "\n".join(out)
 
 
@@ -72,7 +76,18 @@ def _printer(op: str):
         "inspect": _inspect_text,
         "leases": _leases_text,
         "rm": lambda r: f"removed {r['name']}; freed {', '.join(r['freed']) or 'nothing'}",
+        "link_ls": _links_text,
+        "link_add": lambda r: _links_text([r]),
+        "link_retarget": lambda r: f"{r['consumer']}: {r['alias']} now -> {r['target']} (was {r['previous']})",
+        "link_rm": lambda r: f"{r['consumer']}: removed {r['alias']} -> {r['target']}",
     }[op]
+
+
+def _links_text(items: list[dict]) -> str:
+    return table(
+        ["consumer", "alias", "target", "state", "address", "ports"],
+        [[l["consumer"], l["alias"], l["target"], l["state"], l["address"], ",".join(l["ports"])] for l in items],
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -92,7 +107,54 @@ def parser() -> argparse.ArgumentParser:
     sp = oci_sub.add_parser("patch", parents=[common], help="add tether's hooks and annotations to a runc bundle")
     sp.add_argument("bundle", help="bundle directory (holding config.json)")
     sp.add_argument("--name", required=True, help="the container's tether name (RFC 1123 label)")
+    sp.add_argument("--link", action="append", default=[], metavar="T[:A]", help="link to target T as alias A")
+    sp.add_argument("--expose", action="append", default=[], metavar="P[/proto]", help="a port it listens on")
+    sp.add_argument("--publish", action="append", default=[], metavar="[H:]P[/proto]", help="publish a port on the host")
+    link = sub.add_parser("link", parents=[common], help="links: add, rm, ls, retarget")
+    lsub = link.add_subparsers(dest="link_cmd", required=True, metavar="SUBCOMMAND")
+    sp = lsub.add_parser("add", parents=[common], help="CONSUMER reaches TARGET as ALIAS")
+    sp.add_argument("consumer")
+    sp.add_argument("target")
+    sp.add_argument("--alias", help="default: the target's name")
+    sp = lsub.add_parser("rm", parents=[common], help="remove a link")
+    sp.add_argument("consumer")
+    sp.add_argument("alias")
+    lsub.add_parser("ls", parents=[common], help="every link, with its state and address")
+    sp = lsub.add_parser("retarget", parents=[common], help="point CONSUMER's ALIAS at NEWTARGET")
+    sp.add_argument("consumer")
+    sp.add_argument("alias")
+    sp.add_argument("target", metavar="NEWTARGET")
     return p
+
+
+def _request_of(a: argparse.Namespace) -> tuple[str, dict]:
+    if a.cmd == "link":
+        if a.link_cmd == "ls":
+            return "link_ls", {}
+        args = {"consumer": model.check_label(a.consumer, "consumer name")}
+        if a.link_cmd == "add":
+            args["target"] = model.check_label(a.target, "target name")
+            args["alias"] = model.check_label(a.alias or a.target, "alias")
+        elif a.link_cmd == "rm":
+            args["alias"] = model.check_label(a.alias, "alias")
+        else:
+            args["alias"] = model.check_label(a.alias, "alias")
+            args["target"] = model.check_label(a.target, "target name")
+        return f"link_{a.link_cmd}", args
+    return a.cmd, ({"name": model.check_label(a.name)} if hasattr(a, "name") else {})
+
+
+def _known_link_env(cfg: config_mod.Config, links: list[model.LinkSpec]) -> dict[str, str]:
+    """DOCKER_LINK_PORT_<ALIAS> for links whose target the daemon knows now."""
+    env = {}
+    for link in links:
+        try:
+            target = request(str(cfg.socket_path), "inspect", {"name": link.target}, timeout=2.0)
+        except (DaemonError, Unreachable):
+            continue
+        ports = model.parse_expose(",".join(target.get("expose", [])))
+        env[render.env_var(link.alias)] = render.env_value(tuple(ports))
+    return env
 
 
 def _hook_path() -> str:
@@ -112,16 +174,30 @@ def run(argv: list[str]) -> int:
         cfg = config_mod.load(getattr(a, "config", None))
         if a.cmd == "oci":
             model.check_label(a.name)
-            oci.patch(Path(a.bundle), a.name, hook=_hook_path(), config=cfg.source)
+            links = model.parse_links(",".join(a.link), "--link")
+            model.parse_expose(",".join(a.expose), "--expose")
+            model.parse_publish(",".join(a.publish), "--publish")
+            oci.patch(
+                Path(a.bundle),
+                a.name,
+                hook=_hook_path(),
+                config=cfg.source,
+                links=[str(l) for l in links],
+                expose=a.expose,
+                publish=a.publish,
+                fs_dir=cfg.fs_dir,
+                dns=cfg.dns.enabled,
+                env=_known_link_env(cfg, links),
+            )
             if not as_json:
                 print(f"patched {Path(a.bundle) / 'config.json'} for {a.name}")
             return 0
-        args = {"name": model.check_label(a.name)} if hasattr(a, "name") else {}
-        result = request(str(cfg.socket_path), a.cmd, args)
+        op, args = _request_of(a)
+        result = request(str(cfg.socket_path), op, args)
     except (config_mod.ConfigError, model.InputError, CliError, oci.PatchError, DaemonError, Unreachable) as e:
         print(f"tether: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(result, indent=2, sort_keys=True) if as_json else _printer(a.cmd)(result))
+    print(json.dumps(result, indent=2, sort_keys=True) if as_json else _printer(op)(result))
     return 0
 
 

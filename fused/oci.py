@@ -28,8 +28,36 @@ def _is_ours(entry: object) -> bool:
     return isinstance(entry, dict) and os.path.basename(str(entry.get("path", ""))) == "tether-hook"
 
 
-def apply(spec: dict, name: str, hook: str, config: Path | None) -> dict:
-    """Pure: the patched spec."""
+def _merge_annotation(ann: dict, key: str, values: list[str], parse) -> None:
+    """Add `values` to a comma-list annotation, validated, without duplicates."""
+    if not values:
+        return
+    items = [v for v in (ann.get(key, "").split(",") + values) if v.strip()]
+    merged: list[str] = []
+    for v in items:
+        if v not in merged:
+            merged.append(v)
+    parse(",".join(merged), key)  # raises InputError naming the key and the bad part
+    ann[key] = ",".join(merged)
+
+
+def _mount(dest: str, source: Path) -> dict:
+    return {"destination": dest, "type": "bind", "source": str(source), "options": ["rbind", "ro", "nosuid", "nodev"]}
+
+
+def apply(
+    spec: dict,
+    name: str,
+    hook: str,
+    config: Path | None,
+    links: list[str] = (),
+    expose: list[str] = (),
+    publish: list[str] = (),
+    fs_dir: Path | None = None,
+    dns: bool = False,
+    env: dict[str, str] | None = None,
+) -> dict:
+    """Pure: the patched spec. `env`: DOCKER_LINK_PORT_* values known now."""
     model.check_label(name)
     hooks = spec.setdefault("hooks", {})
     for stage in ("createRuntime", "poststop"):
@@ -41,7 +69,23 @@ def apply(spec: dict, name: str, hook: str, config: Path | None) -> dict:
         hooks["prestart"] = [e for e in hooks["prestart"] if not _is_ours(e)]
         if not hooks["prestart"]:
             del hooks["prestart"]
-    spec.setdefault("annotations", {})[model.ANN_NAME] = name
+    ann = spec.setdefault("annotations", {})
+    ann[model.ANN_NAME] = name
+    _merge_annotation(ann, model.ANN_LINKS, list(links), model.parse_links)
+    _merge_annotation(ann, model.ANN_EXPOSE, list(expose), model.parse_expose)
+    _merge_annotation(ann, model.ANN_PUBLISH, list(publish), model.parse_publish)
+    if fs_dir is not None:
+        ours = {"/etc/hosts", "/etc/tether", "/etc/resolv.conf"}
+        mounts = [m for m in spec.get("mounts", []) if m.get("destination") not in ours]
+        mounts.append(_mount("/etc/hosts", fs_dir / name / "hosts"))
+        mounts.append(_mount("/etc/tether", fs_dir / name))
+        if dns:
+            mounts.append(_mount("/etc/resolv.conf", fs_dir / name / "resolv.conf"))
+        spec["mounts"] = mounts
+    if env:
+        process = spec.setdefault("process", {})
+        current = [e for e in process.get("env", []) if e.split("=", 1)[0] not in env]
+        process["env"] = current + [f"{k}={v}" for k, v in sorted(env.items())]
     linux = spec.setdefault("linux", {})
     namespaces = linux.setdefault("namespaces", [])
     net = [ns for ns in namespaces if ns.get("type") == "network"]
@@ -55,7 +99,7 @@ def apply(spec: dict, name: str, hook: str, config: Path | None) -> dict:
     return spec
 
 
-def patch(bundle: Path, name: str, hook: str, config: Path | None) -> None:
+def patch(bundle: Path, name: str, hook: str, config: Path | None, **extra) -> None:
     path = bundle / "config.json"
     try:
         spec = json.loads(path.read_text())
@@ -65,7 +109,7 @@ def patch(bundle: Path, name: str, hook: str, config: Path | None) -> None:
         raise PatchError(f"{path} is not valid JSON ({e}): fix or regenerate it with `runc spec`") from None
     if not isinstance(spec, dict):
         raise PatchError(f"{path} must hold a JSON object: regenerate it with `runc spec`")
-    apply(spec, name, hook, config)
+    apply(spec, name, hook, config, **extra)
     tmp = path.with_suffix(".json.tether-tmp")
     tmp.write_text(json.dumps(spec, indent=2) + "\n")
     os.replace(tmp, path)

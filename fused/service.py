@@ -13,9 +13,10 @@ import time
 
 import trio
 
-from . import allocator, model, rules
+from . import allocator, model, render, rules
 from .allocator import Holder
 from .config import Config
+from .graph import Edge, Node, Topology, resolve_edge
 from .model import InputError
 from .net.firewall import Firewall
 from .net.wiring import Endpoint, Wiring, Worker, netns_inode, veth_name
@@ -43,7 +44,7 @@ def hook_input(args: dict) -> tuple[dict, dict | None]:
         raise InputError("no OCI state received: run tether-hook from an OCI runtime, state JSON on stdin")
     try:
         state = json.loads(raw)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise InputError(f"OCI state on stdin is not valid JSON ({e}): run tether-hook from an OCI runtime") from None
     if not isinstance(state, dict):
         raise InputError("OCI state on stdin must be a JSON object: run tether-hook from an OCI runtime")
@@ -55,14 +56,23 @@ def hook_input(args: dict) -> tuple[dict, dict | None]:
                 spec = json.loads(f.read(16 << 20))
             if isinstance(spec, dict) and isinstance(spec.get("annotations"), dict):
                 ann = spec["annotations"]
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             pass
     return state, ann
 
 
 class Service:
-    def __init__(self, cfg: Config, store: SqliteStore, wiring: Wiring, firewall: Firewall, worker: Worker) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        store: SqliteStore,
+        wiring: Wiring,
+        firewall: Firewall,
+        worker: Worker,
+        publish=lambda snapshot: None,
+    ) -> None:
         self.cfg = cfg
+        self.publish = publish
         self.store = store
         self.wiring = wiring
         self.firewall = firewall
@@ -85,12 +95,27 @@ class Service:
         rs = rules.build(self.cfg)
         return await self.worker.run(self.firewall.apply, rs)
 
+    def topology(self) -> Topology:
+        nodes = {
+            r.name: Node(r.name, r.ip, r.running, tuple(model.parse_expose(",".join(r.expose))))
+            for r in self.store.containers()
+        }
+        return Topology(nodes, tuple(Edge(*row) for row in self.store.links()), self.cfg.network.strategy)
+
+    def _publish(self) -> None:
+        """Render every served file from the store's current state and hand the
+        snapshot to the filesystem (which invalidates what changed)."""
+        files, default = render.render_all(self.topology(), str(self.cfg.network.gateway), self.cfg.dns.enabled)
+        self.publish(render.Snapshot(files, default, time.time_ns()))
+
     async def start(self) -> None:
         """Bridge, forwarding, base chains, then reconcile with the store."""
         await self.worker.run(self.wiring.ensure_bridge)
         await self.worker.run(self.firewall.setup)
         await self.apply_firewall()
         await self.reconcile()
+        async with self.lock:
+            self._publish()
 
     def _alive(self, row: ContainerRow) -> bool:
         return bool(row.pid) and row.netns_ino is not None and netns_inode(row.pid) == row.netns_ino
@@ -164,8 +189,13 @@ class Service:
                 )
                 self.store.set_ip_lease(reg.name, ip, mac)
                 self.store.set_note(reg.name, "")
+                for link in reg.links:
+                    # links changed at run time (retarget) win over the annotation
+                    if self.store.get_link(reg.name, link.alias) is None:
+                        self.store.add_link(reg.name, link.alias, link.target)
                 await self.worker.run(self.wiring.wire, self._endpoint(reg.name, reg.pid, ip, mac))
                 result = self._summary(self.store.get(reg.name))
+            self._publish()
         log.info(
             "registered %s (id %s, pid %d) at %s in %.1f ms", reg.name, reg.id, reg.pid, ip, (time.perf_counter() - t0) * 1000
         )
@@ -202,6 +232,7 @@ class Service:
                 if row is None or not row.running:
                     return {"known": False}
                 self.store.mark_stopped(row.name)
+            self._publish()
             # The netns is gone or going, taking the veth with it; the explicit
             # delete (for a netns that outlives the container) need not delay
             # the runtime. Kernel calls run in order: a restart's wire() queues
@@ -221,7 +252,7 @@ class Service:
             "pid": row.pid,
             "expose": row.expose,
             "publish": row.publish,
-            "links": [],
+            "links": [f"{alias}->{target}" for _, alias, target, _ in self.store.links(row.name)],
             "started_at": row.started_at,
             "stopped_at": row.stopped_at,
             "note": row.note,
@@ -244,6 +275,11 @@ class Service:
             out = self._summary(row)
             out["leases"] = [lease for lease in self.store.leases() if lease["name"] == row.name]
             out["veth"] = veth_name(self.cfg.network.bridge, row.name)
+            topo = self.topology()
+            out["links_in"] = [f"{e.consumer}:{e.alias}" for e in topo.edges if e.target == row.name]
+            files, _ = render.render_all(topo, str(self.cfg.network.gateway), self.cfg.dns.enabled)
+            fs = files[row.name]
+            out["files"] = {f: fs.get(f).decode() for f in render.FILES}
             return out
 
     async def leases(self, args: dict) -> list[dict]:
@@ -258,10 +294,81 @@ class Service:
             with self.store.transaction():
                 self.store.delete(row.name)
                 await self.worker.run(self.wiring.unwire, veth_name(self.cfg.network.bridge, row.name))
+            self._publish()
         log.info("removed %s, freed %s", row.name, row.ip)
         return {"name": row.name, "freed": [row.ip] if row.ip else []}
 
-    OPS = ("register", "poststop", "ps", "inspect", "leases", "rm", "reconcile")
+    # --- links --------------------------------------------------------------
+    def _link_row(self, topo: Topology, e: Edge) -> dict:
+        r = resolve_edge(topo, e)
+        return {
+            "consumer": e.consumer,
+            "alias": e.alias,
+            "target": e.target,
+            "state": r.state,
+            "address": r.address,
+            "ports": [str(p) for p in r.ports],
+        }
+
+    def _consumer(self, args: dict) -> str:
+        name = model.check_label(args.get("consumer"), "consumer name")
+        if self.store.get(name) is None:
+            raise ServiceError(f"no container named {name!r}: a link's consumer must be registered (see `tether ps`)")
+        return name
+
+    def _existing_link(self, consumer: str, alias: str) -> tuple:
+        row = self.store.get_link(consumer, alias)
+        if row is None:
+            raise ServiceError(f"{consumer!r} has no link with alias {alias!r}: see `tether link ls`")
+        return row
+
+    async def link_add(self, args: dict) -> dict:
+        async with self.lock:
+            consumer = self._consumer(args)
+            target = model.check_label(args.get("target"), "target name")
+            alias = model.check_label(args.get("alias") or target, "alias")
+            if (old := self.store.get_link(consumer, alias)) is not None:
+                raise ServiceError(
+                    f"{consumer!r} already has a link {alias!r} to {old[2]!r}: "
+                    "use `tether link retarget` or another --alias"
+                )
+            with self.store.transaction():
+                self.store.add_link(consumer, alias, target)
+            self._publish()
+            return self._link_row(self.topology(), Edge(consumer, alias, target))
+
+    async def link_rm(self, args: dict) -> dict:
+        async with self.lock:
+            consumer = self._consumer(args)
+            alias = model.check_label(args.get("alias"), "alias")
+            row = self._existing_link(consumer, alias)
+            with self.store.transaction():
+                self.store.delete_link(consumer, alias)
+            self._publish()
+            return {"consumer": consumer, "alias": alias, "target": row[2]}
+
+    async def link_retarget(self, args: dict) -> dict:
+        async with self.lock:
+            consumer = self._consumer(args)
+            alias = model.check_label(args.get("alias"), "alias")
+            target = model.check_label(args.get("target"), "target name")
+            row = self._existing_link(consumer, alias)
+            with self.store.transaction():
+                self.store.set_link_target(consumer, alias, target)
+            self._publish()
+            out = self._link_row(self.topology(), Edge(consumer, alias, target, row[3]))
+            out["previous"] = row[2]
+            return out
+
+    async def link_ls(self, args: dict) -> list[dict]:
+        async with self.lock:
+            topo = self.topology()
+            return [self._link_row(topo, e) for e in topo.edges]
+
+    OPS = (
+        "register", "poststop", "ps", "inspect", "leases", "rm", "reconcile",
+        "link_add", "link_rm", "link_retarget", "link_ls",
+    )
 
     async def dispatch(self, op: str, args: dict):
         if op not in self.OPS:

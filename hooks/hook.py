@@ -30,6 +30,8 @@ class HookError(Exception):
 
 def _simple_run_dir(text: str) -> str | None:
     """run_dir from a top-level `run_dir = "..."` line; None when not that simple."""
+    if '"""' in text or "'''" in text:
+        return None  # multi-line strings: let tomllib decide
     for line in text.splitlines():
         s = line.strip()
         if s.startswith("["):

@@ -12,7 +12,8 @@ from __future__ import annotations
 import _socket
 
 VERSION = 1
-MAX_LINE = 1 << 20
+# a request line: a 1 MiB state, JSON-escaped (up to 6 bytes per byte), and room
+MAX_LINE = 8 << 20
 # every successful answer starts with exactly this (the server writes "ok" first)
 OK_PREFIX = b'{"ok": true, '
 

@@ -210,6 +210,27 @@ class SqliteStore:
     def drop_ip_lease(self, name: str) -> None:
         self.db.execute("DELETE FROM ip_leases WHERE name=?", (name,))
 
+    # --- links --------------------------------------------------------------
+    def links(self, consumer: str | None = None) -> list[tuple[str, str, str, str | None]]:
+        """(consumer, alias, target, facade), sorted."""
+        q = "SELECT consumer, alias, target, facade FROM links"
+        rows = self.db.execute(q + " WHERE consumer=? ORDER BY 1, 2", (consumer,)) if consumer else self.db.execute(q + " ORDER BY 1, 2")
+        return list(rows)
+
+    def get_link(self, consumer: str, alias: str) -> tuple[str, str, str, str | None] | None:
+        return self.db.execute(
+            "SELECT consumer, alias, target, facade FROM links WHERE consumer=? AND alias=?", (consumer, alias)
+        ).fetchone()
+
+    def add_link(self, consumer: str, alias: str, target: str, facade: str | None = None) -> None:
+        self.db.execute("INSERT INTO links (consumer, alias, target, facade) VALUES (?, ?, ?, ?)", (consumer, alias, target, facade))
+
+    def set_link_target(self, consumer: str, alias: str, target: str) -> None:
+        self.db.execute("UPDATE links SET target=? WHERE consumer=? AND alias=?", (target, consumer, alias))
+
+    def delete_link(self, consumer: str, alias: str) -> None:
+        self.db.execute("DELETE FROM links WHERE consumer=? AND alias=?", (consumer, alias))
+
     def leases(self) -> list[dict]:
         rows = self.db.execute(
             """SELECT 'ip', l.ip, NULL, l.name, c.state, c.stopped_at, l.since FROM ip_leases l

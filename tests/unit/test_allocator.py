@@ -151,20 +151,32 @@ def test_empty_pool_is_exhausted():
         choose([], {}, "new")
 
 
-@pytest.mark.xfail(
-    reason="BUG: choose() evicts from every key in `held`, also keys outside `pool` "
-    "(e.g. an explicit host port outside port_range, or an address of an old subnet)",
-    strict=True,
-)
 def test_eviction_never_hands_out_a_key_outside_the_pool():
     held = {"10.0.0.2": running("a"), "10.0.0.3": running("b"), "10.0.0.4": running("c"),
             "192.168.7.7": stopped("elsewhere", 1.0)}
-    # every key of the pool is held by a running container: the only correct
-    # answers are Exhausted or (never) a key of the pool
-    try:
-        c = choose(POOL, held, "new")
-    except Exhausted:
-        return
+    # every key of the pool is held by a running container; the stopped holder
+    # outside the pool (an address of an old subnet) is no candidate
+    with pytest.raises(Exhausted):
+        choose(POOL, held, "new")
+
+
+def test_eviction_picks_the_lru_holder_inside_the_pool_ignoring_older_ones_outside():
+    held = {"10.0.0.2": running("a"), "10.0.0.3": stopped("b", 5.0), "10.0.0.4": stopped("c", 3.0),
+            "192.168.7.7": stopped("elsewhere", 1.0)}
+    assert choose(POOL, held, "new") == Choice("10.0.0.4", evict="c")
+
+
+def test_eviction_of_ports_outside_the_port_range_is_never_chosen():
+    ports = range(30000, 30002)
+    held = {30000: running("a"), 30001: running("b"), 8080: stopped("explicit", 1.0)}
+    with pytest.raises(Exhausted):
+        choose(ports, held, "new")
+    held[30001] = stopped("b", 2.0)
+    assert choose(ports, held, "new") == Choice(30001, evict="b")
+
+
+def test_sticky_current_outside_the_pool_is_not_kept():
+    c = choose(POOL, {}, "db", current="192.168.7.7")
     assert c.key in POOL, c
 
 
@@ -220,17 +232,47 @@ def test_address_pool_size_matches_pool(prefix):
 
 def test_address_pool_is_lazy_on_large_networks():
     net = ipaddress.IPv4Network("10.0.0.0/8")
-    it = address_pool(net)
+    pool = address_pool(net)
+    assert len(pool) == address_pool_size(net) == (1 << 24) - 3
+    it = iter(pool)
     assert next(it) == "10.0.0.2"
     assert next(it) == "10.0.0.3"
+    # membership is computed, not searched
+    assert "10.255.255.254" in pool
+    assert "10.255.255.255" not in pool
 
 
-@pytest.mark.xfail(
-    reason="BUG: address_pool/address_pool_size disagree on /31 (1 vs 0) and address_pool raises "
-    "TypeError on /32 (network.hosts() returns a list there); unreachable via config (needs /29+)",
-    strict=True,
-)
+def test_address_pool_can_be_iterated_twice():
+    pool = address_pool(ipaddress.IPv4Network("10.213.0.0/29"))
+    assert list(pool) == list(pool) != []
+
+
+@pytest.mark.parametrize("prefix", [16, 24, 29, 30])
+def test_address_pool_membership_matches_iteration(prefix):
+    net = ipaddress.IPv4Network(f"10.0.0.0/{prefix}")
+    pool = address_pool(net)
+    members = set(pool) if prefix >= 24 else None
+    for a in [net.network_address, net.network_address + 1, net.network_address + 2,
+              net.broadcast_address - 1, net.broadcast_address, net.broadcast_address + 1,
+              net.network_address - 1]:
+        expected = str(a) in members if members is not None else (
+            int(net.network_address) + 2 <= int(a) <= int(net.broadcast_address) - 1
+        )
+        assert (str(a) in pool) is expected, a
+
+
+@pytest.mark.parametrize("key", ["", "not-an-ip", "10.0.0.2 ", "10.0.0.256", None, 3.5, "fd00::2", "10.0.0.2/32"])
+def test_address_pool_membership_of_non_addresses_is_false(key):
+    assert key not in address_pool(ipaddress.IPv4Network("10.0.0.0/24"))
+
+
 @pytest.mark.parametrize("prefix", [31, 32])
 def test_address_pool_tiny_networks_are_consistent(prefix):
     net = ipaddress.IPv4Network(f"10.0.0.0/{prefix}")
-    assert len(list(address_pool(net))) == address_pool_size(net)
+    pool = address_pool(net)
+    assert len(list(pool)) == len(pool) == address_pool_size(net)
+    # no room for a container next to the gateway
+    assert address_pool_size(net) == 0
+    assert "10.0.0.0" not in pool and "10.0.0.1" not in pool
+    with pytest.raises(Exhausted):
+        choose(pool, {}, "new")

@@ -116,7 +116,11 @@ class Sim:
             assert self.held.get(ip, Holder("", True)).name == name
 
 
-ops = st.lists(st.tuples(st.sampled_from(["start", "stop", "rm"]), st.sampled_from(NAMES)), max_size=60)
+# starts twice as likely as stops or removals, and long enough sequences, so that
+# the pool fills up and evictions among several stopped holders are common
+ops = st.lists(
+    st.tuples(st.sampled_from(["start", "start", "stop", "rm"]), st.sampled_from(NAMES)), min_size=10, max_size=80
+)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

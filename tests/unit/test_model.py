@@ -198,16 +198,20 @@ def test_parse_expose_rejects_bad_parts_naming_key_and_part(bad, part):
     assert part in msg
 
 
-@pytest.mark.xfail(
-    reason="BUG: model._port uses str.isdigit(), which accepts non-ASCII digits: '²' (and digit "
-    "strings over 4300 chars) make int() raise a bare ValueError that does not name the "
-    "annotation key; fullwidth digits are silently accepted as a port",
-    strict=True,
-)
-@pytest.mark.parametrize("bad", ["²", "80²", "9" * 5000, "\uff15\uff14\uff13\uff12"])
+@pytest.mark.parametrize("bad", ["²", "80²", "9" * 5000, "\uff15\uff14\uff13\uff12", "000080", "\u0668\u0660"])
 def test_parse_expose_unicode_or_huge_digits_give_input_error(bad):
     with pytest.raises(InputError, match="io.tether.expose"):
         parse_expose(bad)
+
+
+@pytest.mark.parametrize("bad", ["\uff18\uff10\uff18\uff10:80", "8080:\uff18\uff10", "9" * 5000 + ":80", "000080:80"])
+def test_parse_publish_unicode_or_huge_digits_give_input_error(bad):
+    with pytest.raises(InputError, match="io.tether.publish"):
+        parse_publish(bad)
+
+
+def test_port_of_five_ascii_digits_with_leading_zeros_is_fine():
+    assert parse_expose("00080") == parse_expose("80")
 
 
 # --- parse_publish -----------------------------------------------------------

@@ -208,14 +208,36 @@ def test_set_ip_lease_same_address_is_idempotent(store):
 def test_never_two_names_on_one_address(store):
     add(store, "a", ip="10.0.0.2")
     add(store, "b")
-    try:
+    with pytest.raises(StoreError) as ei:
         with store.transaction():
             store.set_ip_lease("b", "10.0.0.2", "mb")
-    except (StoreError, sqlite3.IntegrityError):
-        pass  # refusing is fine too
-    # the holder keeps it (today b silently gets nothing: the caller must evict first)
+    assert "10.0.0.2" in str(ei.value) and "'a'" in str(ei.value)
+    # the holder keeps it: the caller must evict first
     assert store.ip_holders() == [("10.0.0.2", "a", True, None)]
     assert store.get("b").ip is None
+
+
+def test_refused_lease_rolls_back_the_whole_transaction(store):
+    add(store, "a", ip="10.0.0.2")
+    add(store, "b", ip="10.0.0.3")
+    with pytest.raises(StoreError):
+        with store.transaction():
+            store.set_note("b", "moving")
+            store.set_ip_lease("b", "10.0.0.2", "mb")
+    # b keeps its old address and note: nothing of the failed move remains
+    assert sorted(store.ip_holders()) == [("10.0.0.2", "a", True, None), ("10.0.0.3", "b", True, None)]
+    assert store.get("b").note in ("", None)
+
+
+def test_refused_lease_to_a_stopped_holder_too(store):
+    add(store, "a", ip="10.0.0.2")
+    add(store, "b")
+    with store.transaction():
+        store.mark_stopped("a", when=1.0)
+    with pytest.raises(StoreError):
+        with store.transaction():
+            store.set_ip_lease("b", "10.0.0.2", "mb")
+    assert store.ip_holders() == [("10.0.0.2", "a", False, 1.0)]
 
 
 def test_drop_ip_lease_then_reassign(store):

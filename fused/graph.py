@@ -1,0 +1,81 @@
+"""Pure: the link graph and what each consumer sees through it.
+
+A `Topology` is a plain snapshot of the store (containers and links); `resolve`
+turns it into per-consumer views. No I/O here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .model import PortSpec
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    ip: str | None  # None: no address lease (evicted)
+    running: bool
+    expose: tuple[PortSpec, ...] = ()
+
+
+@dataclass(frozen=True)
+class Edge:
+    consumer: str
+    alias: str
+    target: str
+    facade: str | None = None  # the link's stable address (strategy facade)
+
+
+@dataclass(frozen=True)
+class Topology:
+    nodes: dict[str, Node] = field(default_factory=dict)
+    edges: tuple[Edge, ...] = ()
+    strategy: str = "direct"
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A link as its consumer sees it; address None: dangling (no line)."""
+
+    alias: str
+    target: str
+    address: str | None
+    ports: tuple[PortSpec, ...]
+    state: str  # "running" | "stopped" | "dangling"
+
+
+@dataclass(frozen=True)
+class View:
+    name: str
+    ip: str | None
+    links: tuple[Resolved, ...]  # sorted by alias
+
+
+def resolve_edge(topo: Topology, e: Edge) -> Resolved:
+    t = topo.nodes.get(e.target)
+    if t is None:
+        return Resolved(e.alias, e.target, None, (), "dangling")
+    if topo.strategy == "facade":
+        address = e.facade if t.ip else None
+    else:
+        address = t.ip
+    state = ("running" if t.running else "stopped") if address else "dangling"
+    return Resolved(e.alias, e.target, address, t.expose, state)
+
+
+def views(topo: Topology) -> dict[str, View]:
+    out_links: dict[str, list[Edge]] = {}
+    for e in topo.edges:
+        out_links.setdefault(e.consumer, []).append(e)
+    return {
+        name: View(
+            name,
+            node.ip,
+            tuple(resolve_edge(topo, e) for e in sorted(out_links.get(name, []), key=lambda e: e.alias)),
+        )
+        for name, node in topo.nodes.items()
+    }
+
+
+def consumers_of(topo: Topology, target: str) -> set[str]:
+    return {e.consumer for e in topo.edges if e.target == target}

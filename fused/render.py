@@ -1,0 +1,106 @@
+"""Pure: the bytes of each served file (DESIGN "Served files").
+
+    hosts        127.0.0.1/::1 lines, own entry, one line per link (by alias)
+    ports        ALIAS<TAB>PROTO<TAB>PORT<TAB>ADDRESS, sorted by alias, proto, port
+    env          DOCKER_LINK_PORT_<ALIAS>=p1,p2 (ascending), one line per link
+    resolv.conf  nameserver <gateway> when DNS is enabled
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .graph import Topology, View, views
+
+FILES = ("hosts", "ports", "env", "resolv.conf")
+
+LOCALHOST = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+
+
+def hosts(v: View | None) -> bytes:
+    lines = [LOCALHOST]
+    if v is not None:
+        if v.ip:
+            lines.append(f"{v.ip}\t{v.name}\n")
+        for link in v.links:
+            if link.address:
+                names = link.alias if link.alias == link.target else f"{link.alias} {link.target}"
+                lines.append(f"{link.address}\t{names}\n")
+    return "".join(lines).encode()
+
+
+def ports(v: View | None) -> bytes:
+    if v is None:
+        return b""
+    rows = sorted(
+        (link.alias, p.proto, p.port, link.address) for link in v.links if link.address for p in link.ports
+    )
+    return "".join(f"{a}\t{proto}\t{port}\t{addr}\n" for a, proto, port, addr in rows).encode()
+
+
+def env_var(alias: str) -> str:
+    return "DOCKER_LINK_PORT_" + alias.upper().replace("-", "_")
+
+
+def env_value(ports_: tuple) -> str:
+    return ",".join(str(p) for p in sorted({p.port for p in ports_}))
+
+
+def env(v: View | None) -> bytes:
+    if v is None:
+        return b""
+    return "".join(
+        f"{env_var(link.alias)}={env_value(link.ports)}\n" for link in v.links if link.address
+    ).encode()
+
+
+def resolv(gateway: str, dns_enabled: bool, search: tuple[str, ...] = ()) -> bytes:
+    if not dns_enabled:
+        return b"# tether: DNS is disabled ([dns] enabled = false)\n"
+    out = f"nameserver {gateway}\n"
+    if search:
+        out += "search " + " ".join(search) + "\n"
+    return (out + "options ndots:0\n").encode()
+
+
+@dataclass(frozen=True)
+class FileSet:
+    hosts: bytes
+    ports: bytes
+    env: bytes
+    resolv: bytes
+
+    def get(self, fname: str) -> bytes:
+        return {"hosts": self.hosts, "ports": self.ports, "env": self.env, "resolv.conf": self.resolv}[fname]
+
+
+def fileset(v: View | None, resolv_bytes: bytes) -> FileSet:
+    return FileSet(hosts(v), ports(v), env(v), resolv_bytes)
+
+
+def render_all(topo: Topology, gateway: str, dns_enabled: bool) -> tuple[dict[str, FileSet], FileSet]:
+    """Files of every registered name, and those of any other valid name."""
+    r = resolv(gateway, dns_enabled)
+    return {name: fileset(v, r) for name, v in views(topo).items()}, fileset(None, r)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What the filesystem serves: immutable, replaced whole on every change."""
+
+    files: dict[str, FileSet] = field(default_factory=dict)
+    default: FileSet = FileSet(b"", b"", b"", b"")
+    mtime_ns: int = 0
+
+
+def changed_files(old: Snapshot, new: Snapshot, names) -> list[tuple[str, str]]:
+    """(name, file) pairs among `names` whose bytes differ between snapshots."""
+    out = []
+    for name in names:
+        a = old.files.get(name, old.default)
+        b = new.files.get(name, new.default)
+        if a == b:
+            continue
+        for f in FILES:
+            if a.get(f) != b.get(f):
+                out.append((name, f))
+    return out
