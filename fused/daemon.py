@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import signal
@@ -50,12 +49,11 @@ async def run(cfg: config_mod.Config) -> None:
     service = Service(cfg, store, wiring, firewall, worker, publish=ops.publish)
     mounted = False
     try:
-        detach_stale_mount(cfg.fs_dir)
-        fs.mount(ops, str(cfg.fs_dir))
+        fs.detach(cfg.fs_dir)
+        ops.mount(str(cfg.fs_dir))
         mounted = True
         await service.start()
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(fs_main)
             await nursery.start(control.serve, cfg.socket_path, service.dispatch)
             log.info("tether-fused ready: socket %s, bridge %s, subnet %s", cfg.socket_path, cfg.network.bridge, cfg.network.subnet)
             sd_notify("READY=1")
@@ -74,39 +72,10 @@ async def run(cfg: config_mod.Config) -> None:
         except FileNotFoundError:
             pass
         if mounted:
-            fs.unmount()
+            ops.unmount()
         await worker.run(wiring.close)
         worker.shutdown()
         store.close()
-
-
-async def fs_main() -> None:
-    import pyfuse3
-
-    await pyfuse3.main()
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-MNT_DETACH = 2
-
-
-def detach_stale_mount(path) -> bool:
-    """Lazily unmount what a crashed daemon left at `path` (a FUSE mount whose
-    server is gone answers ENOTCONN)."""
-    try:
-        os.stat(path)
-        if not os.path.ismount(path):
-            return False
-    except FileNotFoundError:
-        return False
-    except OSError:
-        pass  # ENOTCONN: a dead FUSE mount
-    if _libc.umount2(str(path).encode(), MNT_DETACH) != 0:
-        err = ctypes.get_errno()
-        log.warning("cannot unmount %s: %s", path, os.strerror(err))
-        return False
-    log.info("unmounted a stale mount at %s", path)
-    return True
 
 
 def cleanup(cfg: config_mod.Config) -> None:
@@ -115,7 +84,7 @@ def cleanup(cfg: config_mod.Config) -> None:
     wiring.delete_bridge()
     wiring.close()
     firewall.teardown()
-    detach_stale_mount(cfg.fs_dir)
+    fs.detach(cfg.fs_dir)
     try:
         cfg.socket_path.unlink()
     except FileNotFoundError:

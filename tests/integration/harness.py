@@ -36,7 +36,7 @@ def sh(*cmd: str, check: bool = True, timeout: float = 60, **kw) -> subprocess.C
 
 def build_rootfs(dest: Path) -> Path:
     """A busybox-static root: /bin with every applet, empty /etc/hosts."""
-    for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "etc/tether"):
+    for d in ("bin", "etc", "proc", "sys", "dev", "tmp"):
         (dest / d).mkdir(parents=True, exist_ok=True)
     shutil.copy2(BUSYBOX, dest / "bin" / "busybox")
     applets = sh(str(dest / "bin" / "busybox"), "--list").stdout.split()
