@@ -77,6 +77,10 @@ def _printer(op: str):
         "leases": _leases_text,
         "rm": lambda r: f"removed {r['name']}; freed {', '.join(r['freed']) or 'nothing'}",
         "link_ls": _links_text,
+        "move": lambda r: (
+            f"moved {r['old']} -> {r['new']}: {r['links']} link(s)"
+            + (f", host ports {', '.join(r['ports'])}" if r["ports"] else "")
+        ),
         "link_add": lambda r: _links_text([r]),
         "link_retarget": lambda r: f"{r['consumer']}: {r['alias']} now -> {r['target']} (was {r['previous']})",
         "link_rm": lambda r: f"{r['consumer']}: removed {r['alias']} -> {r['target']}",
@@ -110,6 +114,9 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--link", action="append", default=[], metavar="T[:A]", help="link to target T as alias A")
     sp.add_argument("--expose", action="append", default=[], metavar="P[/proto]", help="a port it listens on")
     sp.add_argument("--publish", action="append", default=[], metavar="[H:]P[/proto]", help="publish a port on the host")
+    sp = sub.add_parser("move", parents=[common], help="failover: links and published ports of OLD go to NEW")
+    sp.add_argument("old")
+    sp.add_argument("new")
     link = sub.add_parser("link", parents=[common], help="links: add, rm, ls, retarget")
     lsub = link.add_subparsers(dest="link_cmd", required=True, metavar="SUBCOMMAND")
     sp = lsub.add_parser("add", parents=[common], help="CONSUMER reaches TARGET as ALIAS")
@@ -141,6 +148,8 @@ def _request_of(a: argparse.Namespace) -> tuple[str, dict]:
             args["alias"] = model.check_label(a.alias, "alias")
             args["target"] = model.check_label(a.target, "target name")
         return f"link_{a.link_cmd}", args
+    if a.cmd == "move":
+        return "move", {"old": model.check_label(a.old, "container name"), "new": model.check_label(a.new, "container name")}
     return a.cmd, ({"name": model.check_label(a.name)} if hasattr(a, "name") else {})
 
 

@@ -24,6 +24,7 @@ class Edge:
     alias: str
     target: str
     facade: str | None = None  # the link's stable address (strategy facade)
+    group: str = ""  # links retargeted together by a move share a group
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,70 @@
-"""Pure: the firewall rules the daemon wants, computed from config and state."""
+"""Pure: the firewall rules the daemon wants, computed from config and state.
+
+nat <prefix>-PREROUTING   -d FACADE -j <prefix>-G<group>        one per link (facade strategy)
+                          -p P --dport H (local dst) -j DNAT IP:PORT   one per published port
+nat <prefix>-OUTPUT       the published ports again, for the host itself (127.0.0.1 too)
+nat <prefix>-G<group>     -j DNAT --to-destination TARGET_IP        one per link group
+nat <prefix>-POSTROUTING  masquerade the subnet leaving elsewhere, and DNAT'ed
+                          connections leaving on the bridge (the reply path, see README)
+filter <prefix>-FORWARD   reject facade addresses nobody answers; accept the bridge
+
+Links are grouped: a move retargets a whole group by rewriting its one DNAT
+rule, however many links it holds.
+"""
 from __future__ import annotations
 
+import hashlib
+import ipaddress
+from dataclasses import dataclass
+
 from .config import Config
+from .graph import Topology
 from .net.firewall.base import Rule, RuleSet
 
 
-def build(cfg: Config) -> RuleSet:
+@dataclass(frozen=True, order=True)
+class PortForward:
+    host_port: int
+    proto: str
+    ip: str
+    port: int
+
+
+def group_chain(group: str) -> str:
+    return "G" + hashlib.sha1(group.encode()).hexdigest()[:8]
+
+
+def _ip_key(ip: str) -> int:
+    return int(ipaddress.IPv4Address(ip))
+
+
+def build(cfg: Config, topo: Topology | None = None, ports: list[PortForward] = ()) -> RuleSet:
     net = cfg.network
     rs = RuleSet()
+    topo = topo or Topology()
+    # links (facade strategy): one jump per link into its group's chain
+    group_ip: dict[str, str] = {}
+    for e in topo.edges:
+        t = topo.nodes.get(e.target)
+        if e.facade and t is not None and t.ip:
+            group_ip[e.group] = t.ip
+    for e in sorted((e for e in topo.edges if e.facade and e.group in group_ip), key=lambda e: _ip_key(e.facade)):
+        rs.add("nat", "PREROUTING", Rule("@" + group_chain(e.group), dst=f"{e.facade}/32", in_iface=net.bridge))
+    for g, ip in sorted(group_ip.items()):
+        rs.add("nat", group_chain(g), Rule("DNAT", to=ip, comment=f"tether group {g}"))
+    # published ports: from elsewhere (PREROUTING) and from the host (OUTPUT)
+    for f in sorted(ports):
+        dnat = Rule("DNAT", proto=f.proto, dport=f.host_port, dst_local=True, to=f"{f.ip}:{f.port}")
+        rs.add("nat", "PREROUTING", dnat)
+        rs.add("nat", "OUTPUT", dnat)
     # containers reach the outside through the host's address
     rs.add("nat", "POSTROUTING", Rule("MASQUERADE", src=net.subnet, not_out_iface=net.bridge, comment="tether masquerade"))
-    # forwarding to and from the bridge (also between containers when bridged
-    # traffic passes netfilter)
+    # DNAT'ed connections leaving on the bridge (consumer and target on the
+    # same bridge; the host's own 127.0.0.1) come from the gateway, so replies
+    # return through the host and its conntrack
+    rs.add("nat", "POSTROUTING", Rule("MASQUERADE", out_iface=net.bridge, ctstate="DNAT", comment="tether reply path"))
+    # a facade address with no target must not leave the host
+    rs.add("filter", "FORWARD", Rule("REJECT", dst=net.facade_subnet, comment="tether dangling link"))
     rs.add("filter", "FORWARD", Rule("ACCEPT", in_iface=net.bridge, comment="tether from bridge"))
     rs.add("filter", "FORWARD", Rule("ACCEPT", out_iface=net.bridge, comment="tether to bridge"))
     return rs

@@ -6,6 +6,7 @@ back and undoes the wiring, so a failed registration leaves nothing behind.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -79,6 +80,7 @@ class Service:
         self.worker = worker
         self.lock = trio.Lock()
         self.net = cfg.network.network
+        self.last_commits = 0
 
     # --- kernel helpers ---------------------------------------------------
     def _endpoint(self, name: str, pid: int, ip: str, mac: str) -> Endpoint:
@@ -91,9 +93,36 @@ class Service:
             gateway=str(self.cfg.network.gateway),
         )
 
+    def _forwards(self) -> list[rules.PortForward]:
+        rows = {r.name: r for r in self.store.containers()}
+        return [
+            rules.PortForward(hp, proto, rows[name].ip, port)
+            for hp, proto, name, port in self.store.port_leases()
+            if rows[name].running and rows[name].ip
+        ]
+
     async def apply_firewall(self) -> int:
-        rs = rules.build(self.cfg)
+        """Make the firewall match the store; returns the commits it took."""
+        rs = rules.build(self.cfg, self.topology(), self._forwards())
         return await self.worker.run(self.firewall.apply, rs)
+
+    @contextlib.asynccontextmanager
+    async def _change(self):
+        """One store transaction whose firewall follows it: the firewall is
+        applied before the commit (a failure rolls the store back and puts
+        the firewall back in line); the files are published after it."""
+        try:
+            with self.store.transaction():
+                yield
+                self.last_commits = await self.apply_firewall()
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.apply_firewall()
+                except Exception:
+                    log.exception("firewall: could not restore the rules of the committed state")
+            raise
+        self._publish()
 
     def topology(self) -> Topology:
         nodes = {
@@ -112,9 +141,9 @@ class Service:
         """Bridge, forwarding, base chains, then reconcile with the store."""
         await self.worker.run(self.wiring.ensure_bridge)
         await self.worker.run(self.firewall.setup)
-        await self.apply_firewall()
         await self.reconcile()
         async with self.lock:
+            await self.apply_firewall()
             self._publish()
 
     def _alive(self, row: ContainerRow) -> bool:
@@ -162,43 +191,57 @@ class Service:
                 'add {"type": "network"} to linux.namespaces in its config.json'
             )
         async with self.lock:
-            with self.store.transaction():
-                row = self.store.get(reg.name)
-                if row and row.running:
-                    if row.pid == reg.pid and row.netns_ino == ino:
-                        # the same start seen twice (prestart + createRuntime, or a retry)
-                        ep = self._endpoint(reg.name, reg.pid, row.ip, row.mac)
-                        if not await self.worker.run(self.wiring.veth_exists, ep.veth):
-                            await self.worker.run(self.wiring.wire, ep)
-                        return self._summary(self.store.get(reg.name))
-                    if self._alive(row):
-                        raise ServiceError(
-                            f"name {reg.name!r} is already used by running container {row.id!r}: "
-                            f"stop it first or choose another {model.ANN_NAME}"
-                        )
-                ip = self._lease_address(reg.name, row)
-                mac = model.mac_for(ip)
-                self.store.upsert_running(
-                    reg.name,
-                    reg.id,
-                    reg.pid,
-                    ino,
-                    reg.bundle,
-                    [str(p) for p in reg.expose],
-                    [str(p) for p in reg.publish],
-                )
-                self.store.set_ip_lease(reg.name, ip, mac)
-                self.store.set_note(reg.name, "")
-                for link in reg.links:
-                    # links changed at run time (retarget) win over the annotation
-                    if self.store.get_link(reg.name, link.alias) is None:
-                        self.store.add_link(reg.name, link.alias, link.target)
-                await self.worker.run(self.wiring.wire, self._endpoint(reg.name, reg.pid, ip, mac))
-                result = self._summary(self.store.get(reg.name))
-            self._publish()
+            wired: list[str] = []
+            try:
+                result = await self._register(reg, ino, wired)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    for veth in wired:  # nothing left behind
+                        await self.worker.run(self.wiring.unwire, veth)
+                raise
         log.info(
-            "registered %s (id %s, pid %d) at %s in %.1f ms", reg.name, reg.id, reg.pid, ip, (time.perf_counter() - t0) * 1000
+            "registered %s (id %s, pid %d) at %s in %.1f ms",
+            reg.name, reg.id, reg.pid, result["ip"], (time.perf_counter() - t0) * 1000,
         )
+        return result
+
+    async def _register(self, reg: model.Registration, ino: int, wired: list[str]) -> dict:
+        async with self._change():
+            row = self.store.get(reg.name)
+            if row and row.running:
+                if row.pid == reg.pid and row.netns_ino == ino:
+                    # the same start seen twice (prestart + createRuntime, or a retry)
+                    ep = self._endpoint(reg.name, reg.pid, row.ip, row.mac)
+                    if not await self.worker.run(self.wiring.veth_exists, ep.veth):
+                        await self.worker.run(self.wiring.wire, ep)
+                    return self._summary(self.store.get(reg.name))
+                if self._alive(row):
+                    raise ServiceError(
+                        f"name {reg.name!r} is already used by running container {row.id!r}: "
+                        f"stop it first or choose another {model.ANN_NAME}"
+                    )
+            ip = self._lease_address(reg.name, row)
+            mac = model.mac_for(ip)
+            self.store.upsert_running(
+                reg.name,
+                reg.id,
+                reg.pid,
+                ino,
+                reg.bundle,
+                [str(p) for p in reg.expose],
+                [str(p) for p in reg.publish],
+            )
+            self.store.set_ip_lease(reg.name, ip, mac)
+            self.store.set_note(reg.name, "")
+            self._lease_ports(reg.name, reg.publish)
+            for link in reg.links:
+                # links changed at run time (retarget) win over the annotation
+                if self.store.get_link(reg.name, link.alias) is None:
+                    self._add_link(reg.name, link.alias, link.target)
+            ep = self._endpoint(reg.name, reg.pid, ip, mac)
+            wired.append(ep.veth)
+            await self.worker.run(self.wiring.wire, ep)
+            result = self._summary(self.store.get(reg.name))
         return result
 
     def _lease_address(self, name: str, row: ContainerRow | None) -> str:
@@ -220,19 +263,82 @@ class Service:
             log.info("evicted %s from %s for %s", choice.evict, choice.key, name)
         return choice.key
 
+    def _lease_ports(self, name: str, publish: list[model.PublishSpec]) -> None:
+        """Sticky host ports per (name, port, proto): explicit ones claimed
+        (taken over from a stopped holder), others chosen like addresses."""
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        for spec in publish:
+            mine = [hp for hp, proto, _, port in self.store.port_leases(name) if (port, proto) == (spec.port, spec.proto)]
+            if spec.host_port is None and mine:
+                continue
+            if spec.host_port is not None and spec.host_port in mine:
+                continue
+            held = {hp: Holder(n, running, stopped_at) for hp, n, running, stopped_at in self.store.port_holders(spec.proto)}
+            try:
+                if spec.host_port is not None:
+                    choice = allocator.claim(spec.host_port, held, name)
+                else:
+                    choice = allocator.choose(self.cfg.network.ports, held, name)
+            except allocator.HeldByRunning as e:
+                raise ServiceError(
+                    f"host port {spec.host_port}/{spec.proto} is held by running container {e.holder!r}: "
+                    "stop it, publish another host port, or leave the host port out for a free one"
+                ) from None
+            except allocator.Exhausted:
+                raise ServiceError(
+                    f"host port pool exhausted: every {spec.proto} port of {self.cfg.network.port_range} is held "
+                    "by a running container; stop one, or enlarge network.port_range"
+                ) from None
+            if choice.evict:
+                self.store.set_note(choice.evict, f"evicted: host port {choice.key}/{spec.proto} given to {name} at {now}")
+                log.info("host port %s/%s taken from %s for %s", choice.key, spec.proto, choice.evict, name)
+            if spec.host_port is not None:
+                for hp in mine:  # the spec changed from an automatic port to this one
+                    self.store.drop_port_lease(hp, spec.proto)
+            self.store.set_port_lease(choice.key, spec.proto, name, spec.port)
+
+    def _facade(self) -> str | None:
+        if self.cfg.network.strategy != "facade":
+            return None
+        used = self.store.facades()
+        for ip in allocator.address_pool(self.cfg.network.facade_network):
+            if ip not in used:
+                return ip
+        raise ServiceError(
+            f"facade pool exhausted: every address of {self.cfg.network.facade_subnet} belongs to a link; "
+            "remove links or enlarge network.facade_subnet"
+        )
+
+    def _group(self, target: str) -> str:
+        """A link group for a link to `target`: one whose links all go to it."""
+        n = 0
+        while True:
+            g = target if n == 0 else f"{target}#{n}"
+            if self.store.group_targets(g) <= {target}:
+                return g
+            n += 1
+
+    def _add_link(self, consumer: str, alias: str, target: str) -> None:
+        self.store.add_link(consumer, alias, target, self._facade(), self._group(target))
+
+    async def _cut(self, facades: set[str], ports: set[tuple[int, str, str]]) -> None:
+        """Cut the connections that went to the old targets (after the commit)."""
+        if facades or ports:
+            n = await self.worker.run(self.wiring.cut, facades, ports)
+            log.info("conntrack: removed %d entries", n)
+
     async def poststop(self, args: dict) -> dict:
         state, ann = hook_input(args)
         name = ann.get(model.ANN_NAME) if isinstance(ann, dict) else None
         cid = state.get("id")
         async with self.lock:
-            with self.store.transaction():
-                row = self.store.get(name) if model.is_label(name) else None
-                if row is None or row.id != cid:
-                    row = self.store.find_running_by_id(cid) if isinstance(cid, str) else None
-                if row is None or not row.running:
-                    return {"known": False}
+            row = self.store.get(name) if model.is_label(name) else None
+            if row is None or row.id != cid:
+                row = self.store.find_running_by_id(cid) if isinstance(cid, str) else None
+            if row is None or not row.running:
+                return {"known": False}
+            async with self._change():
                 self.store.mark_stopped(row.name)
-            self._publish()
             # The netns is gone or going, taking the veth with it; the explicit
             # delete (for a netns that outlives the container) need not delay
             # the runtime. Kernel calls run in order: a restart's wire() queues
@@ -252,7 +358,8 @@ class Service:
             "pid": row.pid,
             "expose": row.expose,
             "publish": row.publish,
-            "links": [f"{alias}->{target}" for _, alias, target, _ in self.store.links(row.name)],
+            "links": [f"{link[1]}->{link[2]}" for link in self.store.links(row.name)],
+            "published": [f"{hp}:{port}/{proto}" for hp, proto, _, port in self.store.port_leases(row.name)],
             "started_at": row.started_at,
             "stopped_at": row.stopped_at,
             "note": row.note,
@@ -291,10 +398,9 @@ class Service:
             row = await self._row(args)
             if row.running and self._alive(row):
                 raise ServiceError(f"container {row.name!r} is running: stop it first (runc kill, runc delete)")
-            with self.store.transaction():
+            async with self._change():
                 self.store.delete(row.name)
                 await self.worker.run(self.wiring.unwire, veth_name(self.cfg.network.bridge, row.name))
-            self._publish()
         log.info("removed %s, freed %s", row.name, row.ip)
         return {"name": row.name, "freed": [row.ip] if row.ip else []}
 
@@ -332,19 +438,18 @@ class Service:
                     f"{consumer!r} already has a link {alias!r} to {old[2]!r}: "
                     "use `tether link retarget` or another --alias"
                 )
-            with self.store.transaction():
-                self.store.add_link(consumer, alias, target)
-            self._publish()
-            return self._link_row(self.topology(), Edge(consumer, alias, target))
+            async with self._change():
+                self._add_link(consumer, alias, target)
+            return self._link_row(self.topology(), Edge(*self.store.get_link(consumer, alias)))
 
     async def link_rm(self, args: dict) -> dict:
         async with self.lock:
             consumer = self._consumer(args)
             alias = model.check_label(args.get("alias"), "alias")
             row = self._existing_link(consumer, alias)
-            with self.store.transaction():
+            async with self._change():
                 self.store.delete_link(consumer, alias)
-            self._publish()
+            await self._cut({row[3]} if row[3] else set(), set())
             return {"consumer": consumer, "alias": alias, "target": row[2]}
 
     async def link_retarget(self, args: dict) -> dict:
@@ -353,12 +458,51 @@ class Service:
             alias = model.check_label(args.get("alias"), "alias")
             target = model.check_label(args.get("target"), "target name")
             row = self._existing_link(consumer, alias)
-            with self.store.transaction():
-                self.store.set_link_target(consumer, alias, target)
-            self._publish()
-            out = self._link_row(self.topology(), Edge(consumer, alias, target, row[3]))
+            async with self._change():
+                if target != row[2]:
+                    self.store.set_link_target(consumer, alias, target, self._group(target))
+            if target != row[2]:
+                await self._cut({row[3]} if row[3] else set(), set())
+            out = self._link_row(self.topology(), Edge(*self.store.get_link(consumer, alias)))
             out["previous"] = row[2]
+            out["firewall_commits"] = self.last_commits
             return out
+
+    async def move(self, args: dict) -> dict:
+        """Failover: every link to OLD now goes to NEW, and OLD's published
+        host ports forward to NEW; one transaction, one firewall commit."""
+        async with self.lock:
+            old = model.check_label(args.get("old"), "container name")
+            new = model.check_label(args.get("new"), "container name")
+            if old == new:
+                raise ServiceError(f"cannot move {old!r} onto itself: name two different containers")
+            old_row = self.store.get(old)
+            if old_row is None:
+                raise ServiceError(f"no container named {old!r}: see `tether ps`")
+            new_row = self.store.get(new)
+            if new_row is None:
+                raise ServiceError(f"no container named {new!r}: register it (start it) before moving to it")
+            offered = set(new_row.expose) | {str(model.PortSpec(p.port, p.proto)) for p in model.parse_publish(",".join(new_row.publish))}
+            ports = self.store.port_leases(old)
+            missing = sorted({f"{port}/{proto}" for _, proto, _, port in ports} - offered)
+            if missing:
+                raise ServiceError(
+                    f"{new!r} does not expose {', '.join(missing)}, which {old!r} publishes: "
+                    f"start {new!r} with --expose {missing[0]}"
+                )
+            facades = {link[3] for link in self.store.links() if link[2] == old and link[3]}
+            async with self._change():
+                n_links = self.store.move_links(old, new)
+                n_ports = self.store.move_port_leases(old, new)
+            if old_row.ip:
+                await self._cut(facades, {(hp, proto, old_row.ip) for hp, proto, _, _ in ports})
+            return {
+                "old": old,
+                "new": new,
+                "links": n_links,
+                "ports": [f"{hp}/{proto}" for hp, proto, _, _ in ports],
+                "firewall_commits": self.last_commits,
+            }
 
     async def link_ls(self, args: dict) -> list[dict]:
         async with self.lock:
@@ -367,7 +511,7 @@ class Service:
 
     OPS = (
         "register", "poststop", "ps", "inspect", "leases", "rm", "reconcile",
-        "link_add", "link_rm", "link_retarget", "link_ls",
+        "link_add", "link_rm", "link_retarget", "link_ls", "move",
     )
 
     async def dispatch(self, op: str, args: dict):

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import trio
-from pyroute2 import IPRoute
+from pyroute2 import Conntrack, IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 log = logging.getLogger("tether.net")
@@ -116,6 +116,9 @@ class Wiring:
             self.ipr.addr("add", index=idx, address=self.gateway, prefixlen=self.prefixlen)
         self.ipr.link("set", index=idx, state="up")
         _set_sysctl("/proc/sys/net/ipv4/ip_forward", "1")
+        # the host's own 127.0.0.1:HOSTPORT, DNAT'ed to a container, leaves
+        # through the bridge with a loopback source (masqueraded on the way)
+        _set_sysctl(f"/proc/sys/net/ipv4/conf/{self.bridge}/route_localnet", "1")
 
     def delete_bridge(self) -> None:
         idx = self._index(self.bridge)
@@ -189,6 +192,35 @@ class Wiring:
             raise WiringError(f"cannot configure eth0 in the netns of pid {ep.pid}: {os.strerror(e.code)}") from e
         finally:
             inner.close()
+
+    def cut(self, facades: set[str], ports: set[tuple[int, str, str]]) -> int:
+        """Remove conntrack entries of connections that went to a facade
+        address in `facades`, or to a host port (host_port, proto, old_ip)
+        whose reply came from old_ip: their next packet is tracked anew and
+        reaches the new target, which resets it."""
+        if not facades and not ports:
+            return 0
+        protos = {"tcp": 6, "udp": 17}
+        want_ports = {(hp, protos[proto], ip) for hp, proto, ip in ports}
+        n = 0
+        ct = Conntrack()
+        try:
+            doomed = [
+                e
+                for e in ct.dump_entries()
+                if e.tuple_orig.daddr in facades
+                or (e.tuple_orig.dport, e.tuple_orig.proto, e.tuple_reply.saddr) in want_ports
+            ]
+            for e in doomed:
+                try:
+                    ct.delete(e)
+                    n += 1
+                except NetlinkError as err:
+                    if err.code != errno.ENOENT:
+                        raise
+        finally:
+            ct.close()
+        return n
 
     def unwire(self, veth: str) -> None:
         idx = self._index(veth)

@@ -45,14 +45,16 @@ CREATE TABLE port_leases (
     name      TEXT NOT NULL REFERENCES containers (name) ON DELETE CASCADE,
     port      INTEGER NOT NULL,
     since     REAL NOT NULL,
-    PRIMARY KEY (host_port, proto),
-    UNIQUE (name, port, proto)
+    note      TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (host_port, proto)
 );
+CREATE INDEX port_leases_name ON port_leases (name, port, proto);
 CREATE TABLE links (
     consumer TEXT NOT NULL REFERENCES containers (name) ON DELETE CASCADE,
     alias    TEXT NOT NULL,
     target   TEXT NOT NULL,
     facade   TEXT UNIQUE,
+    grp      TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (consumer, alias)
 );
 """
@@ -211,25 +213,75 @@ class SqliteStore:
         self.db.execute("DELETE FROM ip_leases WHERE name=?", (name,))
 
     # --- links --------------------------------------------------------------
-    def links(self, consumer: str | None = None) -> list[tuple[str, str, str, str | None]]:
-        """(consumer, alias, target, facade), sorted."""
-        q = "SELECT consumer, alias, target, facade FROM links"
-        rows = self.db.execute(q + " WHERE consumer=? ORDER BY 1, 2", (consumer,)) if consumer else self.db.execute(q + " ORDER BY 1, 2")
-        return list(rows)
+    _LINK_COLS = "consumer, alias, target, facade, grp"
 
-    def get_link(self, consumer: str, alias: str) -> tuple[str, str, str, str | None] | None:
+    def links(self, consumer: str | None = None) -> list[tuple[str, str, str, str | None, str]]:
+        """(consumer, alias, target, facade, group), sorted."""
+        q = f"SELECT {self._LINK_COLS} FROM links"
+        if consumer:
+            return list(self.db.execute(q + " WHERE consumer=? ORDER BY 1, 2", (consumer,)))
+        return list(self.db.execute(q + " ORDER BY 1, 2"))
+
+    def get_link(self, consumer: str, alias: str) -> tuple[str, str, str, str | None, str] | None:
         return self.db.execute(
-            "SELECT consumer, alias, target, facade FROM links WHERE consumer=? AND alias=?", (consumer, alias)
+            f"SELECT {self._LINK_COLS} FROM links WHERE consumer=? AND alias=?", (consumer, alias)
         ).fetchone()
 
-    def add_link(self, consumer: str, alias: str, target: str, facade: str | None = None) -> None:
-        self.db.execute("INSERT INTO links (consumer, alias, target, facade) VALUES (?, ?, ?, ?)", (consumer, alias, target, facade))
+    def add_link(self, consumer: str, alias: str, target: str, facade: str | None, grp: str) -> None:
+        self.db.execute(
+            "INSERT INTO links (consumer, alias, target, facade, grp) VALUES (?, ?, ?, ?, ?)",
+            (consumer, alias, target, facade, grp),
+        )
 
-    def set_link_target(self, consumer: str, alias: str, target: str) -> None:
-        self.db.execute("UPDATE links SET target=? WHERE consumer=? AND alias=?", (target, consumer, alias))
+    def set_link_target(self, consumer: str, alias: str, target: str, grp: str) -> None:
+        self.db.execute("UPDATE links SET target=?, grp=? WHERE consumer=? AND alias=?", (target, grp, consumer, alias))
+
+    def move_links(self, old: str, new: str) -> int:
+        """Every link targeting `old` now targets `new` (groups unchanged)."""
+        return self.db.execute("UPDATE links SET target=? WHERE target=?", (new, old)).rowcount
 
     def delete_link(self, consumer: str, alias: str) -> None:
         self.db.execute("DELETE FROM links WHERE consumer=? AND alias=?", (consumer, alias))
+
+    def facades(self) -> set[str]:
+        return {f for (f,) in self.db.execute("SELECT facade FROM links WHERE facade IS NOT NULL")}
+
+    def group_targets(self, grp: str) -> set[str]:
+        return {t for (t,) in self.db.execute("SELECT DISTINCT target FROM links WHERE grp=?", (grp,))}
+
+    # --- port leases ----------------------------------------------------------
+    def port_leases(self, name: str | None = None) -> list[tuple[int, str, str, int]]:
+        """(host_port, proto, name, port), by host port."""
+        q = "SELECT host_port, proto, name, port FROM port_leases"
+        if name:
+            return list(self.db.execute(q + " WHERE name=? ORDER BY 1, 2", (name,)))
+        return list(self.db.execute(q + " ORDER BY 1, 2"))
+
+    def port_holders(self, proto: str) -> list[tuple[int, str, bool, float | None]]:
+        """(host_port, name, running, stopped_at) for `proto`."""
+        return [
+            (hp, n, state == "running", stopped_at)
+            for hp, n, state, stopped_at in self.db.execute(
+                "SELECT p.host_port, p.name, c.state, c.stopped_at FROM port_leases p "
+                "JOIN containers c USING (name) WHERE p.proto=?",
+                (proto,),
+            )
+        ]
+
+    def set_port_lease(self, host_port: int, proto: str, name: str, port: int) -> None:
+        """Lease host_port/proto to name (replacing whoever held it)."""
+        self.db.execute(
+            "INSERT INTO port_leases (host_port, proto, name, port, since) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (host_port, proto) DO UPDATE SET name=excluded.name, port=excluded.port, "
+            "since=excluded.since",
+            (host_port, proto, name, port, time.time()),
+        )
+
+    def drop_port_lease(self, host_port: int, proto: str) -> None:
+        self.db.execute("DELETE FROM port_leases WHERE host_port=? AND proto=?", (host_port, proto))
+
+    def move_port_leases(self, old: str, new: str) -> int:
+        return self.db.execute("UPDATE port_leases SET name=? WHERE name=?", (new, old)).rowcount
 
     def leases(self) -> list[dict]:
         rows = self.db.execute(

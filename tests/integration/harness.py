@@ -208,7 +208,7 @@ upstreams = []
         return p
 
     def start_container(self, name: str, args: list[str] | None = None, *patch_args: str, cid: str | None = None):
-        args = args or ["sh", "-c", f"while true; do echo {name} | nc -l -p 5432; done"]
+        args = args or serve(name)
         b = self.bundle(name, args, *patch_args)
         self.run(cid or name, b)
         return b
@@ -255,6 +255,11 @@ upstreams = []
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def serve(name: str, port: int = 5432) -> list[str]:
+    """A container process answering every TCP connection on `port` with its name."""
+    return ["nc", "-ll", "-p", str(port), "-e", "echo", name]
 
 
 def tcp_get(ip: str, port: int, timeout: float = 3.0) -> str:

@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from harness import HOOK, Daemon, bridge_ports, sh, tcp_get, wait_for
+from harness import HOOK, Daemon, bridge_ports, serve, sh, tcp_get, wait_for
 
 SLEEP = ["sleep", "1000000"]
 
@@ -77,7 +77,7 @@ def test_parallel_30(rootfs):
     with Daemon(rootfs) as d:
         d.start()
         names = [f"p{i}" for i in range(30)]
-        bundles = {n: d.bundle(n, ["sh", "-c", f"while true; do echo {n} | nc -l -p 5432; done"]) for n in names}
+        bundles = {n: d.bundle(n, serve(n)) for n in names}
         with ThreadPoolExecutor(30) as ex:
             list(ex.map(lambda n: d.run(n, bundles[n]), names))
         ps = {c["name"]: c for c in d.cli_json("ps")}

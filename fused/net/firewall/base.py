@@ -20,9 +20,13 @@ HOOKS: tuple[tuple[str, str], ...] = (
 
 @dataclass(frozen=True)
 class Rule:
-    """One rule; fields left None do not match on anything."""
+    """One rule; fields left None do not match on anything.
 
-    target: str  # ACCEPT | MASQUERADE | DNAT | RETURN
+    `target`: ACCEPT | MASQUERADE | DNAT | RETURN, or "@SUFFIX" for a jump to
+    the daemon's own chain <prefix>-SUFFIX.
+    """
+
+    target: str
     src: str | None = None
     dst: str | None = None
     in_iface: str | None = None
@@ -33,17 +37,20 @@ class Rule:
     dport: int | None = None
     to: str | None = None  # DNAT destination "ip[:port]"
     dst_local: bool = False  # -m addrtype --dst-type LOCAL
+    ctstate: str | None = None  # -m conntrack --ctstate
     comment: str | None = None
 
 
 @dataclass
 class RuleSet:
-    """Desired rules per (table, hook chain); each goes into <prefix>-<HOOK>."""
+    """Desired content of every chain the daemon owns, as (table, SUFFIX) ->
+    rules for <prefix>-SUFFIX. The chains named after a hook (PREROUTING ...)
+    are jumped to from that built-in chain; others only from our rules."""
 
     chains: dict[tuple[str, str], list[Rule]] = field(default_factory=lambda: {h: [] for h in HOOKS})
 
-    def add(self, table: str, hook: str, rule: Rule) -> None:
-        self.chains[(table, hook)].append(rule)
+    def add(self, table: str, chain: str, rule: Rule) -> None:
+        self.chains.setdefault((table, chain), []).append(rule)
 
 
 class Firewall(Protocol):
@@ -53,7 +60,8 @@ class Firewall(Protocol):
         """Create the base chains and the jumps into them (idempotent)."""
 
     def apply(self, rules: RuleSet) -> int:
-        """Make the chains hold exactly `rules`; returns the number of commits made."""
+        """Make our chains hold exactly `rules` (creating and deleting chains as
+        needed), one commit per changed table; returns the commits made."""
 
     def teardown(self) -> None:
         """Remove every chain with our prefix and every jump into them."""
