@@ -45,7 +45,6 @@ CREATE TABLE port_leases (
     name      TEXT NOT NULL REFERENCES containers (name) ON DELETE CASCADE,
     port      INTEGER NOT NULL,
     since     REAL NOT NULL,
-    note      TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (host_port, proto)
 );
 CREATE INDEX port_leases_name ON port_leases (name, port, proto);

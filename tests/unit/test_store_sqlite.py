@@ -258,7 +258,7 @@ def test_delete_cascades_to_ip_and_port_leases_and_links(store):
     add(store, "web", ip="10.0.0.3")
     with store.transaction():
         store.db.execute("INSERT INTO port_leases VALUES (30000, 'tcp', 'db', 5432, 1.0)")
-        store.db.execute("INSERT INTO links VALUES ('db', 'x', 'web', NULL)")
+        store.db.execute("INSERT INTO links VALUES ('db', 'x', 'web', NULL, 'web')")
     with store.transaction():
         store.delete("db")
     assert store.get("db") is None
