@@ -78,7 +78,9 @@ _TAKEN: list = []
 class Daemon:
     """An isolated tether-fused with its own runc root."""
 
-    def __init__(self, rootfs: Path, prefix: int = 24, extra: str = "", strategy: str = "direct") -> None:
+    def __init__(
+        self, rootfs: Path, prefix: int = 24, extra: str = "", strategy: str = "direct", ports: int = 100
+    ) -> None:
         tag = "%06x" % random.randrange(1 << 24)
         self.tag = tag
         self.dir = Path(tempfile.mkdtemp(prefix=f"tether-test-{tag}-"))
@@ -100,7 +102,7 @@ run_dir = "{self.run_dir}"
 bridge = "{self.bridge}"
 subnet = "{self.subnet}"
 facade_subnet = "{self.facade}"
-port_range = "{self.port_base}-{self.port_base + 99}"
+port_range = "{self.port_base}-{self.port_base + ports - 1}"
 strategy = "{strategy}"
 
 [firewall]

@@ -1,0 +1,203 @@
+"""Issue: links that follow — facade addresses, published ports, move, rule life-cycle."""
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from harness import FUSED, Daemon, iptables_dump, sh, tcp_get, wait_for
+from hooks.protocol import request
+
+SLEEP = ["sleep", "1000000"]
+
+
+def two_servers(name: str) -> list[str]:
+    """5432: answers its name; 5433: echoes (a long-lived connection)."""
+    return ["sh", "-c", f"nc -ll -p 5433 -e cat & exec nc -ll -p 5432 -e echo {name}"]
+
+
+def facade_of(d: Daemon, consumer: str, alias: str) -> str:
+    for line in (d.run_dir / "fs" / consumer / "hosts").read_text().splitlines():
+        addr, names = line.split("\t")
+        if names.split()[0] == alias:
+            return addr
+    raise AssertionError(f"{alias} not in {consumer}'s hosts")
+
+
+def ask(d: Daemon, cid: str, host: str, port: int = 5432) -> str:
+    return d.exec(cid, "nc", "-w", "3", host, str(port), check=False).stdout.strip()
+
+
+def host_get(ip: str, port: int) -> str:
+    return wait_for(lambda: _try(ip, port), timeout=5, what=f"{ip}:{port}").strip()
+
+
+def _try(ip, port):
+    try:
+        return tcp_get(ip, port, timeout=2) or None
+    except OSError:
+        return None
+
+
+@pytest.fixture(scope="module")
+def fd(rootfs):
+    d = Daemon(rootfs, strategy="facade")
+    try:
+        d.start()
+        d.start_container("db", two_servers("db"), "--expose", "5432", "--expose", "5433")
+        d.start_container("db2", two_servers("db2"), "--expose", "5432", "--expose", "5433")
+        d.start_container("web", SLEEP, "--link", "db:database")
+        yield d
+    finally:
+        d.close()
+
+
+def test_facade_retarget_cuts_old_connections(fd):
+    d = fd
+    facade = facade_of(d, "web", "database")
+    assert facade.startswith(d.facade.rsplit(".", 2)[0]) and facade != d.container("db")["ip"]
+    assert ask(d, "web", "database") == "db"
+    # a long-lived connection to the facade address, opened before the retarget
+    client = subprocess.Popen(
+        ["runc", "--root", str(d.runc_root), "exec", "web", "sh", "-c",
+         f"(echo one; sleep 3; echo two; sleep 2) | nc {facade} 5433"],
+        stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        time.sleep(1.5)  # "one" went to db and came back
+        r = d.cli_json("link", "retarget", "web", "database", "db2")
+        assert r["firewall_commits"] == 1
+        out, _ = client.communicate(timeout=15)
+    finally:
+        client.kill()
+    assert out == "one\n"  # "two" reached db2, which reset the connection: cut, not half-alive
+    # the next connection, by name or by the cached facade address, reaches db2
+    assert ask(d, "web", "database") == "db2"
+    assert ask(d, "web", facade) == "db2"
+    assert facade_of(d, "web", "database") == facade  # the address never changes
+    d.cli("link", "retarget", "web", "database", "db")
+    assert ask(d, "web", facade) == "db"
+
+
+def test_direct_address_of_target_still_works(fd):
+    d = fd
+    assert ask(d, "web", d.container("db2")["ip"]) == "db2"
+
+
+def test_published_port_sticks_and_moves(rootfs):
+    with Daemon(rootfs, strategy="facade") as d:
+        d.start()
+        b = d.start_container("db", two_servers("db"), "--expose", "5432", "--publish", "5432")
+        d.start_container("db2", two_servers("db2"), "--expose", "5432")
+        d.start_container("web", SLEEP, "--link", "db:database")
+        (pub,) = d.container("db")["published"]
+        hp = int(pub.split(":")[0])
+        assert d.port_base <= hp < d.port_base + 100 and pub.endswith(":5432/tcp")
+        assert host_get("127.0.0.1", hp) == "db"
+        assert host_get(d.gateway, hp) == "db"
+        assert ask(d, "web", d.gateway, hp) == "db"  # a container through the host port (hairpin)
+        d.kill("db")
+        assert d.container("db")["published"] == [pub]  # leased while stopped
+        assert f"--dport {hp}" not in iptables_dump(d.chain_prefix)  # no rule while stopped
+        d.run("db", b)
+        assert d.container("db")["published"] == [pub]
+        assert host_get("127.0.0.1", hp) == "db"
+        r = d.cli_json("move", "db", "db2")
+        assert r["links"] == 1 and r["ports"] == [f"{hp}/tcp"] and r["firewall_commits"] == 1
+        assert host_get("127.0.0.1", hp) == "db2"
+        assert ask(d, "web", "database") == "db2"
+        assert "database db2" in (d.run_dir / "fs" / "web" / "hosts").read_text()
+        assert d.container("db2")["published"] == [f"{hp}:5432/tcp"]
+
+
+def test_move_errors_change_nothing(fd):
+    d = fd
+    d.start_container("noport", SLEEP)
+    before = (d.cli_json("link", "ls"), d.cli_json("leases"))
+    for args, msg in [
+        (["move", "db", "db"], "onto itself"),
+        (["move", "db", "ghost"], "no container named 'ghost'"),
+        (["move", "ghost", "db"], "no container named 'ghost'"),
+        (["move", "db", "Bad"], "invalid container name"),
+    ]:
+        r = d.cli(*args, check=False)
+        assert r.returncode == 1 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+    assert (d.cli_json("link", "ls"), d.cli_json("leases")) == before
+
+
+def test_move_needs_the_published_ports(rootfs):
+    with Daemon(rootfs, strategy="facade") as d:
+        d.start()
+        d.start_container("a", two_servers("a"), "--expose", "5432", "--publish", "5432")
+        d.start_container("b", SLEEP, "--expose", "80")
+        before = d.cli_json("leases")
+        r = d.cli("move", "a", "b", check=False)
+        assert r.returncode == 1 and "does not expose 5432/tcp" in r.stderr
+        assert d.cli_json("leases") == before
+
+
+def test_host_port_pool_lru_and_running_holder(rootfs):
+    with Daemon(rootfs, strategy="facade", ports=3) as d:
+        d.start()
+        b = {}
+        for n in ("p1", "p2", "p3"):
+            b[n] = d.start_container(n, SLEEP, "--publish", "80")
+        hp = {n: int(d.container(n)["published"][0].split(":")[0]) for n in b}
+        assert sorted(hp.values()) == [d.port_base, d.port_base + 1, d.port_base + 2]
+        # every port held by a running container: a fourth fails, naming the cause
+        b4 = d.bundle("p4", SLEEP, "--publish", "80")
+        r = d.run("p4", b4, check=False)
+        assert r.returncode != 0 and "host port pool exhausted" in r.stderr
+        d.kill("p1")
+        d.kill("p2")  # p1 stopped first
+        d.run("p4", b4)
+        assert d.container("p4")["published"] == [f"{hp['p1']}:80/tcp"]
+        assert "evicted" in d.container("p1")["note"] and "p4" in d.container("p1")["note"]
+        assert d.container("p2")["published"] == [f"{hp['p2']}:80/tcp"]
+        # explicit host port held by a running container: error naming it
+        b5 = d.bundle("p5", SLEEP, "--publish", f"{hp['p3']}:80")
+        r = d.run("p5", b5, check=False)
+        assert r.returncode != 0 and "held by running container 'p3'" in r.stderr
+        # held by a stopped one: taken over, and the loser's record says so
+        b6 = d.bundle("p6", SLEEP, "--publish", f"{hp['p2']}:80")
+        d.run("p6", b6)
+        assert d.container("p6")["published"] == [f"{hp['p2']}:80/tcp"]
+        assert d.container("p2")["published"] == [] and "p6" in d.container("p2")["note"]
+
+
+def test_move_200_links_commits_once_and_rules_are_cleaned(rootfs):
+    with Daemon(rootfs, strategy="facade") as d:
+        d.start()
+        base = iptables_dump(d.chain_prefix)
+        d.start_container("t1", two_servers("t1"), "--expose", "5432")
+        d.start_container("t2", two_servers("t2"), "--expose", "5432")
+        consumers = [f"c{i}" for i in range(20)]
+        for c in consumers:
+            links = [a for i in range(10) for a in ("--link", f"t1:s{i}")]
+            d.start_container(c, SLEEP, *links)
+        assert len(d.cli_json("link", "ls")) == 200
+        r = d.cli_json("move", "t1", "t2")
+        assert r["links"] == 200 and r["firewall_commits"] == 1
+        for c in consumers:
+            hosts = (d.run_dir / "fs" / c / "hosts").read_text()
+            assert hosts.count(" t2\n") == 10 and " t1\n" not in hosts
+        assert ask(d, "c7", "s3") == "t2"
+        # restart: rules rebuilt from the store, no duplicates
+        rules = iptables_dump(d.chain_prefix)
+        d.stop()
+        d.start()
+        assert iptables_dump(d.chain_prefix) == rules
+        d.stop()
+        d.start()
+        assert iptables_dump(d.chain_prefix) == rules
+        # everything stopped and removed: only the base chains and rules remain
+        for c in consumers + ["t1", "t2"]:
+            d.kill(c)
+            d.cli("rm", c)
+        assert iptables_dump(d.chain_prefix) == base
+        d.stop()
+        sh(FUSED, "--config", str(d.config), "--cleanup")
+        assert iptables_dump(d.chain_prefix) == ""
+        assert sh("ip", "link", "show", d.bridge, check=False).returncode != 0
+        assert not d.run_dir.joinpath("fs").is_mount()
