@@ -30,7 +30,7 @@ unit: venv
 	$(VENV)/bin/pytest -p no:cacheprovider tests/unit
 
 demo: venv
-	$(PY) -m fused.demo
+	$(VENV)/bin/tether demo
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -131,6 +131,12 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("consumer")
     sp.add_argument("alias")
     sp.add_argument("target", metavar="NEWTARGET")
+    sub.add_parser(
+        "demo",
+        help="a guided run with real runc containers on an isolated setup (root)",
+        description="db, db2 and web in real runc containers, with their own temporary config, daemon, bridge "
+        "and chains (not --config's), all removed at the end. Root only.",
+    )
     return p
 
 
@@ -179,6 +185,10 @@ def _hook_path() -> str:
 def run(argv: list[str]) -> int:
     a = parser().parse_args(argv)
     as_json = getattr(a, "json", False)
+    if a.cmd == "demo":  # its own isolated config and daemon: no request to a configured one
+        from . import demo
+
+        return demo.main([])
     try:
         cfg = config_mod.load(getattr(a, "config", None))
         if a.cmd == "oci":

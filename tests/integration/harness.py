@@ -184,6 +184,9 @@ upstreams = []
         spec["process"]["args"] = args
         spec["process"]["env"] = ["PATH=/bin", *(env or [])]
         spec["hostname"] = name
+        # runc's default cgroup is /<id>: containers of the same name under
+        # two test daemons would share one
+        spec["linux"]["cgroupsPath"] = f"/tether-test-{self.tag}-{name}"
         (b / "config.json").write_text(json.dumps(spec, indent=2))
         self.cli("oci", "patch", str(b), "--name", name, *patch_args)
         return b

@@ -201,3 +201,37 @@ def test_move_200_links_commits_once_and_rules_are_cleaned(rootfs):
         assert iptables_dump(d.chain_prefix) == ""
         assert sh("ip", "link", "show", d.bridge, check=False).returncode != 0
         assert not d.run_dir.joinpath("fs").is_mount()
+
+
+def test_two_daemons_retargeting_at_once_lose_no_rule(fd, rootfs):
+    """libiptc rewrites whole tables: without the xtables lock, two daemons
+    committing at once silently drop each other's changes."""
+    import threading
+
+    with Daemon(rootfs, strategy="facade") as other:
+        other.start()
+        other.start_container("x1", two_servers("x1"))
+        other.start_container("x2", two_servers("x2"))
+        other.start_container("xc", SLEEP, "--link", "x1:svc")
+        jobs = [(fd, "web", "database", ("db2", "db")), (other, "xc", "svc", ("x2", "x1"))]
+        errors = []
+
+        def churn(d, consumer, alias, targets):
+            try:
+                for i in range(101):
+                    request(str(d.sock), "link_retarget", {"consumer": consumer, "alias": alias, "target": targets[i % 2]})
+            except Exception as e:  # pragma: no cover - reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=churn, args=j) for j in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        # 101 alternating retargets each: both end on their first target, in the kernel too
+        for d, consumer, alias, targets in jobs:
+            ip = d.container(targets[0])["ip"]
+            assert f"-j DNAT --to-destination {ip}" in iptables_dump(d.chain_prefix), d.chain_prefix
+            assert ask(d, consumer, alias) == targets[0]
+        fd.cli("link", "retarget", "web", "database", "db")

@@ -9,6 +9,10 @@ touches one rule, not 1000.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
+
 import iptc
 import iptc.easy
 
@@ -18,8 +22,27 @@ _TABLES = {"nat": iptc.Table.NAT, "filter": iptc.Table.FILTER}
 _HOOK_NAMES = {h for _, h in HOOKS}
 
 
+XTABLES_LOCK = "/run/xtables.lock"
+
+
+@contextlib.contextmanager
+def xtables_lock():
+    """The lock iptables(-legacy) itself takes: libiptc reads a whole table,
+    edits it and writes it back, so two writers without it lose each other's
+    changes (two tether daemons side by side did)."""
+    fd = os.open(XTABLES_LOCK, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _table(name: str) -> iptc.Table:
-    t = iptc.Table(_TABLES[name])
+    """A fresh view of a table. Never autocommit: python-iptables caches one
+    Table per name, and refreshing an autocommit table first commits its old
+    handle, writing back a stale copy over other tools' changes."""
+    t = iptc.Table(_TABLES[name], autocommit=False)
     t.refresh()
     return t
 
@@ -70,24 +93,24 @@ class IptablesFirewall:
 
     def setup(self) -> None:
         for tname in _TABLES:
-            table = _table(tname)
-            table.autocommit = False
-            try:
-                for t, hook in HOOKS:
-                    if t != tname:
-                        continue
-                    name = self.chain(hook)
-                    if not table.is_chain(name):
-                        table.create_chain(name)
-                    builtin = iptc.Chain(table, hook)
-                    if not any(r.target.name == name for r in builtin.rules):
-                        jump = iptc.Rule()
-                        jump.create_target(name)
-                        builtin.insert_rule(jump)
-                table.commit()
-            finally:
-                table.autocommit = True
+            with xtables_lock():
+                self._setup_table(tname)
         self._applied = {t: None for t in _TABLES}
+
+    def _setup_table(self, tname: str) -> None:
+        table = _table(tname)
+        for t, hook in HOOKS:
+            if t != tname:
+                continue
+            name = self.chain(hook)
+            if not table.is_chain(name):
+                table.create_chain(name)
+            builtin = iptc.Chain(table, hook)
+            if not any(r.target.name == name for r in builtin.rules):
+                jump = iptc.Rule()
+                jump.create_target(name)
+                builtin.insert_rule(jump)
+        table.commit()
 
     def apply(self, rules: RuleSet) -> int:
         commits = 0
@@ -99,31 +122,32 @@ class IptablesFirewall:
             have = self._applied[tname]
             if have is not None and have == want:
                 continue
-            table = _table(tname)
-            table.autocommit = False
-            try:
-                if have is None:
-                    have = self._rebuild_base(table)
-                for suffix in want:
-                    if suffix not in have and not table.is_chain(self.chain(suffix)):
-                        table.create_chain(self.chain(suffix))
-                for suffix, rs in want.items():
-                    self._edit(iptc.Chain(table, self.chain(suffix)), have.get(suffix, []), rs)
-                for suffix in have:
-                    if suffix not in want:
-                        iptc.Chain(table, self.chain(suffix)).flush()
-                for suffix in have:
-                    if suffix not in want and suffix not in _HOOK_NAMES:
-                        table.delete_chain(self.chain(suffix))
-                table.commit()
-            except Exception:
-                self._applied[tname] = None  # the kernel keeps its old state; rebuild next time
-                raise
-            finally:
-                table.autocommit = True
+            with xtables_lock():
+                self._apply_table(tname, have, want)
             commits += 1
             self._applied[tname] = {k: list(v) for k, v in want.items()}
         return commits
+
+    def _apply_table(self, tname: str, have: dict[str, list[Rule]] | None, want: dict[str, list[Rule]]) -> None:
+        table = _table(tname)
+        try:
+            if have is None:
+                have = self._rebuild_base(table)
+            for suffix in want:
+                if suffix not in have and not table.is_chain(self.chain(suffix)):
+                    table.create_chain(self.chain(suffix))
+            for suffix, rs in want.items():
+                self._edit(iptc.Chain(table, self.chain(suffix)), have.get(suffix, []), rs)
+            for suffix in have:
+                if suffix not in want:
+                    iptc.Chain(table, self.chain(suffix)).flush()
+            for suffix in have:
+                if suffix not in want and suffix not in _HOOK_NAMES:
+                    table.delete_chain(self.chain(suffix))
+            table.commit()
+        except Exception:
+            self._applied[tname] = None  # the kernel keeps its old state; rebuild next time
+            raise
 
     def _rebuild_base(self, table: iptc.Table) -> dict[str, list[Rule]]:
         """State unknown: empty every chain of ours (kept: they may be
@@ -156,25 +180,25 @@ class IptablesFirewall:
             chain.insert_rule(self.to_iptc(new_mid[i]), p + i)
 
     def teardown(self) -> None:
-        mine = self.prefix + "-"
         for tname in _TABLES:
-            table = _table(tname)
-            table.autocommit = False
-            try:
-                for chain in table.chains:
-                    if chain.is_builtin():
-                        for r in list(chain.rules):
-                            if r.target.name.startswith(mine):
-                                chain.delete_rule(r)
-                ours = [c for c in table.chains if c.name.startswith(mine)]
-                for chain in ours:
-                    chain.flush()
-                for chain in ours:
-                    table.delete_chain(chain.name)
-                table.commit()
-            finally:
-                table.autocommit = True
+            with xtables_lock():
+                self._teardown_table(tname)
         self._applied = {t: None for t in _TABLES}
+
+    def _teardown_table(self, tname: str) -> None:
+        mine = self.prefix + "-"
+        table = _table(tname)
+        for chain in table.chains:
+            if chain.is_builtin():
+                for r in list(chain.rules):
+                    if r.target.name.startswith(mine):
+                        chain.delete_rule(r)
+        ours = [c for c in table.chains if c.name.startswith(mine)]
+        for chain in ours:
+            chain.flush()
+        for chain in ours:
+            table.delete_chain(chain.name)
+        table.commit()
 
     def dump(self) -> dict[tuple[str, str], list[str]]:
         out: dict[tuple[str, str], list[str]] = {}
