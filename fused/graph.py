@@ -5,21 +5,21 @@ turns it into per-consumer views. No I/O here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from .model import PortSpec
 
+# NamedTuples, not dataclasses: a move at 1000 links builds thousands of them
 
-@dataclass(frozen=True)
-class Node:
+
+class Node(NamedTuple):
     name: str
     ip: str | None  # None: no address lease (evicted)
     running: bool
     expose: tuple[PortSpec, ...] = ()
 
 
-@dataclass(frozen=True)
-class Edge:
+class Edge(NamedTuple):
     consumer: str
     alias: str
     target: str
@@ -27,15 +27,13 @@ class Edge:
     group: str = ""  # links retargeted together by a move share a group
 
 
-@dataclass(frozen=True)
-class Topology:
-    nodes: dict[str, Node] = field(default_factory=dict)
+class Topology(NamedTuple):
+    nodes: dict[str, Node] = {}
     edges: tuple[Edge, ...] = ()
     strategy: str = "direct"
 
 
-@dataclass(frozen=True)
-class Resolved:
+class Resolved(NamedTuple):
     """A link as its consumer sees it; address None: dangling (no line)."""
 
     alias: str
@@ -45,8 +43,7 @@ class Resolved:
     state: str  # "running" | "stopped" | "dangling"
 
 
-@dataclass(frozen=True)
-class View:
+class View(NamedTuple):
     name: str
     ip: str | None
     links: tuple[Resolved, ...]  # sorted by alias

@@ -13,8 +13,8 @@ rule, however many links it holds.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
-import ipaddress
 from dataclasses import dataclass
 
 from .config import Config
@@ -30,12 +30,19 @@ class PortForward:
     port: int
 
 
+@functools.lru_cache(maxsize=65536)
 def group_chain(group: str) -> str:
     return "G" + hashlib.sha1(group.encode()).hexdigest()[:8]
 
 
-def _ip_key(ip: str) -> int:
-    return int(ipaddress.IPv4Address(ip))
+@functools.lru_cache(maxsize=65536)
+def _ip_key(ip: str) -> tuple[int, ...]:
+    return tuple(map(int, ip.split(".")))
+
+
+@functools.lru_cache(maxsize=65536)
+def _link_rule(facade: str, group: str, bridge: str) -> Rule:
+    return Rule("@" + group_chain(group), dst=f"{facade}/32", in_iface=bridge)
 
 
 def build(cfg: Config, topo: Topology | None = None, ports: list[PortForward] = ()) -> RuleSet:
@@ -49,7 +56,7 @@ def build(cfg: Config, topo: Topology | None = None, ports: list[PortForward] = 
         if e.facade and t is not None and t.ip:
             group_ip[e.group] = t.ip
     for e in sorted((e for e in topo.edges if e.facade and e.group in group_ip), key=lambda e: _ip_key(e.facade)):
-        rs.add("nat", "PREROUTING", Rule("@" + group_chain(e.group), dst=f"{e.facade}/32", in_iface=net.bridge))
+        rs.add("nat", "PREROUTING", _link_rule(e.facade, e.group, net.bridge))
     for g, ip in sorted(group_ip.items()):
         rs.add("nat", group_chain(g), Rule("DNAT", to=ip, comment=f"tether group {g}"))
     # published ports: from elsewhere (PREROUTING) and from the host (OUTPUT)

@@ -101,9 +101,9 @@ class Service:
             if rows[name].running and rows[name].ip
         ]
 
-    async def apply_firewall(self) -> int:
+    async def apply_firewall(self, topo: Topology | None = None) -> int:
         """Make the firewall match the store; returns the commits it took."""
-        rs = rules.build(self.cfg, self.topology(), self._forwards())
+        rs = rules.build(self.cfg, topo or self.topology(), self._forwards())
         return await self.worker.run(self.firewall.apply, rs)
 
     @contextlib.asynccontextmanager
@@ -114,7 +114,8 @@ class Service:
         try:
             with self.store.transaction():
                 yield
-                self.last_commits = await self.apply_firewall()
+                topo = self.topology()
+                self.last_commits = await self.apply_firewall(topo)
         except BaseException:
             with trio.CancelScope(shield=True):
                 try:
@@ -122,7 +123,7 @@ class Service:
                 except Exception:
                     log.exception("firewall: could not restore the rules of the committed state")
             raise
-        self._publish()
+        self._publish(topo)
 
     def topology(self) -> Topology:
         nodes = {
@@ -131,10 +132,10 @@ class Service:
         }
         return Topology(nodes, tuple(Edge(*row) for row in self.store.links()), self.cfg.network.strategy)
 
-    def _publish(self) -> None:
+    def _publish(self, topo: Topology | None = None) -> None:
         """Render every served file from the store's current state and hand the
         snapshot to the filesystem (which invalidates what changed)."""
-        files, default = render.render_all(self.topology(), str(self.cfg.network.gateway), self.cfg.dns.enabled)
+        files, default = render.render_all(topo or self.topology(), str(self.cfg.network.gateway), self.cfg.dns.enabled)
         self.publish(render.Snapshot(files, default, time.time_ns()))
 
     async def start(self) -> None:
@@ -321,10 +322,10 @@ class Service:
     def _add_link(self, consumer: str, alias: str, target: str) -> None:
         self.store.add_link(consumer, alias, target, self._facade(), self._group(target))
 
-    async def _cut(self, facades: set[str], ports: set[tuple[int, str, str]]) -> None:
+    async def _cut(self, filters: list[list[str]]) -> None:
         """Cut the connections that went to the old targets (after the commit)."""
-        if facades or ports:
-            n = await self.worker.run(self.wiring.cut, facades, ports)
+        if filters:
+            n = await self.worker.run(self.wiring.cut, filters)
             log.info("conntrack: removed %d entries", n)
 
     async def poststop(self, args: dict) -> dict:
@@ -449,7 +450,7 @@ class Service:
             row = self._existing_link(consumer, alias)
             async with self._change():
                 self.store.delete_link(consumer, alias)
-            await self._cut({row[3]} if row[3] else set(), set())
+            await self._cut([["-d", row[3]]] if row[3] else [])
             return {"consumer": consumer, "alias": alias, "target": row[2]}
 
     async def link_retarget(self, args: dict) -> dict:
@@ -461,8 +462,8 @@ class Service:
             async with self._change():
                 if target != row[2]:
                     self.store.set_link_target(consumer, alias, target, self._group(target))
-            if target != row[2]:
-                await self._cut({row[3]} if row[3] else set(), set())
+            if target != row[2] and row[3]:
+                await self._cut([["-d", row[3]]])
             out = self._link_row(self.topology(), Edge(*self.store.get_link(consumer, alias)))
             out["previous"] = row[2]
             out["firewall_commits"] = self.last_commits
@@ -490,12 +491,14 @@ class Service:
                     f"{new!r} does not expose {', '.join(missing)}, which {old!r} publishes: "
                     f"start {new!r} with --expose {missing[0]}"
                 )
-            facades = {link[3] for link in self.store.links() if link[2] == old and link[3]}
             async with self._change():
                 n_links = self.store.move_links(old, new)
-                n_ports = self.store.move_port_leases(old, new)
+                self.store.move_port_leases(old, new)
             if old_row.ip:
-                await self._cut(facades, {(hp, proto, old_row.ip) for hp, proto, _, _ in ports})
+                # connections through any facade, or a host port, answered by OLD
+                cuts = [["-d", self.cfg.network.facade_subnet, "-r", old_row.ip]] if n_links else []
+                cuts += [["-p", proto, "--orig-port-dst", str(hp), "-r", old_row.ip] for hp, proto, _, _ in ports]
+                await self._cut(cuts)
             return {
                 "old": old,
                 "new": new,

@@ -11,11 +11,12 @@ import errno
 import hashlib
 import logging
 import os
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import trio
-from pyroute2 import Conntrack, IPRoute
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 log = logging.getLogger("tether.net")
@@ -193,33 +194,20 @@ class Wiring:
         finally:
             inner.close()
 
-    def cut(self, facades: set[str], ports: set[tuple[int, str, str]]) -> int:
-        """Remove conntrack entries of connections that went to a facade
-        address in `facades`, or to a host port (host_port, proto, old_ip)
-        whose reply came from old_ip: their next packet is tracked anew and
-        reaches the new target, which resets it."""
-        if not facades and not ports:
-            return 0
-        protos = {"tcp": 6, "udp": 17}
-        want_ports = {(hp, protos[proto], ip) for hp, proto, ip in ports}
+    def cut(self, filters: list[list[str]]) -> int:
+        """Delete conntrack entries matching each filter (conntrack(8) options,
+        e.g. ["-d", "10.214.0.7"]): the next packet of such a connection is
+        tracked anew, reaches the new target, and is reset there. conntrack(8)
+        filters in C; decoding the whole table in Python cost 50 ms at 1000
+        links."""
         n = 0
-        ct = Conntrack()
-        try:
-            doomed = [
-                e
-                for e in ct.dump_entries()
-                if e.tuple_orig.daddr in facades
-                or (e.tuple_orig.dport, e.tuple_orig.proto, e.tuple_reply.saddr) in want_ports
-            ]
-            for e in doomed:
-                try:
-                    ct.delete(e)
-                    n += 1
-                except NetlinkError as err:
-                    if err.code != errno.ENOENT:
-                        raise
-        finally:
-            ct.close()
+        for f in filters:
+            p = subprocess.run(["conntrack", "-D", *f], capture_output=True, text=True)
+            # exit 1 with "0 flow entries have been deleted" when nothing matched
+            for line in p.stderr.splitlines():
+                words = line.split()
+                if "flow" in words[1:]:
+                    n += int(words[words.index("flow") - 1])
         return n
 
     def unwire(self, veth: str) -> None:

@@ -7,7 +7,7 @@ table, touching only `<prefix>-*` chains and the jumps into them.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 # (table, hook chain) pairs the daemon owns a chain for, in that table.
 HOOKS: tuple[tuple[str, str], ...] = (
@@ -18,8 +18,7 @@ HOOKS: tuple[tuple[str, str], ...] = (
 )
 
 
-@dataclass(frozen=True)
-class Rule:
+class Rule(NamedTuple):
     """One rule; fields left None do not match on anything.
 
     `target`: ACCEPT | MASQUERADE | DNAT | RETURN, or "@SUFFIX" for a jump to
