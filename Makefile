@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
-APT_PACKAGES := runc busybox-static fuse3 libfuse3-dev pkg-config iptables conntrack iproute2 \
+APT_PACKAGES := runc busybox-static fuse3 iptables conntrack iproute2 \
                 python3 python3-venv python3-dev gcc
 PYTHON ?= python3
 

@@ -199,15 +199,6 @@ class TetherFS:
     # --- requests ----------------------------------------------------------------
     def handle(self, opcode: int, nodeid: int, body: bytes) -> bytes | None:
         """The reply body for one request; None: no reply; OSError: an error reply."""
-        if opcode == READ:
-            fh, off, size, _ = READ_IN.unpack_from(body)
-            data = self._open.get(fh)
-            if data is None:
-                name, f = self._decode(nodeid)
-                if f is None:
-                    raise OSError(errno.EISDIR, "")
-                data = self._data(name, f)
-            return data[off : off + size]
         if opcode == OPEN:
             (flags,) = struct.unpack_from("<I", body)
             if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
@@ -227,6 +218,15 @@ class TetherFS:
             (fh,) = U64.unpack_from(body)
             self._open.pop(fh, None)
             return b""
+        if opcode == READ:
+            fh, off, size, _ = READ_IN.unpack_from(body)
+            data = self._open.get(fh)
+            if data is None:
+                name, f = self._decode(nodeid)
+                if f is None:
+                    raise OSError(errno.EISDIR, "")
+                data = self._data(name, f)
+            return data[off : off + size]
         if opcode == LOOKUP:
             return self._lookup(nodeid, body[: body.index(b"\0")] if b"\0" in body else body)
         if opcode == GETATTR:

@@ -302,8 +302,8 @@ class Service:
         if self.cfg.network.strategy != "facade":
             return None
         used = self.store.facades()
-        for ip in allocator.address_pool(self.cfg.network.facade_network):
-            if ip not in used:
+        for addr in self.cfg.network.facade_network.hosts():  # no gateway here: from .1
+            if (ip := str(addr)) not in used:
                 return ip
         raise ServiceError(
             f"facade pool exhausted: every address of {self.cfg.network.facade_subnet} belongs to a link; "
