@@ -87,7 +87,62 @@ class FirewallConfig(_Strict):
 
 class DnsConfig(_Strict):
     enabled: bool = True
+    # "host": the servers of the host's /etc/resolv.conf (but loopback ones);
+    # "IP" or "IP:port"; []: no forwarding, NXDOMAIN for names tether does not know
     upstreams: list[str] = Field(default_factory=lambda: ["host"])
+    search: list[str] = Field(default_factory=list)  # suffixes: "database.SUFFIX" answers too
+    timeout: float = Field(default=2.0, gt=0, le=30)  # seconds to wait for an upstream
+
+    @field_validator("upstreams")
+    @classmethod
+    def _upstreams(cls, v: list[str]) -> list[str]:
+        for u in v:
+            if u == "host":
+                continue
+            ip, _, port = u.rpartition(":") if u.count(":") == 1 else (u, "", "")
+            ipaddress.IPv4Address(ip)
+            if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+                raise ValueError(f"upstream {u!r}: use IP or IP:port")
+        return v
+
+    @field_validator("search")
+    @classmethod
+    def _search(cls, v: list[str]) -> list[str]:
+        for d in v:
+            labels = d.strip(".").split(".")
+            if not all(re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", x) for x in labels):
+                raise ValueError(f"search domain {d!r}: use dot-separated RFC 1123 labels")
+        return [d.strip(".") for d in v]
+
+    def upstream_servers(self, resolv_conf: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
+        out: list[tuple[str, int]] = []
+        for u in self.upstreams:
+            if u == "host":
+                out += host_nameservers(resolv_conf)
+            else:
+                ip, _, port = u.partition(":")
+                out.append((ip, int(port or 53)))
+        return out
+
+
+def host_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
+    """IPv4 nameservers of the host, but loopback ones (a container, and the
+    bridge, cannot use 127.0.0.53 and the like)."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return []
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "nameserver":
+            try:
+                addr = ipaddress.IPv4Address(parts[1])
+            except ValueError:
+                continue
+            if not addr.is_loopback:
+                out.append((str(addr), 53))
+    return out
 
 
 class Config(_Strict):

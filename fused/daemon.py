@@ -11,7 +11,7 @@ import sys
 import trio
 
 from . import config as config_mod
-from . import control, fs
+from . import control, dns, fs
 from .net import firewall as fw
 from .net.wiring import Wiring, Worker
 from .service import Service
@@ -46,7 +46,14 @@ async def run(cfg: config_mod.Config) -> None:
     wiring, firewall = _parts(cfg)
     worker = Worker("tether-kernel")
     ops = fs.TetherFS()
-    service = Service(cfg, store, wiring, firewall, worker, publish=ops.publish)
+    responder = None
+    if cfg.dns.enabled:
+        upstreams = cfg.dns.upstream_servers()
+        responder = dns.Responder(str(cfg.network.gateway), upstreams, cfg.dns.search, cfg.dns.timeout)
+        log.info("dns: on %s:53, upstreams %s", cfg.network.gateway, upstreams or "none (NXDOMAIN)")
+    service = Service(
+        cfg, store, wiring, firewall, worker, publish=ops.publish, publish_dns=responder.publish if responder else lambda d: None
+    )
     mounted = False
     try:
         fs.detach(cfg.fs_dir)
@@ -54,6 +61,9 @@ async def run(cfg: config_mod.Config) -> None:
         mounted = True
         await service.start()
         async with trio.open_nursery() as nursery:
+            if responder is not None:
+                await nursery.start(responder.serve_udp)
+                await nursery.start(responder.serve_tcp)
             await nursery.start(control.serve, cfg.socket_path, service.dispatch)
             log.info("tether-fused ready: socket %s, bridge %s, subnet %s", cfg.socket_path, cfg.network.bridge, cfg.network.subnet)
             sd_notify("READY=1")

@@ -350,10 +350,15 @@ class Demo:
         self.say("web was not restarted: same process, and its next read of /etc/hosts and its next connection saw db2")
 
     def srv(self) -> None:
-        self.heading(9, "SRV lookup")
-        # PLACEHOLDER (the DNS issue fills this in): from web, `nslookup -type=SRV _database._tcp`
-        # against the bridge gateway, answered with port 5432 of the link's current target.
-        self.say("SRV lookup: comes with the DNS issue (tether-fused does not answer DNS yet)")
+        self.heading(9, "DNS: the same link by name (A) and its ports (SRV), answered by tether-fused")
+        self.runc("exec", "web", "cat", "/etc/resolv.conf")
+        out = self.runc("exec", "web", "nslookup", "database")
+        if "Address:" not in out.split("Name:", 1)[-1]:
+            raise Failed("web's DNS lookup of `database` got no address")
+        out = self.runc("exec", "web", "nslookup", "-type=srv", "_database._tcp")
+        if "0 0 5432 database" not in out:
+            raise Failed("web's SRV lookup of _database._tcp did not list port 5432")
+        self.say("each container gets the answers of its own links; TTL 0, so a retarget shows at once")
 
     def cleanup(self) -> list[str]:
         """Remove everything; returns what could not be removed."""

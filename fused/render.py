@@ -8,8 +8,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
-from .graph import Topology, View, views
+from .graph import Resolved, Topology, View, views
 
 FILES = ("hosts", "ports", "env", "resolv.conf")
 
@@ -77,9 +78,11 @@ def fileset(v: View | None, resolv_bytes: bytes) -> FileSet:
     return FileSet(hosts(v), ports(v), env(v), resolv_bytes)
 
 
-def render_all(topo: Topology, gateway: str, dns_enabled: bool) -> tuple[dict[str, FileSet], FileSet]:
+def render_all(
+    topo: Topology, gateway: str, dns_enabled: bool, search: tuple[str, ...] = ()
+) -> tuple[dict[str, FileSet], FileSet]:
     """Files of every registered name, and those of any other valid name."""
-    r = resolv(gateway, dns_enabled)
+    r = resolv(gateway, dns_enabled, search)
     return {name: fileset(v, r) for name, v in views(topo).items()}, fileset(None, r)
 
 
@@ -104,3 +107,25 @@ def changed_files(old: Snapshot, new: Snapshot, names) -> list[tuple[str, str]]:
             if a.get(f) != b.get(f):
                 out.append((name, f))
     return out
+
+
+class DnsData(NamedTuple):
+    """What the DNS responder answers from: immutable, replaced whole."""
+
+    names: dict[str, str]  # every registered container with an address -> address
+    links: dict[str, dict[str, Resolved]]  # a container's address -> its links by alias
+    ptr: dict[str, str]  # container address -> name; facade address -> alias
+
+
+def dns_data(topo: Topology) -> DnsData:
+    names, links, ptr = {}, {}, {}
+    for v in views(topo).values():
+        if not v.ip:
+            continue
+        names[v.name] = v.ip
+        ptr[v.ip] = v.name
+        links[v.ip] = {link.alias: link for link in v.links if link.address}
+    for by_alias in links.values():
+        for link in by_alias.values():
+            ptr.setdefault(link.address, link.alias)
+    return DnsData(names, links, ptr)

@@ -71,9 +71,11 @@ class Service:
         firewall: Firewall,
         worker: Worker,
         publish=lambda snapshot: None,
+        publish_dns=lambda data: None,
     ) -> None:
         self.cfg = cfg
         self.publish = publish
+        self.publish_dns = publish_dns
         self.store = store
         self.wiring = wiring
         self.firewall = firewall
@@ -135,8 +137,13 @@ class Service:
     def _publish(self, topo: Topology | None = None) -> None:
         """Render every served file from the store's current state and hand the
         snapshot to the filesystem (which invalidates what changed)."""
-        files, default = render.render_all(topo or self.topology(), str(self.cfg.network.gateway), self.cfg.dns.enabled)
+        topo = topo or self.topology()
+        files, default = render.render_all(topo, *self._render_args())
         self.publish(render.Snapshot(files, default, time.time_ns()))
+        self.publish_dns(render.dns_data(topo))
+
+    def _render_args(self) -> tuple:
+        return str(self.cfg.network.gateway), self.cfg.dns.enabled, tuple(self.cfg.dns.search)
 
     async def start(self) -> None:
         """Bridge, forwarding, base chains, then reconcile with the store."""
@@ -385,7 +392,7 @@ class Service:
             out["veth"] = veth_name(self.cfg.network.bridge, row.name)
             topo = self.topology()
             out["links_in"] = [f"{e.consumer}:{e.alias}" for e in topo.edges if e.target == row.name]
-            files, _ = render.render_all(topo, str(self.cfg.network.gateway), self.cfg.dns.enabled)
+            files, _ = render.render_all(topo, *self._render_args())
             fs = files[row.name]
             out["files"] = {f: fs.get(f).decode() for f in render.FILES}
             return out

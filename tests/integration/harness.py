@@ -79,7 +79,13 @@ class Daemon:
     """An isolated tether-fused with its own runc root."""
 
     def __init__(
-        self, rootfs: Path, prefix: int = 24, extra: str = "", strategy: str = "direct", ports: int = 100
+        self,
+        rootfs: Path,
+        prefix: int = 24,
+        extra: str = "",
+        strategy: str = "direct",
+        ports: int = 100,
+        upstreams: list[str] = (),
     ) -> None:
         tag = "%06x" % random.randrange(1 << 24)
         self.tag = tag
@@ -109,7 +115,7 @@ strategy = "{strategy}"
 chain_prefix = "{self.chain_prefix}"
 
 [dns]
-upstreams = []
+upstreams = {json.dumps(list(upstreams))}
 {extra}
 """
         )
@@ -299,3 +305,32 @@ def iptables_dump(prefix: str) -> str:
         for line in sh("iptables-legacy", "-t", table, "-S").stdout.splitlines()
         if prefix in line
     )
+
+
+def in_netns(pid: int, fn, *args):
+    """Run fn(*args) on a thread that entered the network namespace of `pid`
+    (so its packets come from that container's address); return its result."""
+    import ctypes
+    import threading
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    box: dict = {}
+
+    def run():
+        fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+        try:
+            if libc.setns(fd, 0x40000000) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+        finally:
+            os.close(fd)
+        try:
+            box["r"] = fn(*args)
+        except BaseException as e:  # re-raised in the caller
+            box["e"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    if "e" in box:
+        raise box["e"]
+    return box["r"]
