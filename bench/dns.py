@@ -25,6 +25,7 @@ from pathlib import Path
 import dns.message
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
+from bench import pct  # noqa: E402
 from harness import Daemon, build_rootfs, in_netns, serve  # noqa: E402
 
 STUB = r"""
@@ -45,10 +46,6 @@ while True:
     s.sendto(r.to_wire(), addr)
 """
 
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
 
 
 def run_queries(server: tuple[str, int], wires: list[bytes], n: int) -> list[float]:

@@ -25,16 +25,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
+from bench import pct  # noqa: E402
 from harness import Daemon, build_rootfs, serve  # noqa: E402
 from hooks.protocol import request  # noqa: E402
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
 
 
 class Prober(threading.Thread):

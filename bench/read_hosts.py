@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
+from bench import pct  # noqa: E402
 from harness import Daemon, build_rootfs, sh  # noqa: E402
 
 
@@ -36,10 +37,6 @@ def per_read_us(path: str, n: int) -> list[float]:
         out.append((time.perf_counter_ns() - t0) / 100 / 1000)
     return out
 
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
 
 
 def setup_tether(d: Daemon, links: int) -> str:

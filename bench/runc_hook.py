@@ -19,12 +19,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
+from bench import pct  # noqa: E402
 from harness import Daemon, build_rootfs  # noqa: E402
 
-
-def pct(xs: list[float], p: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p * (len(xs) - 1))))]
 
 
 def timed_run(d: Daemon, cid: str, bundle: Path) -> float:
