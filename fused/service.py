@@ -150,9 +150,6 @@ class Service:
         await self.worker.run(self.wiring.ensure_bridge)
         await self.worker.run(self.firewall.setup)
         await self.reconcile()
-        async with self.lock:
-            await self.apply_firewall()
-            self._publish()
 
     def _alive(self, row: ContainerRow) -> bool:
         return bool(row.pid) and row.netns_ino is not None and netns_inode(row.pid) == row.netns_ino
@@ -160,10 +157,11 @@ class Service:
     async def reconcile(self) -> dict:
         """The store is the truth: running containers whose netns is gone become
         stopped; live ones get their veth back if it went missing; veths on our
-        bridge that belong to no running container are removed."""
+        bridge that belong to no running container are removed; the firewall
+        chains are rebuilt and the files published (at start and on SIGHUP)."""
         stopped, rewired = [], []
         async with self.lock:
-            with self.store.transaction():
+            async with self._change():  # then the firewall and the files follow
                 keep = set()
                 for row in self.store.containers():
                     if not row.running:
