@@ -2,8 +2,13 @@
 SHELL := /bin/bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
+# podman: for tests/integration/test_podman.py. It depends on "crun | runc":
+# alone, apt picks crun (which fails on this machine kind's hybrid cgroups);
+# with runc in the same install (or already installed) it keeps runc. The
+# tests give podman their own containers.conf (CONTAINERS_CONF): nothing
+# global is configured here.
 APT_PACKAGES := runc busybox-static fuse3 iptables conntrack iproute2 \
-                python3 python3-venv python3-dev gcc
+                python3 python3-venv python3-dev gcc podman
 PYTHON ?= python3
 
 .PHONY: test demo deps venv unit clean

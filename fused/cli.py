@@ -114,6 +114,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--link", action="append", default=[], metavar="T[:A]", help="link to target T as alias A")
     sp.add_argument("--expose", action="append", default=[], metavar="P[/proto]", help="a port it listens on")
     sp.add_argument("--publish", action="append", default=[], metavar="[H:]P[/proto]", help="publish a port on the host")
+    sp = oci_sub.add_parser("hooks-dir", parents=[common], help="write podman's hooks.d files (oci-hooks(5)) into DIR")
+    sp.add_argument("dir", metavar="DIR", help="e.g. /etc/containers/oci/hooks.d (podman's default for root)")
     sp = sub.add_parser("move", parents=[common], help="failover: links and published ports of OLD go to NEW")
     sp.add_argument("old")
     sp.add_argument("new")
@@ -131,6 +133,13 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("consumer")
     sp.add_argument("alias")
     sp.add_argument("target", metavar="NEWTARGET")
+    sub.add_parser(
+        "doctor",
+        parents=[common],
+        help="check what tether needs (kernel, FUSE, firewall, bridge, daemon, store, mount), one line each with the fix",
+        description="Read-only checks, one line each: ok, warn (usable, worth knowing) or FAIL with the fix. "
+        "Exit status 0 iff nothing failed.",
+    )
     sub.add_parser(
         "demo",
         help="a guided run with real runc containers on an isolated setup (root)",
@@ -189,8 +198,23 @@ def run(argv: list[str]) -> int:
         from . import demo
 
         return demo.main([])
+    if a.cmd == "doctor":  # checks the daemon among the rest: no request first; reports a bad config itself
+        from . import doctor
+
+        return doctor.main(getattr(a, "config", None), as_json)
     try:
         cfg = config_mod.load(getattr(a, "config", None))
+        if a.cmd == "oci" and a.oci_cmd == "hooks-dir":
+            from . import podman
+
+            try:
+                written = podman.write_hooks_dir(Path(a.dir), _hook_path(), cfg.source)
+            except OSError as e:
+                raise CliError(f"cannot write hooks into {a.dir}: {e.strerror or e}") from None
+            files = [{"path": str(p), "changed": changed} for p, changed in written]
+            print(json.dumps({"files": files}, indent=2) if as_json else "\n".join(
+                f"{'wrote' if f['changed'] else 'unchanged'} {f['path']}" for f in files))
+            return 0
         if a.cmd == "oci":
             model.check_label(a.name)
             links = model.parse_links(",".join(a.link), "--link")

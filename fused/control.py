@@ -59,7 +59,8 @@ def _reply(ok: bool, payload) -> bytes:
 
 
 async def handle(stream: trio.SocketStream, dispatch) -> None:
-    from .service import ServiceError  # local: service imports heavy modules
+    from .net.wiring import WiringError  # local: these import heavy modules
+    from .service import ServiceError
 
     async with stream:
         if peer_uid(stream.socket) != 0:
@@ -86,7 +87,7 @@ async def handle(stream: trio.SocketStream, dispatch) -> None:
                     raise InputError("request 'args' must be a JSON object")
                 result = await dispatch(req["op"], args)
                 out = _reply(True, result)
-            except (InputError, ServiceError) as e:
+            except (InputError, ServiceError, WiringError) as e:
                 out = _reply(False, str(e))
             except trio.BrokenResourceError:
                 return

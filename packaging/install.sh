@@ -12,4 +12,6 @@ install -d -m 0755 /etc/tether
 install -m 0644 "$src/packaging/tether-fused.service" /etc/systemd/system/tether-fused.service
 install -m 0644 "$src/packaging/tether.tmpfiles.conf" /etc/tmpfiles.d/tether.conf
 for b in tether tether-fused tether-hook; do ln -sf "$prefix/venv/bin/$b" /usr/local/bin/$b; done
+# podman: hooks.d files with this installation's absolute paths (read on every start)
+"$prefix/venv/bin/tether" --config /etc/tether/tether.toml oci hooks-dir /etc/containers/oci/hooks.d
 echo "installed in $prefix; start with: systemctl daemon-reload && systemctl enable --now tether-fused"

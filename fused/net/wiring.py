@@ -178,9 +178,17 @@ class Wiring:
             if not found:
                 raise WiringError(f"veth peer vanished in the netns of pid {ep.pid}")
             idx = found[0]
-            if inner.link_lookup(ifname="eth0"):
+            others = sorted(
+                name
+                for ln in inner.get_links()
+                if (name := ln.get_attr("IFLA_IFNAME")) not in ("lo", peer)
+            )
+            routes = [r for r in inner.get_routes(family=2, table=254) if not r.get_attr("RTA_DST")]
+            if others or routes:
+                what = ", ".join(others) or "a default route"
                 raise WiringError(
-                    f"the container (pid {ep.pid}) already has an eth0: give it its own network namespace"
+                    f"the container's network namespace already has a network ({what}): tether needs one "
+                    "with only lo; podman: --network none"
                 )
             inner.link("set", index=idx, ifname="eth0", address=ep.mac)
             inner.addr("add", index=idx, address=ep.ip, prefixlen=ep.prefixlen)

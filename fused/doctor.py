@@ -1,0 +1,588 @@
+"""tether doctor: check what tether needs, one line per check, with the fix.
+
+    ok    bridge        tether0 is up with 10.213.0.1/16
+    FAIL  daemon        no socket at /run/tether/fused.sock: start it with ...
+
+Every check is read-only and bounded: subprocesses and the control socket get
+a 2 s timeout, and each check runs on a thread of its own that the doctor
+stops waiting for after CHECK_TIMEOUT. Anything that touches the FUSE mount
+(which a dead or stuck daemon can make hang) runs in a child process that a
+timeout kills. The kernel features are tried in a throwaway network namespace
+(`unshare -n`), which leaves nothing behind.
+
+A check is "ok", "warn" (usable, but worth knowing) or "fail". The exit
+status is 0 iff no check failed.
+"""
+from __future__ import annotations
+
+import errno
+import gzip
+import ipaddress
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import threading
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import config as config_mod
+
+OK, WARN, FAIL = "ok", "warn", "fail"
+LABELS = {OK: "ok", WARN: "warn", FAIL: "FAIL"}
+NAME_WIDTH = 14
+CMD_TIMEOUT = 2.0  # s, per subprocess and per socket request
+CHECK_TIMEOUT = 5.0  # s, per check
+PROBE_NAME = "doctor-probe"  # a valid name: its directory exists whether registered or not
+START = "start it with `systemctl start tether-fused` or `tether-fused --config FILE`"
+PASSTHROUGH_MIN = (6, 9)
+
+
+@dataclass(frozen=True)
+class Result:
+    name: str
+    status: str  # OK | WARN | FAIL
+    detail: str
+    fix: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Usable: a warning is."""
+        return self.status != FAIL
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "ok": self.ok, "status": self.status, "detail": self.detail, "fix": self.fix}
+
+
+# --- output ------------------------------------------------------------------
+def line(r: Result) -> str:
+    text = f"{LABELS[r.status]:<6}{r.name:<{NAME_WIDTH}}{r.detail}"
+    return f"{text}: {r.fix}" if r.fix and r.status != OK else text
+
+
+def summary(results: list[Result]) -> str:
+    n = {s: sum(r.status == s for r in results) for s in (OK, WARN, FAIL)}
+    counts = f"{len(results)} checks: {n[OK]} ok, {n[WARN]} warn, {n[FAIL]} failed"
+    if n[FAIL]:
+        return f"{counts}: tether is not usable until the FAIL lines are fixed"
+    return f"{counts}: tether is usable" + (" (see the warn lines)" if n[WARN] else "")
+
+
+def render(results: list[Result], as_json: bool) -> str:
+    if as_json:
+        return json.dumps([r.as_dict() for r in results], indent=2)
+    return "\n".join([line(r) for r in results] + [summary(results)])
+
+
+def exit_code(results: list[Result]) -> int:
+    return 0 if all(r.ok for r in results) else 1
+
+
+# --- helpers -------------------------------------------------------------------
+@dataclass
+class Ran:
+    rc: int | None  # None: not found or timed out (see err)
+    out: str
+    err: str
+
+
+def run_cmd(cmd: list[str], timeout: float = CMD_TIMEOUT) -> Ran:
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        return Ran(None, "", f"{cmd[0]}: command not found")
+    except subprocess.TimeoutExpired:
+        return Ran(None, "", f"`{' '.join(cmd)}` did not finish within {timeout:g} s")
+    except OSError as e:
+        return Ran(None, "", f"{cmd[0]}: {e.strerror or e}")
+    return Ran(p.returncode, p.stdout, p.stderr)
+
+
+def first_line(text: str) -> str:
+    return next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+
+
+def guarded(name: str, fn: Callable[[], Result], timeout: float = CHECK_TIMEOUT) -> Result:
+    """fn() on a thread of its own; a check that hangs or crashes is a FAIL line."""
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["r"] = fn()
+        except Exception as e:  # noqa: BLE001 - reported as a line
+            box["e"] = e
+
+    t = threading.Thread(target=target, name=f"doctor-{name}", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        return Result(name, FAIL, f"the check did not finish within {timeout:g} s", "something it reads hangs: see the other lines")
+    if "e" in box:
+        e = box["e"]
+        return Result(name, FAIL, f"the check crashed: {type(e).__name__}: {e}", "a tether bug: report this line")
+    return box["r"]
+
+
+def unescape_mountinfo(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts_at(mountinfo: str, path: str) -> list[tuple[str, str]]:
+    """(fstype, source) of every mount at `path`, bottom first (the last one is
+    what the path shows)."""
+    out = []
+    for ln in mountinfo.splitlines():
+        left, sep, right = ln.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5:
+            continue
+        if unescape_mountinfo(fields[4]) == path:
+            r = right.split()
+            out.append((r[0] if r else "?", r[1] if len(r) > 1 else "?"))
+    return out
+
+
+def iptables_backend(version_output: str) -> str | None:
+    """'nf_tables', 'legacy' or None from `iptables -V`."""
+    m = re.search(r"\((nf_tables|legacy)\)", version_output)
+    return m.group(1) if m else None
+
+
+def listeners(ss_output: str, port: int) -> list[tuple[str, str, str]]:
+    """(proto, address, process) of every listening socket on `port` in
+    `ss -Hlnptu` output."""
+    out = []
+    for ln in ss_output.splitlines():
+        f = ln.split()
+        if len(f) < 5:
+            continue
+        addr, _, p = f[4].rpartition(":")
+        if p != str(port):
+            continue
+        addr = addr.split("%")[0].strip("[]")
+        proc = ""
+        m = re.search(r'users:\(\("([^"]+)"', ln)
+        if m:
+            proc = m.group(1)
+        out.append((f[0], addr, proc))
+    return out
+
+
+def kernel_version(release: str) -> tuple[int, int] | None:
+    m = re.match(r"(\d+)\.(\d+)", release)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+def kernel_config(release: str) -> str | None:
+    """The running kernel's config text, if readable."""
+    try:
+        with gzip.open("/proc/config.gz", "rt") as f:
+            return f.read()
+    except OSError:
+        pass
+    try:
+        return Path(f"/boot/config-{release}").read_text()
+    except OSError:
+        return None
+
+
+def config_option(text: str, option: str) -> str | None:
+    """'y', 'm', ... or 'n' (is not set), None: not mentioned."""
+    for ln in text.splitlines():
+        if ln.startswith(option + "="):
+            return ln.split("=", 1)[1].strip()
+        if ln.strip() == f"# {option} is not set":
+            return "n"
+    return None
+
+
+# --- the checks ------------------------------------------------------------------
+class Doctor:
+    def __init__(self, cfg: config_mod.Config) -> None:
+        self.cfg = cfg
+        self.uses_iptc = cfg.firewall.driver == "iptables"
+
+    def checks(self) -> list[tuple[str, Callable[[], Result]]]:
+        return [
+            ("user", self.user),
+            ("kernel-fuse", self.kernel_fuse),
+            ("dev-fuse", self.dev_fuse),
+            ("fusermount3", self.fusermount3),
+            ("passthrough", self.passthrough),
+            ("kernel-veth", self.kernel_veth),
+            ("kernel-bridge", self.kernel_bridge),
+            ("kernel-nat", self.kernel_nat),
+            ("iptables", self.iptables),
+            ("forwarding", self.forwarding),
+            ("bridge", self.bridge),
+            ("daemon", self.daemon),
+            ("store", self.store),
+            ("mount", self.mount),
+            ("firewall", self.firewall),
+            ("dns", self.dns),
+        ]
+
+    def run(self) -> list[Result]:
+        return [guarded(name, fn) for name, fn in self.checks()]
+
+    # kernel and host ------------------------------------------------------------
+    def user(self) -> Result:
+        uid = os.geteuid()
+        if uid == 0:
+            return Result("user", OK, "root")
+        return Result(
+            "user", FAIL, f"uid {uid}: tether's socket, store, FUSE and firewall checks need root", "run `sudo tether doctor`"
+        )
+
+    def kernel_fuse(self) -> Result:
+        try:
+            fss = Path("/proc/filesystems").read_text().split()
+        except OSError as e:
+            return Result("kernel-fuse", FAIL, f"cannot read /proc/filesystems: {e.strerror}", "mount /proc")
+        if "fuse" in fss:
+            return Result("kernel-fuse", OK, "fuse is in /proc/filesystems")
+        return Result(
+            "kernel-fuse", FAIL, "the kernel has no fuse filesystem", "`modprobe fuse` (a kernel with CONFIG_FUSE_FS)"
+        )
+
+    def dev_fuse(self) -> Result:
+        path = "/dev/fuse"
+        fix = "`mknod -m 0666 /dev/fuse c 10 229` (in a container: give it the device, e.g. --device /dev/fuse)"
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return Result("dev-fuse", FAIL, f"no {path}", fix)
+        if not stat.S_ISCHR(st.st_mode):
+            return Result("dev-fuse", FAIL, f"{path} is not a character device", fix)
+        try:
+            os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))  # no mount: nothing happens
+        except OSError as e:
+            return Result("dev-fuse", FAIL, f"cannot open {path}: {e.strerror}", "run as root; in a container, allow the device (cgroup)")
+        return Result("dev-fuse", OK, f"{path} is a character device ({os.major(st.st_rdev)}:{os.minor(st.st_rdev)}) and opens")
+
+    def fusermount3(self) -> Result:
+        found = shutil.which("fusermount3")
+        if found:
+            return Result("fusermount3", OK, f"{found} (not needed: tether mounts with mount(2) as root)")
+        return Result(
+            "fusermount3",
+            WARN,
+            "not on PATH; tether does not need it (it mounts with mount(2) as root)",
+            "optional: `apt-get install fuse3`, for `fusermount3 -u` by hand",
+        )
+
+    def passthrough(self) -> Result:
+        release = os.uname().release
+        ver = kernel_version(release)
+        fallback = "served files are read through the daemon instead (direct I/O): correct, slower"
+        if ver is not None and ver < PASSTHROUGH_MIN:
+            return Result(
+                "passthrough", WARN, f"Linux {release}: FUSE passthrough needs 6.9+; {fallback}", "a kernel 6.9+ with CONFIG_FUSE_PASSTHROUGH=y"
+            )
+        text = kernel_config(release)
+        opt = config_option(text, "CONFIG_FUSE_PASSTHROUGH") if text is not None else None
+        if opt == "y":
+            return Result("passthrough", OK, f"Linux {release} with CONFIG_FUSE_PASSTHROUGH=y: reads go straight to memfds")
+        if opt is None:
+            return Result(
+                "passthrough",
+                WARN,
+                f"Linux {release}: cannot tell whether CONFIG_FUSE_PASSTHROUGH is set (no /proc/config.gz or /boot/config-{release}); "
+                f"without it, {fallback}",
+                "tether-fused's log says `passthrough on` or `off` at start",
+            )
+        return Result(
+            "passthrough", WARN, f"Linux {release} without CONFIG_FUSE_PASSTHROUGH: {fallback}", "a kernel with CONFIG_FUSE_PASSTHROUGH=y"
+        )
+
+    def _in_netns(self, name: str, script: str, what: str, fix: str) -> Result:
+        # a new, empty network namespace: whatever the script creates dies with it
+        cmd = ["unshare", "-n"] if os.geteuid() == 0 else ["unshare", "-rn"]
+        r = run_cmd(cmd + ["sh", "-c", script])
+        if r.rc == 0:
+            return Result(name, OK, f"created a {what} in a throwaway network namespace")
+        why = first_line(r.err) or f"exit status {r.rc}"
+        if r.rc is None and "unshare" in r.err:
+            return Result(name, FAIL, f"cannot try a {what}: {why}", "install util-linux (unshare)")
+        return Result(name, FAIL, f"cannot create a {what} ({why})", fix)
+
+    def kernel_veth(self) -> Result:
+        return self._in_netns(
+            "kernel-veth", "ip link add name dva type veth peer name dvb", "veth pair", "`modprobe veth` (CONFIG_VETH); install iproute2"
+        )
+
+    def kernel_bridge(self) -> Result:
+        return self._in_netns(
+            "kernel-bridge", "ip link add name dbr type bridge", "bridge", "`modprobe bridge` (CONFIG_BRIDGE); install iproute2"
+        )
+
+    def kernel_nat(self) -> Result:
+        if not self.uses_iptc:
+            return Result("kernel-nat", OK, f"not used (firewall driver {self.cfg.firewall.driver})")
+        try:
+            import iptc
+        except Exception as e:  # ImportError, or the library's own load errors
+            return Result("kernel-nat", FAIL, f"python-iptables does not load: {e}", "reinstall tether (pip install python-iptables; apt-get install iptables)")
+        try:
+            # never autocommit: a cached autocommit Table commits its old handle on refresh
+            t = iptc.Table(iptc.Table.NAT, autocommit=False)
+            t.refresh()
+            n = len(t.chains)
+            t.close()
+        except iptc.IPTCError as e:
+            return Result("kernel-nat", FAIL, f"cannot open the legacy nat table: {e}", "`modprobe iptable_nat` (CONFIG_IP_NF_NAT, CONFIG_IP_NF_IPTABLES_LEGACY)")
+        return Result("kernel-nat", OK, f"python-iptables reads the legacy nat table ({n} chains)")
+
+    def iptables(self) -> Result:
+        driver = self.cfg.firewall.driver
+        if driver != "iptables":
+            return Result("iptables", OK, f"firewall driver {driver}: tether writes no iptables rules")
+        r = run_cmd(["iptables", "-V"])
+        if r.rc is None:
+            return Result(
+                "iptables",
+                WARN,
+                "no `iptables` command: tether does not need it (python-iptables writes the legacy tables through libiptc)",
+                "`apt-get install iptables` to see tether's rules (`iptables-legacy -t nat -S`)",
+            )
+        backend = iptables_backend(r.out + r.err)
+        version = first_line(r.out + r.err).split(" (")[0]
+        if backend == "legacy":
+            return Result("iptables", OK, f"host `iptables` is legacy ({version}), as are tether's rules (python-iptables)")
+        if backend == "nf_tables":
+            return Result(
+                "iptables",
+                WARN,
+                f"host `iptables` is the nf_tables backend ({version}) and tether (python-iptables) writes legacy: "
+                "`iptables -S` does not show tether's rules, though both apply to every packet",
+                "tether's rules are in the legacy tables: see them with iptables-legacy -t nat -S",
+            )
+        return Result("iptables", WARN, f"cannot tell the backend of `iptables` ({version or 'no output'})", "tether's rules are in the legacy tables: see them with iptables-legacy -t nat -S")
+
+    def forwarding(self) -> Result:
+        try:
+            fwd = Path("/proc/sys/net/ipv4/ip_forward").read_text().strip()
+        except OSError as e:
+            return Result("forwarding", FAIL, f"cannot read net.ipv4.ip_forward: {e.strerror}", "mount /proc")
+        if fwd != "1":
+            return Result(
+                "forwarding",
+                FAIL,
+                "net.ipv4.ip_forward is 0: containers reach nothing beyond the bridge, published ports do not answer",
+                "`sysctl -w net.ipv4.ip_forward=1` (tether-fused sets it at start: something reset it)",
+            )
+        if self.uses_iptc and shutil.which("iptables-nft"):
+            # nf_tables chains apply to the same packets: a DROP policy there
+            # (Docker sets one) drops what tether's legacy rules accept
+            r = run_cmd(["iptables-nft", "-t", "filter", "-S", "FORWARD"])
+            if r.rc == 0 and re.search(r"^-P FORWARD DROP", r.out, re.M):
+                br = self.cfg.network.bridge
+                return Result(
+                    "forwarding",
+                    WARN,
+                    "ip_forward is 1, but the nf_tables FORWARD chain's policy is DROP (set by Docker or a firewall): "
+                    "tether's ACCEPT rules are in the legacy tables and do not exempt its traffic there",
+                    f"accept it there too: `iptables-nft -I FORWARD -i {br} -j ACCEPT; iptables-nft -I FORWARD -o {br} -j ACCEPT` "
+                    "(or in DOCKER-USER)",
+                )
+        return Result("forwarding", OK, "net.ipv4.ip_forward is 1")
+
+    # tether's own state ---------------------------------------------------------------
+    def bridge(self) -> Result:
+        net = self.cfg.network
+        br, want = net.bridge, f"{net.gateway}/{net.network.prefixlen}"
+        start = f"restart tether-fused: it creates {br} with {want} at start"
+        r = run_cmd(["ip", "-j", "-d", "addr", "show"])
+        if r.rc != 0:
+            return Result("bridge", FAIL, f"cannot list interfaces: {first_line(r.err) or r.rc}", "install iproute2")
+        links = json.loads(r.out or "[]")
+        me = next((ln for ln in links if ln.get("ifname") == br), None)
+        if me is None:
+            return Result("bridge", FAIL, f"no interface {br}", start)
+        kind = me.get("linkinfo", {}).get("info_kind")
+        if kind != "bridge":
+            return Result("bridge", FAIL, f"{br} is a {kind or 'plain'} interface, not a bridge", f"choose another [network] bridge, or delete {br}")
+        v4 = [f"{a['local']}/{a['prefixlen']}" for a in me.get("addr_info", []) if a.get("family") == "inet"]
+        if "UP" not in me.get("flags", []):
+            return Result("bridge", FAIL, f"{br} is down", f"`ip link set {br} up`, or {start}")
+        if want not in v4:
+            return Result("bridge", FAIL, f"{br} is up but lacks the gateway address {want} (has {', '.join(v4) or 'none'})", start)
+        clash = []
+        for ln in links:
+            if ln.get("ifname") == br:
+                continue
+            for a in ln.get("addr_info", []):
+                if a.get("family") != "inet":
+                    continue
+                other = ipaddress.IPv4Interface(f"{a['local']}/{a['prefixlen']}").network
+                for label, mine in (("subnet", net.network), ("facade_subnet", net.facade_network)):
+                    if other.overlaps(mine):
+                        clash.append(f"{ln['ifname']} has {a['local']}/{a['prefixlen']} in {label} {mine}")
+        if clash:
+            return Result("bridge", WARN, f"{br} is up with {want}, but {'; '.join(clash)}", "give tether subnets no other interface uses ([network] subnet, facade_subnet)")
+        return Result("bridge", OK, f"{br} is up with {want}")
+
+    def daemon(self) -> Result:
+        from hooks.protocol import DaemonError, Unreachable, request
+
+        sock = self.cfg.socket_path
+        try:
+            st = os.stat(sock)
+        except FileNotFoundError:
+            return Result("daemon", FAIL, f"no socket at {sock}", START)
+        except OSError as e:
+            return Result("daemon", FAIL, f"cannot stat {sock}: {e.strerror}", "run as root")
+        if not stat.S_ISSOCK(st.st_mode):
+            return Result("daemon", FAIL, f"{sock} is not a socket", f"remove it, then {START}")
+        try:
+            items = request(str(sock), "ps", timeout=CMD_TIMEOUT)
+        except Unreachable as e:
+            detail = str(e).removesuffix(f": {START}")
+            return Result("daemon", FAIL, detail, f"restart it (`systemctl restart tether-fused`); its log says why (`journalctl -u tether-fused`)")
+        except DaemonError as e:
+            return Result("daemon", FAIL, f"answered `ps` with an error: {e}", "check its log (`journalctl -u tether-fused`)")
+        running = sum(1 for c in items if c.get("state") == "running")
+        return Result("daemon", OK, f"answers on {sock}: {len(items)} container(s), {running} running")
+
+    def store(self) -> Result:
+        import sqlite3
+
+        from .store.sqlite import SCHEMA_VERSION
+
+        path = self.cfg.db_path
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return Result("store", FAIL, f"no store at {path}", f"tether-fused creates it at start: {START}")
+        except OSError as e:
+            return Result("store", FAIL, f"cannot stat {path}: {e.strerror}", "run as root")
+        try:
+            db = sqlite3.connect(f"file:{urllib.parse.quote(str(path))}?mode=ro", uri=True, timeout=CMD_TIMEOUT)
+            try:
+                v = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                n = db.execute("SELECT count(*) FROM containers").fetchone()[0]
+            finally:
+                db.close()
+        except sqlite3.Error as e:
+            return Result("store", FAIL, f"{path} is not a readable tether store: {e}", f"restore it from a backup, or move it away and {START} (all leases are lost)")
+        if v is None:
+            return Result("store", FAIL, f"{path} has no schema version", "move it away and restart tether-fused (all leases are lost)")
+        if int(v[0]) > SCHEMA_VERSION:
+            return Result("store", FAIL, f"{path} has schema version {v[0]}, newer than this tether ({SCHEMA_VERSION})", "upgrade tether")
+        mode = stat.S_IMODE(st.st_mode)
+        detail = f"{path}: schema {v[0]}, {n} container(s)"
+        if mode != 0o600 or st.st_uid != 0:
+            return Result("store", WARN, f"{detail}, but mode {mode:04o} owner uid {st.st_uid} (want 0600, root)", f"`chown root {path} && chmod 600 {path}`")
+        return Result("store", OK, f"{detail}, mode 0600")
+
+    def mount(self) -> Result:
+        fs = os.path.join(os.path.realpath(self.cfg.run_dir), "fs")  # realpath of run_dir only: never stat inside the mount
+        try:
+            info = Path("/proc/self/mountinfo").read_text()
+        except OSError as e:
+            return Result("mount", FAIL, f"cannot read /proc/self/mountinfo: {e.strerror}", "mount /proc")
+        found = mounts_at(info, fs)
+        if not found:
+            return Result("mount", FAIL, f"nothing is mounted at {fs}", f"tether-fused mounts the served files there: {START}")
+        fstype, _src = found[-1]
+        if fstype != "fuse.tether":
+            return Result("mount", FAIL, f"{fs} is a {fstype} mount, not tether's fuse.tether", f"`umount {fs}`, then restart tether-fused")
+        probe = os.path.join(fs, PROBE_NAME, "hosts")
+        # a child process: reading a stuck FUSE mount can block, and only a process can be killed
+        code = (
+            "import sys\n"
+            "try:\n"
+            "    d = open(sys.argv[1], 'rb').read(1 << 20)\n"
+            "except OSError as e:\n"
+            "    print(e.errno, e.strerror); sys.exit(3)\n"
+            "sys.stdout.write(d.decode('ascii', 'replace'))\n"
+        )
+        r = run_cmd([sys.executable, "-I", "-S", "-c", code, probe])
+        if r.rc is None:
+            return Result("mount", FAIL, f"reading {probe} did not finish within {CMD_TIMEOUT:g} s: the daemon's FUSE server is stuck",
+                          "restart tether-fused (`systemctl restart tether-fused`); its log says why")
+        if r.rc == 3:
+            errno_s, _, why = r.out.strip().partition(" ")
+            if errno_s == str(errno.ENOTCONN):
+                return Result(
+                    "mount",
+                    FAIL,
+                    f"stale mount at {fs}: the daemon that served it is gone ({why})",
+                    f"start tether-fused again (it detaches the stale mount first), or `umount -l {fs}`; "
+                    "containers started before keep the dead files until they restart",
+                )
+            return Result("mount", FAIL, f"reading {probe} fails: {why}", "restart tether-fused; its log says why")
+        if r.rc != 0:
+            return Result("mount", FAIL, f"cannot run the probe: {first_line(r.err) or r.rc}", "a tether bug: report this line")
+        if "localhost" not in r.out:
+            return Result("mount", WARN, f"fuse.tether at {fs}, but {probe} has no localhost line (not published yet?)", "run doctor again; if it stays, restart tether-fused")
+        return Result("mount", OK, f"fuse.tether at {fs} serves files ({PROBE_NAME}/hosts: {len(r.out)} bytes)")
+
+    def firewall(self) -> Result:
+        from .net.firewall.base import HOOKS
+
+        fw = self.cfg.firewall
+        if fw.driver != "iptables":
+            return Result("firewall", OK, f"driver {fw.driver}: tether writes no rules; forwarding and NAT are yours")
+        try:
+            import iptc
+        except Exception as e:
+            return Result("firewall", FAIL, f"python-iptables does not load: {e}", "reinstall tether")
+        missing, nojump, rules = [], [], 0
+        tables: dict[str, iptc.Table] = {}
+        try:
+            for tname, hook in HOOKS:
+                t = tables.get(tname)
+                if t is None:
+                    t = tables[tname] = iptc.Table(tname, autocommit=False)
+                    t.refresh()
+                name = f"{fw.chain_prefix}-{hook}"
+                if not t.is_chain(name):
+                    missing.append(f"{tname} {name}")
+                    continue
+                rules += len(iptc.Chain(t, name).rules)
+                if not any(r.target.name == name for r in iptc.Chain(t, hook).rules):
+                    nojump.append(f"{tname} {hook} -> {name}")
+        except iptc.IPTCError as e:
+            return Result("firewall", FAIL, f"cannot read the legacy tables: {e}", "see the kernel-nat line")
+        finally:
+            for t in tables.values():
+                t.close()
+        fix = "restart tether-fused: it creates its chains and the jumps into them at start (see them with `iptables-legacy -t nat -S`)"
+        if missing:
+            return Result("firewall", FAIL, f"chains missing: {', '.join(missing)}", fix)
+        if nojump:
+            return Result("firewall", FAIL, f"jumps missing (another tool flushed them?): {', '.join(nojump)}", fix)
+        return Result("firewall", OK, f"{len(HOOKS)} {fw.chain_prefix}-* chains with their jumps, {rules} rules (legacy tables)")
+
+    def dns(self) -> Result:
+        d, gw = self.cfg.dns, str(self.cfg.network.gateway)
+        if not d.enabled:
+            return Result("dns", OK, "disabled in the config ([dns] enabled = false)")
+        r = run_cmd(["ss", "-Hlnptu"])
+        if r.rc != 0:
+            return Result("dns", WARN, f"cannot list sockets: {first_line(r.err) or r.rc}", "install iproute2 (ss)")
+        protos = sorted({proto for proto, addr, _ in listeners(r.out, 53) if addr in (gw, "0.0.0.0", "*")})
+        procs = sorted({p for _, addr, p in listeners(r.out, 53) if addr in (gw, "0.0.0.0", "*") and p})
+        if "udp" not in protos:
+            return Result("dns", FAIL, f"nothing listens on {gw}:53/udp: containers' resolv.conf points there", f"{START}; its log says why the responder did not start")
+        who = f" ({', '.join(procs)})" if procs else ""
+        return Result("dns", OK, f"listening on {gw}:53 {'+'.join(protos)}{who}")
+
+
+def main(config: str | None, as_json: bool) -> int:
+    try:
+        cfg = config_mod.load(config)
+    except config_mod.ConfigError as e:
+        results = [Result("config", FAIL, str(e), "correct it, or pass another with --config; the other checks need a usable config")]
+    else:
+        where = str(cfg.source) if cfg.source else f"built-in defaults (no {config_mod.DEFAULT_PATH})"
+        results = [Result("config", OK, where)] + Doctor(cfg).run()
+    print(render(results, as_json))
+    sys.stdout.flush()
+    return exit_code(results)

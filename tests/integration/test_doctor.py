@@ -1,0 +1,119 @@
+"""`tether doctor` against a real daemon: up, stopped, its mount gone or stale."""
+from __future__ import annotations
+
+import json
+import signal
+
+from harness import TETHER, sh, wait_for
+
+KEYS = {"name", "ok", "status", "detail", "fix"}
+NAMES = {
+    "config", "user", "kernel-fuse", "dev-fuse", "fusermount3", "passthrough", "kernel-veth",
+    "kernel-bridge", "kernel-nat", "iptables", "forwarding", "bridge", "daemon", "store", "mount",
+    "firewall", "dns",
+}  # fmt: skip
+
+
+def doctor(d, *extra: str):
+    p = sh(TETHER, "--config", str(d.config), *extra, "doctor", check=False, timeout=30)
+    return p
+
+
+def lines_of(p) -> dict[str, str]:
+    """name -> its line (status, name, detail[: fix]); the summary is left out."""
+    body = p.stdout.splitlines()[:-1]
+    return {ln[6:20].strip(): ln for ln in body}
+
+
+def test_all_usable_with_the_daemon_up(daemon):
+    daemon.start_container("db")
+    p = doctor(daemon)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = lines_of(p)
+    assert set(lines) == NAMES
+    for ln in lines.values():
+        assert ln.startswith(("ok    ", "warn  ")), ln
+    assert f"{daemon.bridge} is up with {daemon.gateway}/" in lines["bridge"]
+    assert lines["daemon"].startswith("ok") and "1 running" in lines["daemon"]
+    assert lines["mount"].startswith("ok") and "fuse.tether" in lines["mount"]
+    assert lines["firewall"].startswith("ok") and f"{daemon.chain_prefix}-*" in lines["firewall"]
+    assert p.stdout.splitlines()[-1].startswith(f"{len(NAMES)} checks: ")
+    assert "0 failed: tether is usable" in p.stdout.splitlines()[-1]
+
+    pj = doctor(daemon, "--json")
+    assert pj.returncode == 0
+    items = json.loads(pj.stdout)
+    assert {i["name"] for i in items} == NAMES
+    for i in items:
+        assert set(i) == KEYS
+        assert i["ok"] is True and i["status"] in ("ok", "warn")
+        assert isinstance(i["detail"], str) and i["detail"]
+        if i["status"] == "warn":
+            assert i["fix"]
+
+
+def test_the_host_iptables_backend_versus_tethers(daemon):
+    backend = sh("iptables", "-V").stdout
+    line = lines_of(doctor(daemon))["iptables"]
+    if "nf_tables" in backend:
+        assert line.startswith("warn") and "iptables-legacy -t nat -S" in line
+    else:
+        assert line.startswith("ok") and "legacy" in line
+
+
+def test_daemon_stopped_fails_on_the_socket_with_the_fix(daemon):
+    daemon.stop()
+    try:
+        p = doctor(daemon)
+        assert p.returncode == 1, p.stdout
+        lines = lines_of(p)
+        assert lines["daemon"] == (
+            f"FAIL  daemon        no socket at {daemon.sock}: "
+            "start it with `systemctl start tether-fused` or `tether-fused --config FILE`"
+        )
+        # stopping unmounts: the mount is named too
+        assert lines["mount"].startswith("FAIL") and f"nothing is mounted at {daemon.run_dir / 'fs'}" in lines["mount"]
+        # the store is still there and readable without the daemon
+        assert lines["store"].startswith("ok"), lines["store"]
+        items = json.loads(doctor(daemon, "--json").stdout)
+        bad = {i["name"] for i in items if not i["ok"]}
+        assert {"daemon", "mount"} <= bad and "store" not in bad
+        assert next(i for i in items if i["name"] == "daemon")["fix"].startswith("start it with")
+    finally:
+        daemon.start()
+    assert doctor(daemon).returncode == 0
+
+
+def test_mount_detached_under_a_running_daemon_fails_on_the_mount(daemon):
+    fs = daemon.run_dir / "fs"
+    sh("umount", "-l", str(fs))
+    try:
+        p = doctor(daemon)
+        assert p.returncode == 1, p.stdout
+        lines = lines_of(p)
+        assert lines["mount"].startswith(f"FAIL  mount         nothing is mounted at {fs}: "), lines["mount"]
+        assert "start" in lines["mount"]
+        assert lines["daemon"].startswith("ok")  # only the mount is named
+        assert [n for n, ln in lines.items() if ln.startswith("FAIL")] == ["mount"]
+    finally:
+        daemon.stop()
+        daemon.start()
+    assert doctor(daemon).returncode == 0
+
+
+def test_stale_mount_of_a_killed_daemon_is_named_and_does_not_hang(daemon):
+    fs = daemon.run_dir / "fs"
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait(10)
+    daemon.proc = None
+    try:
+        p = doctor(daemon)
+        assert p.returncode == 1, p.stdout
+        lines = lines_of(p)
+        assert lines["mount"].startswith(f"FAIL  mount         stale mount at {fs}: "), lines["mount"]
+        assert "not connected" in lines["mount"] and "start tether-fused again" in lines["mount"]
+        # the socket file is left behind, but nobody listens
+        assert lines["daemon"].startswith("FAIL") and "not listening" in lines["daemon"], lines["daemon"]
+    finally:
+        daemon.start()
+    wait_for(lambda: doctor(daemon).returncode == 0, timeout=10, what="doctor ok after restart")

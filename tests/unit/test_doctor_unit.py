@@ -1,0 +1,149 @@
+"""tether doctor without root: output, exit status, the guard, the parsers."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from fused import cli, doctor
+from fused.doctor import FAIL, OK, WARN, Result
+
+GOOD = [
+    Result("bridge", OK, "tether0 is up with 10.213.0.1/16"),
+    Result("iptables", WARN, "host `iptables` is nf_tables", "tether's rules are in the legacy tables: see them with iptables-legacy -t nat -S"),
+]
+BAD = GOOD + [
+    Result(
+        "daemon",
+        FAIL,
+        "no socket at /run/tether/fused.sock",
+        "start it with `systemctl start tether-fused` or `tether-fused --config FILE`",
+    )
+]
+
+
+def test_one_line_per_check_status_name_detail_and_the_fix_unless_ok():
+    lines = doctor.render(BAD, as_json=False).splitlines()
+    assert lines[0] == "ok    bridge        tether0 is up with 10.213.0.1/16"
+    assert lines[1] == (
+        "warn  iptables      host `iptables` is nf_tables: "
+        "tether's rules are in the legacy tables: see them with iptables-legacy -t nat -S"
+    )
+    assert lines[2] == (
+        "FAIL  daemon        no socket at /run/tether/fused.sock: "
+        "start it with `systemctl start tether-fused` or `tether-fused --config FILE`"
+    )
+    assert lines[3] == "3 checks: 1 ok, 1 warn, 1 failed: tether is not usable until the FAIL lines are fixed"
+    assert len(lines) == 4
+
+
+def test_an_ok_line_never_shows_a_fix():
+    assert doctor.line(Result("x", OK, "fine", "unused")) == "ok    x             fine"
+
+
+def test_exit_status_is_zero_iff_nothing_failed_and_warnings_are_usable():
+    assert doctor.exit_code(GOOD) == 0
+    assert doctor.exit_code(BAD) == 1
+    assert doctor.exit_code([Result("a", WARN, "w", "f")]) == 0
+    assert doctor.exit_code([Result("a", FAIL, "f", "x")]) == 1
+    assert doctor.summary(GOOD).endswith("tether is usable (see the warn lines)")
+    assert doctor.summary(GOOD[:1]) == "1 checks: 1 ok, 0 warn, 0 failed: tether is usable"
+
+
+def test_json_is_a_list_with_stable_keys():
+    items = json.loads(doctor.render(BAD, as_json=True))
+    assert [set(i) for i in items] == [{"name", "ok", "status", "detail", "fix"}] * 3
+    assert [(i["name"], i["ok"], i["status"]) for i in items] == [
+        ("bridge", True, "ok"),
+        ("iptables", True, "warn"),
+        ("daemon", False, "fail"),
+    ]
+    assert items[2]["fix"].startswith("start it with")
+
+
+def test_a_check_that_hangs_becomes_a_fail_line_in_time():
+    t0 = time.monotonic()
+    r = doctor.guarded("mount", lambda: time.sleep(5) or Result("mount", OK, "x"), timeout=0.2)
+    assert time.monotonic() - t0 < 1
+    assert r.status == FAIL and r.name == "mount" and "did not finish within 0.2 s" in r.detail
+
+
+def test_a_check_that_crashes_becomes_a_fail_line():
+    r = doctor.guarded("store", lambda: 1 / 0)
+    assert r.status == FAIL and "ZeroDivisionError" in r.detail and r.fix
+
+
+def test_a_subprocess_that_hangs_is_cut_off():
+    t0 = time.monotonic()
+    r = doctor.run_cmd(["sleep", "10"], timeout=0.2)
+    assert time.monotonic() - t0 < 2
+    assert r.rc is None and "did not finish" in r.err
+    assert doctor.run_cmd(["no-such-command-xyz"]).rc is None
+
+
+@pytest.fixture
+def fake_checks(monkeypatch):
+    def install(results):
+        monkeypatch.setattr(doctor.Doctor, "checks", lambda self: [(r.name, (lambda r=r: r)) for r in results])
+
+    return install
+
+
+def test_cli_doctor_exit_status_and_json(tmp_path, fake_checks, capsys):
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'run_dir = "{tmp_path}/run"\n')
+    fake_checks(GOOD)
+    assert cli.run(["--config", str(cfg), "doctor"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"ok    config        {cfg.resolve()}"
+    assert out[1].startswith("ok    bridge") and out[2].startswith("warn  iptables")
+    fake_checks(BAD)
+    assert cli.run(["--config", str(cfg), "--json", "doctor"]) == 1
+    items = json.loads(capsys.readouterr().out)
+    assert [i["name"] for i in items] == ["config", "bridge", "iptables", "daemon"]
+    # --json after the subcommand works too
+    assert cli.run(["doctor", "--config", str(cfg), "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)[-1]["status"] == "fail"
+
+
+def test_cli_doctor_reports_a_bad_config_as_a_fail_line(tmp_path, capsys):
+    cfg = tmp_path / "t.toml"
+    cfg.write_text("[network]\nbridge = 'has space'\n")
+    assert cli.run(["--config", str(cfg), "doctor"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("FAIL  config        config ") and "network.bridge" in out[0]
+    assert out[-1].startswith("1 checks: 0 ok, 0 warn, 1 failed")
+
+
+def test_mountinfo_finds_the_top_mount_with_escaped_paths():
+    info = (
+        "22 1 0:21 / /run rw,nosuid shared:5 - tmpfs tmpfs rw\n"
+        "90 22 0:50 / /run/my\\040dir/fs ro,nosuid,nodev - fuse.tether tether rw,user_id=0\n"
+        "91 90 0:51 / /run/my\\040dir/fs rw - tmpfs none rw\n"
+    )
+    assert doctor.mounts_at(info, "/run/my dir/fs") == [("fuse.tether", "tether"), ("tmpfs", "none")]
+    assert doctor.mounts_at(info, "/run/tether/fs") == []
+
+
+def test_parsers():
+    assert doctor.iptables_backend("iptables v1.8.9 (nf_tables)") == "nf_tables"
+    assert doctor.iptables_backend("iptables v1.8.9 (legacy)\n") == "legacy"
+    assert doctor.iptables_backend("iptables v1.4.21") is None
+    ss = (
+        'udp UNCONN 0 0 10.213.0.1:53 0.0.0.0:* users:(("tether-fused",pid=7,fd=9))\n'
+        'tcp LISTEN 0 128 10.213.0.1:53 0.0.0.0:* users:(("tether-fused",pid=7,fd=10))\n'
+        "tcp LISTEN 0 128 0.0.0.0:5353 0.0.0.0:*\n"
+        "udp UNCONN 0 0 [::1]%lo:53 [::]:*\n"
+    )
+    assert doctor.listeners(ss, 53) == [
+        ("udp", "10.213.0.1", "tether-fused"),
+        ("tcp", "10.213.0.1", "tether-fused"),
+        ("udp", "::1", ""),
+    ]
+    assert doctor.kernel_version("6.18.44-fc-v657") == (6, 18)
+    assert doctor.kernel_version("5.10.0-28-amd64") == (5, 10)
+    text = "CONFIG_FUSE_FS=y\n# CONFIG_FUSE_PASSTHROUGH is not set\nCONFIG_VETH=m\n"
+    assert doctor.config_option(text, "CONFIG_FUSE_PASSTHROUGH") == "n"
+    assert doctor.config_option(text, "CONFIG_VETH") == "m"
+    assert doctor.config_option(text, "CONFIG_BRIDGE") is None
