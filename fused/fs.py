@@ -398,18 +398,26 @@ class TetherFS:
         self.fd = self.mountpoint = self._thread = None
 
 
+def _is_mount_point(path: str) -> bool:
+    """From /proc/self/mountinfo, never by stat(): a hung FUSE server would
+    block a stat of its mount point forever."""
+    want = os.path.realpath(os.path.dirname(path.rstrip("/")) or "/")
+    want = os.path.join(want, os.path.basename(path.rstrip("/")))
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4].encode().decode("unicode_escape")
+            if mp == want:
+                return True
+    return False
+
+
 def detach(path) -> bool:
-    """Lazily unmount whatever is at `path` (e.g. a FUSE mount a crashed
-    daemon left, which answers ENOTCONN)."""
-    try:
-        os.stat(path)
-        if not os.path.ismount(path):
-            return False
-    except FileNotFoundError:
+    """Lazily unmount whatever is at `path` (e.g. a FUSE mount a crashed or
+    hung daemon left)."""
+    path = str(path)
+    if not _is_mount_point(path):
         return False
-    except OSError:
-        pass  # ENOTCONN: a dead FUSE mount
-    if _libc.umount2(str(path).encode(), MNT_DETACH) != 0:
+    if _libc.umount2(path.encode(), MNT_DETACH) != 0:
         log.warning("cannot unmount %s: %s", path, os.strerror(ctypes.get_errno()))
         return False
     log.info("unmounted a stale mount at %s", path)
