@@ -1,4 +1,4 @@
-# make test / make demo: each sets up what it needs on a fresh Debian 12 machine (as root).
+# make test / make demo / make bench: each sets up what it needs on a fresh Debian 12 machine (as root).
 SHELL := /bin/bash
 VENV  ?= .venv
 PY    := $(VENV)/bin/python
@@ -9,9 +9,12 @@ PY    := $(VENV)/bin/python
 # global is configured here.
 APT_PACKAGES := runc busybox-static fuse3 iptables conntrack iproute2 \
                 python3 python3-venv python3-dev gcc podman
+# the peers `make bench` measures tether against (podman's network backend,
+# the CNI reference plugins, LXCFS); only the benchmark uses them
+BENCH_PACKAGES := netavark containernetworking-plugins lxcfs
 PYTHON ?= python3
 
-.PHONY: test demo deps venv unit clean
+.PHONY: test demo deps venv unit bench bench-deps clean
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -36,6 +39,22 @@ unit: venv
 
 demo: venv
 	$(VENV)/bin/tether demo
+
+bench-deps: venv
+	@missing=""; for p in $(BENCH_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[bench]' --config-settings editable_mode=compat
+	@touch $@
+
+# one table (and bench/out/bench.png): tether against netavark, CNI, tmpfs,
+# LXCFS; about 5 minutes (BENCH_ARGS=--quick: about 3)
+bench: bench-deps $(VENV)/.bench-installed
+	$(PY) -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info

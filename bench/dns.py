@@ -14,6 +14,7 @@ benchmark must not use), so the stub is the reference.
 from __future__ import annotations
 
 import argparse
+import shutil
 import socket
 import statistics
 import subprocess
@@ -70,7 +71,8 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--queries", type=int, default=3000)
     a = ap.parse_args(argv)
-    rootfs = build_rootfs(Path(tempfile.mkdtemp(prefix="tether-bench-")) / "rootfs")
+    tmp = Path(tempfile.mkdtemp(prefix="tether-bench-"))
+    rootfs = build_rootfs(tmp / "rootfs")
     with Daemon(rootfs, strategy="facade") as d:
         d.start()
         d.start_container("db", serve("db"), "--expose", "5432")
@@ -92,6 +94,7 @@ def main(argv=None) -> None:
         finally:
             stub.kill()
             stub.wait()
+    shutil.rmtree(tmp, ignore_errors=True)
     print(f"DNS over UDP from one container, {block * 10} sequential queries each")
     print(f"{'query':6} {'server':28} {'median µs':>10} {'p90 µs':>8} {'q/s':>8}")
     for (k, who), xs in res.items():

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import os
+import shutil
 import socket
 import statistics
 import sys
@@ -107,10 +108,14 @@ def main(argv=None) -> None:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--sizes", default="1,10,100,1000")
     a = ap.parse_args(argv)
-    rootfs = build_rootfs(Path(tempfile.mkdtemp(prefix="tether-bench-")) / "rootfs")
+    tmp = Path(tempfile.mkdtemp(prefix="tether-bench-"))
+    rootfs = build_rootfs(tmp / "rootfs")
     rows = []
-    for n in (int(x) for x in a.sizes.split(",")):
-        rows.append((n, measure(rootfs, n, a.runs)))
+    try:
+        for n in (int(x) for x in a.sizes.split(",")):
+            rows.append((n, measure(rootfs, n, a.runs)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     print(f"tether move, {a.runs} moves per size (ms): median / p90")
     print(f"{'links':>6} {'api':>15} {'files':>15} {'new tcp':>15}")
     for n, r in rows:

@@ -38,36 +38,54 @@ def timed_run(d: Daemon, cid: str, bundle: Path) -> float:
     return dt * 1000
 
 
+VARIANTS = (
+    "runc, no hook",
+    "runc + `python3 -I -c pass` hook",
+    "runc + tether createRuntime",
+    "runc + tether createRuntime+poststop",
+)
+
+
+def measure(runs: int, tmp: Path | None = None, rootfs: Path | None = None) -> tuple[dict[str, list[float]], list[float]]:
+    """({variant: ms per run}, daemon ms per registration), variants interleaved."""
+    own = tmp is None
+    tmp = Path(tempfile.mkdtemp(prefix="tether-bench-")) if own else tmp
+    try:
+        rootfs = rootfs or build_rootfs(tmp / "rootfs")
+        with Daemon(rootfs) as d:
+            d.start()
+            tether = d.bundle("bench", ["true"])
+            spec0 = json.loads((tether / "config.json").read_text())
+            python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
+            hook_sets = dict(zip(VARIANTS, (
+                {},
+                {"createRuntime": [{"path": python, "args": ["python3", "-I", "-c", "pass"]}]},
+                {"createRuntime": spec0["hooks"]["createRuntime"]},
+                spec0["hooks"],
+            )))
+            variants = {}
+            for i, (k, hooks) in enumerate(hook_sets.items()):
+                b = tmp / f"runc-hook-b{i}"
+                b.mkdir()
+                (b / "config.json").write_text(json.dumps(dict(spec0, hooks=hooks)))
+                variants[k] = b
+            times: dict[str, list[float]] = {k: [] for k in variants}
+            for i in range(runs):
+                for k, b in variants.items():
+                    times[k].append(timed_run(d, f"bench{i}", b))
+            d.stop()
+            daemon_ms = [float(line.rsplit(" in ", 1)[1].split()[0]) for line in d.log.read_text().splitlines() if "registered bench" in line]
+    finally:
+        if own:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return times, daemon_ms
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=30)
     a = ap.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="tether-bench-"))
-    rootfs = build_rootfs(tmp / "rootfs")
-    with Daemon(rootfs) as d:
-        d.start()
-        tether = d.bundle("bench", ["true"])
-        spec0 = json.loads((tether / "config.json").read_text())
-        python = "/usr/bin/python3" if Path("/usr/bin/python3").exists() else sys.executable
-        hook_sets = {
-            "runc, no hook": {},
-            "runc + `python3 -I -c pass` hook": {"createRuntime": [{"path": python, "args": ["python3", "-I", "-c", "pass"]}]},
-            "runc + tether createRuntime": {"createRuntime": spec0["hooks"]["createRuntime"]},
-            "runc + tether createRuntime+poststop": spec0["hooks"],
-        }
-        variants = {}
-        for i, (k, hooks) in enumerate(hook_sets.items()):
-            b = tmp / f"b{i}"
-            b.mkdir()
-            (b / "config.json").write_text(json.dumps(dict(spec0, hooks=hooks)))
-            variants[k] = b
-        times: dict[str, list[float]] = {k: [] for k in variants}
-        for i in range(a.runs):
-            for k, b in variants.items():
-                times[k].append(timed_run(d, f"bench{i}", b))
-        d.stop()
-        daemon_ms = [float(line.rsplit(" in ", 1)[1].split()[0]) for line in d.log.read_text().splitlines() if "registered bench" in line]
-    shutil.rmtree(tmp, ignore_errors=True)
+    times, daemon_ms = measure(a.runs)
     base = statistics.median(times["runc, no hook"])
     print(f"runc run of `true`, {a.runs} runs each, interleaved (ms)")
     print(f"{'variant':40} {'median':>8} {'p90':>8} {'added':>8}")

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import functools
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
@@ -47,8 +49,7 @@ def mac_for(ip: str) -> str:
     return "02:74:" + ":".join(f"{x:02x}" for x in b)
 
 
-@dataclass(frozen=True, order=True)
-class PortSpec:
+class PortSpec(NamedTuple):
     port: int
     proto: str = "tcp"
 
@@ -112,6 +113,13 @@ def parse_links(value: str, key: str = ANN_LINKS) -> list[LinkSpec]:
 
 def parse_expose(value: str, key: str = ANN_EXPOSE) -> list[PortSpec]:
     return sorted({PortSpec(*_port_proto(item, key)) for item in _items(value)})
+
+
+@functools.lru_cache(maxsize=4096)
+def exposed(stored: tuple[str, ...]) -> tuple[PortSpec, ...]:
+    """The ports of a stored expose list (already validated), cached: the
+    topology is rebuilt on every change, for every container."""
+    return tuple(parse_expose(",".join(stored)))
 
 
 def parse_publish(value: str, key: str = ANN_PUBLISH) -> list[PublishSpec]:

@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -74,7 +75,10 @@ class FileSet:
         return {"hosts": self.hosts, "ports": self.ports, "env": self.env, "resolv.conf": self.resolv}[fname]
 
 
+@functools.lru_cache(maxsize=16384)
 def fileset(v: View | None, resolv_bytes: bytes) -> FileSet:
+    """Cached by view: a change re-renders only the containers it touches,
+    and an unchanged container keeps the very same FileSet object."""
     return FileSet(hosts(v), ports(v), env(v), resolv_bytes)
 
 
@@ -101,7 +105,7 @@ def changed_files(old: Snapshot, new: Snapshot, names) -> list[tuple[str, str]]:
     for name in names:
         a = old.files.get(name, old.default)
         b = new.files.get(name, new.default)
-        if a == b:
+        if a is b or a == b:
             continue
         for f in FILES:
             if a.get(f) != b.get(f):

@@ -95,17 +95,17 @@ class Service:
             gateway=str(self.cfg.network.gateway),
         )
 
-    def _forwards(self) -> list[rules.PortForward]:
-        rows = {r.name: r for r in self.store.containers()}
+    def _forwards(self, containers: list[ContainerRow] | None = None) -> list[rules.PortForward]:
+        rows = {r.name: r for r in (containers if containers is not None else self.store.containers())}
         return [
             rules.PortForward(hp, proto, rows[name].ip, port)
             for hp, proto, name, port in self.store.port_leases()
             if rows[name].running and rows[name].ip
         ]
 
-    async def apply_firewall(self, topo: Topology | None = None) -> int:
+    async def apply_firewall(self, topo: Topology | None = None, containers: list[ContainerRow] | None = None) -> int:
         """Make the firewall match the store; returns the commits it took."""
-        rs = rules.build(self.cfg, topo or self.topology(), self._forwards())
+        rs = rules.build(self.cfg, topo or self.topology(containers), self._forwards(containers))
         return await self.worker.run(self.firewall.apply, rs)
 
     @contextlib.asynccontextmanager
@@ -116,8 +116,9 @@ class Service:
         try:
             with self.store.transaction():
                 yield
-                topo = self.topology()
-                self.last_commits = await self.apply_firewall(topo)
+                rows = self.store.containers()
+                topo = self.topology(rows)
+                self.last_commits = await self.apply_firewall(topo, rows)
         except BaseException:
             with trio.CancelScope(shield=True):
                 try:
@@ -127,11 +128,9 @@ class Service:
             raise
         self._publish(topo)
 
-    def topology(self) -> Topology:
-        nodes = {
-            r.name: Node(r.name, r.ip, r.running, tuple(model.parse_expose(",".join(r.expose))))
-            for r in self.store.containers()
-        }
+    def topology(self, containers: list[ContainerRow] | None = None) -> Topology:
+        rows = containers if containers is not None else self.store.containers()
+        nodes = {r.name: Node(r.name, r.ip, r.running, model.exposed(tuple(r.expose))) for r in rows}
         return Topology(nodes, tuple(Edge(*row) for row in self.store.links()), self.cfg.network.strategy)
 
     def _publish(self, topo: Topology | None = None) -> None:

@@ -1,0 +1,377 @@
+"""The one benchmark command: every figure of README's Speed, against its peers.
+
+    .venv/bin/python -m bench [--quick] [--out bench/out]     (as root; `make bench`)
+
+Runs, in turn (progress on stderr):
+  net     network set-up + teardown of one container, without and with one
+          published port: tether's hooks against netavark and CNI (bench.net)
+  runc    `runc run` of `true` with tether's hooks, with no hook and with a
+          `python3 -c pass` hook (bench.runc_hook)
+  read    open+read+close of a ~500-byte served hosts file against tmpfs and
+          an LXCFS file (bench.read_hosts, bench.peers.Lxcfs)
+  move    `tether move` at 1, 10, 100 and 1000 links (bench.move)
+  scale   1000 registered containers: the daemon's RSS and hosts read latency
+          (bench.scale)
+then prints ONE table (median / p90 for tether and each peer, the ratio, the
+goal and whether it is met), writes it to OUT/table.md, the raw numbers to
+OUT/results.json and the figure to OUT/bench.png, and checks that nothing the
+benchmark made is left behind (links, namespaces, chains, mounts, processes).
+Each part interleaves tether's and the peers' runs so machine drift cancels.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
+from bench import move, net, pct, peers, read_hosts, runc_hook, scale  # noqa: E402
+from harness import build_rootfs  # noqa: E402
+
+FULL = dict(net=100, runc=50, reads=50000, move=25, containers=1000, scale_reads=20000, scale_again=True)
+QUICK = dict(net=10, runc=8, reads=4000, move=5, containers=1000, scale_reads=4000, scale_again=False)
+SIZES = (1, 10, 100, 1000)
+HOSTS_LINKS = 14  # a ~500-byte hosts file
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- what the benchmark may leave behind ------------------------------------------
+def snapshot() -> dict[str, set[str]]:
+    def out(*cmd: str) -> str:
+        return subprocess.run(cmd, capture_output=True, text=True).stdout
+
+    s: dict[str, set[str]] = {}
+    s["links"] = {line.split(":")[1].strip().split("@")[0] for line in out("ip", "-o", "link").splitlines()}
+    s["netns"] = set(out("ip", "netns", "list").split())
+    s["chains/rules"] = set()
+    for tool in peers.IPTABLES:
+        for table in ("nat", "filter", "mangle"):
+            s["chains/rules"] |= {f"{tool} -t {table} {line}" for line in out(tool, "-t", table, "-S").splitlines()}
+    s["mounts"] = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
+    procs = set()
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit() and int(p.name) != os.getpid():
+            try:
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                continue
+            if any(w in cmd for w in ("tether-fused", "tether-hook", "lxcfs", "netavark", "runc", "sleep", "nc -ll")):
+                procs.add(f"{p.name} {cmd}")
+    s["processes"] = procs
+    s["cgroups"] = {str(c) for c in Path("/sys/fs/cgroup").glob("**/tether-test-*")}
+    s["temp dirs"] = {str(p) for p in Path(tempfile.gettempdir()).glob("tether-*")}
+    s["sysctl"] = {
+        f"{k}={Path('/proc/sys', k.replace('.', '/')).read_text().strip()}"
+        for k in ("net.ipv4.ip_forward", "net.bridge.bridge-nf-call-iptables")
+        if Path("/proc/sys", k.replace(".", "/")).exists()
+    }
+    return s
+
+
+def left_behind(before: dict[str, set[str]], after: dict[str, set[str]]) -> dict[str, list[str]]:
+    return {k: sorted(after[k] - before.get(k, set())) for k in after if after[k] - before.get(k, set())}
+
+
+# --- table -------------------------------------------------------------------------
+def mp(xs: list[float], nd: int = 1) -> str:
+    return f"{statistics.median(xs):.{nd}f} / {pct(xs, 0.9):.{nd}f}"
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+class Table:
+    COLS = ("row", "tether median / p90", "peer", "peer median / p90", "tether / peer", "goal", "met?", "notes")
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, ...]] = []
+        self.verdicts: list[tuple[str, bool]] = []
+
+    def add(self, row="", tether="", peer="", peer_fig="", ratio="", goal="", met: bool | None = None, notes="") -> None:
+        m = "" if met is None else ("yes" if met else "**no**")
+        if met is not None:
+            self.verdicts.append((goal, met))
+        self.rows.append((row, tether, peer, peer_fig, ratio, goal, m, notes))
+
+    def markdown(self) -> str:
+        lines = ["| " + " | ".join(self.COLS) + " |", "|" + "|".join(" --- " for _ in self.COLS) + "|"]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in self.rows]
+        return "\n".join(lines)
+
+
+def build_table(r: dict, quick: bool) -> Table:
+    t = Table()
+    n = r.get("net")
+    if n:
+        for port in (False, True):
+            sfx = " port" if port else ""
+            row = "network set-up + teardown, one container, " + ("one published port (ms)" if port else "no port (ms)")
+            tx = n["tether" + sfx]
+            first = True
+            for k, label in (("netavark", "netavark setup+teardown, bridge kept alive"),
+                             ("cni", "CNI bridge + host-local ADD+DEL" + (", portmap chained" if port else ""))):
+                if k + sfx not in n:
+                    t.add(row if first else "", mp(tx) if first else "", label, "n/a (not installed)")
+                    first = False
+                    continue
+                ratio = med(tx) / med(n[k + sfx])
+                goal, met = "", None
+                if port and k == "netavark":
+                    goal, met = "≤ 0.5× netavark", ratio <= 0.5
+                notes = (f"tether: createRuntime {mp(n['tether create' + sfx])} + poststop "
+                         f"{mp(n['tether poststop' + sfx])} hook round trips" if first else "")
+                t.add(row if first else "", mp(tx) if first else "", label, mp(n[k + sfx]), f"{ratio:.2f}", goal, met, notes)
+                first = False
+            d = n["tether daemon" + sfx]
+            t.add("  same, tether-fused's own registration time (its log)", mp(d), "", "", "", "", None,
+                  "the daemon's share of createRuntime: store txn, veth, firewall")
+    rh = r.get("runc")
+    if rh:
+        tx = rh["times"]["runc + tether createRuntime+poststop"]
+        first = True
+        for k in ("runc, no hook", "runc + `python3 -I -c pass` hook"):
+            t.add("runc run of `true` with tether's hooks (ms)" if first else "", mp(tx) if first else "", k,
+                  mp(rh["times"][k]), f"{med(tx) / med(rh['times'][k]):.2f}", "", None,
+                  f"tether adds {med(tx) - med(rh['times']['runc, no hook']):.1f} ms; createRuntime only: "
+                  f"{mp(rh['times']['runc + tether createRuntime'])}" if first else "")
+            first = False
+    rd = r.get("read")
+    if rd:
+        tx = rd["us"]["tether"]
+        t.add(f"read /etc/hosts (open+read+close), {rd['bytes']} B (µs)", mp(tx, 2), "tmpfs, same bytes",
+              mp(rd["us"]["tmpfs"], 2), f"{med(tx) / med(rd['us']['tmpfs']):.2f}", "≤ 1.5× tmpfs",
+              med(tx) / med(rd["us"]["tmpfs"]) <= 1.5, "a change shows on the next read (checked)")
+        if "lxcfs" in rd["us"]:
+            lx = rd["us"]["lxcfs"]
+            t.add("", "", "LXCFS /proc/uptime (FUSE)", mp(lx, 2), f"{med(tx) / med(lx):.2f}", "", None,
+                  f"LXCFS's file is {rd['lxcfs_bytes']} B")
+        else:
+            t.add("", "", "LXCFS /proc/uptime", "n/a (not installed)")
+    mv = r.get("move")
+    if mv:
+        by = {int(k): v for k, v in mv.items()}
+        for size, m in sorted(by.items()):
+            f = m["files"]
+            goal, met, ratio = "", None, ""
+            if size == 1:
+                goal, met = "≤ 20 ms", med(f) <= 20
+            if size in (100, 1000) and 10 in by:
+                x = med(f) / med(by[10]["files"])
+                ratio = f"{x:.2f}× 10 links"
+                goal, met = "≤ 2× of 10 links", x <= 2
+            t.add(f"retarget (tether move), {size} link{'s' if size > 1 else ''}: until files show it (ms)", mp(f),
+                  "(no peer retargets)", "", ratio, goal, met,
+                  f"api returns {mp(m['api'])}; new TCP reaches the new target {mp(m['tcp'])}")
+    sc = r.get("scale")
+    if sc:
+        N = sc["n"]
+        again = "1 after" in sc["read_us"]
+        rss1, rssn = sc["rss_kb"]["1"] / 1024, sc["rss_kb"][str(N)] / 1024
+        t.add(f"{N} registered containers: tether-fused RSS (MiB)", f"{rssn:.1f} ({rssn * 1.048576:.1f} MB)",
+              "same daemon, 1 container", f"{rss1:.1f}", f"{rssn / rss1:.2f}", "≤ 80 MB (read as MiB)", rssn <= 80,
+              f"started in {sc['start_s']:.0f} s ({sc['parallel']} at a time), stopped+deleted in "
+              f"{sc['teardown_s']:.0f} s" + (f"; RSS after removing them: {sc['rss_kb']['1 after'] / 1024:.1f} MiB"
+                                              if again else ""))
+        r1, rn = sc["read_us"]["1"] + sc["read_us"].get("1 after", []), sc["read_us"][str(N)]
+        t1, tn = sc["tmpfs_us"]["1"] + sc["tmpfs_us"].get("1 after", []), sc["tmpfs_us"][str(N)]
+        notes = (f"1 before: {mp(sc['read_us']['1'], 2)}, 1 after: {mp(sc['read_us']['1 after'], 2)}; " if again else "")
+        t.add(f"{N} registered containers: hosts read, {sc['bytes']} B (µs)", mp(rn, 2),
+              "same file, 1 container" + (" (before and after)" if again else ""), mp(r1, 2),
+              f"{med(rn) / med(r1):.2f}", "≤ 1.2× of 1 container", med(rn) / med(r1) <= 1.2,
+              notes + f"tmpfs in the same blocks: {med(tn) / med(t1):.2f}× ({N} vs 1)")
+        g1, gn = sc["reg_ms"]["1"], sc["reg_ms"][str(N)]
+        t.add(f"  {N} registered containers: one more registration (ms, daemon's log)", mp(gn), "same, 1 container",
+              mp(g1), f"{med(gn) / med(g1):.2f}", "", None, "5 sequential starts of a probe container")
+    return t
+
+
+# --- figure --------------------------------------------------------------------------
+def plot(r: dict, path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install -e '.[bench]'): no figure"
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 5.2))
+    mv = r.get("move")
+    if mv:
+        sizes = sorted(int(k) for k in mv)
+        for key, label, c in (("api", "API returns", "tab:blue"), ("files", "files show it", "tab:orange"),
+                              ("tcp", "new TCP reaches new target", "tab:green")):
+            meds = [med(mv[str(s)][key]) for s in sizes]
+            p90s = [pct(mv[str(s)][key], 0.9) for s in sizes]
+            a1.plot(sizes, meds, "o-", color=c, label=f"{label} (median)")
+            a1.fill_between(sizes, meds, p90s, color=c, alpha=0.15)
+        top = max(max(pct(mv[str(s)][k], 0.9) for s in sizes) for k in ("api", "files", "tcp"))
+        a1.axhline(20, ls="--", color="grey", lw=1)
+        a1.text(sizes[0], 19.6, "goal at 1 link: 20 ms", color="grey", fontsize=8, va="top")
+        if 10 in sizes:
+            f10 = med(mv["10"]["files"])
+            a1.axhline(2 * f10, ls=":", color="tab:orange", lw=1)
+            a1.text(sizes[1], 2 * f10, "goal: files ≤ 2× of 10 links", color="tab:orange", fontsize=8, va="bottom")
+            top = max(top, 2 * f10)
+        a1.set_ylim(0, max(top, 20) * 1.45)  # room for the legend
+        a1.set_xscale("log")
+        a1.set_xticks(sizes, [str(s) for s in sizes])
+        a1.set_xlabel("links moved by one `tether move`")
+        a1.set_ylabel("ms (line: median, band: up to p90)")
+        a1.set_title("Retarget time vs number of links")
+        a1.legend(fontsize=8, loc="upper left")
+        a1.grid(alpha=0.3)
+    n = r.get("net")
+    if n:
+        groups = [("no port", ""), ("one published port", " port")]
+        bars = [("tether hooks\n(createRuntime+poststop)", "tether", "tab:orange"),
+                ("tether-fused\n(registration, its log)", "tether daemon", "moccasin"),
+                ("netavark\nsetup+teardown", "netavark", "tab:blue"),
+                ("CNI bridge+host-local\n(+portmap) ADD+DEL", "cni", "tab:purple")]
+        w = 0.2
+        for j, (label, key, c) in enumerate(bars):
+            xs, ys, err = [], [], []
+            for gi, (_, sfx) in enumerate(groups):
+                if key + sfx in n:
+                    v = n[key + sfx]
+                    xs.append(gi + (j - 1.5) * w)
+                    ys.append(med(v))
+                    err.append(pct(v, 0.9) - med(v))
+            if xs:
+                a2.bar(xs, ys, w, color=c, label=label, yerr=[[0] * len(err), err], capsize=3, edgecolor="black", lw=0.5)
+                for x, y in zip(xs, ys):
+                    a2.text(x, y * 0.2, f"{y:.0f}", ha="center", fontsize=8)
+        if "netavark port" in n:
+            g = 0.5 * med(n["netavark port"])
+            a2.hlines(g, 1 - 2 * w, 1 + 2 * w, colors="red", linestyles="--", lw=1)
+            a2.text(1 + 2 * w, g, " goal: 0.5× netavark", color="red", fontsize=8, va="center")
+        a2.set_xticks(range(len(groups)), [g for g, _ in groups])
+        a2.set_ylabel("ms per container (bar: median, whisker: p90)")
+        a2.set_title("Network set-up + teardown of one container")
+        a2.legend(fontsize=8, loc="upper left")
+        a2.grid(axis="y", alpha=0.3)
+    fig.suptitle("tether benchmark" + (" (--quick)" if r.get("quick") else ""))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+# --- main --------------------------------------------------------------------------
+PARTS = ("net", "runc", "read", "move", "scale")
+
+
+def run(parts: tuple[str, ...], cfg: dict, tmp: Path) -> dict:
+    r: dict = {"part_s": {}}
+    t0 = time.monotonic()
+
+    def done(part: str) -> None:
+        nonlocal t0
+        r["part_s"][part] = round(time.monotonic() - t0, 1)
+        log(f"      ({r['part_s'][part]:.0f} s)")
+        t0 = time.monotonic()
+
+    have = peers.available()
+    missing = [k for k, v in have.items() if not v]
+    if missing:
+        log(f"peers not installed: {', '.join(missing)} (`make bench` installs them): their columns say n/a")
+    rootfs = build_rootfs(tmp / "rootfs")
+    if "net" in parts:
+        log(f"[net] set-up + teardown: tether hooks, netavark, CNI; {cfg['net']} runs each, with and without a port")
+        r["net"] = net.measure(cfg["net"], rootfs, tmp)
+        done("net")
+    if "runc" in parts:
+        log(f"[runc] runc run of true: no hook, python3 hook, tether hooks; {cfg['runc']} runs each")
+        times, daemon_ms = runc_hook.measure(cfg["runc"], tmp, rootfs)
+        r["runc"] = {"times": times, "daemon_ms": daemon_ms}
+        done("runc")
+    if "read" in parts:
+        log(f"[read] open+read+close: tmpfs, tether, LXCFS; {cfg['reads']} reads each")
+        lx = peers.Lxcfs(tmp) if have["lxcfs"] else None
+        try:
+            extra = {}
+            if lx:
+                lx.start()
+                extra = {"lxcfs": lx.uptime}
+            us, size = read_hosts.measure(cfg["reads"], HOSTS_LINKS, rootfs, tmp, extra)
+            r["read"] = {"us": us, "bytes": size}
+            if lx:
+                r["read"]["lxcfs_bytes"] = len(Path(lx.uptime).read_bytes())
+        finally:
+            if lx:
+                lx.close()
+        done("read")
+    if "move" in parts:
+        r["move"] = {}
+        for size in SIZES:
+            log(f"[move] tether move at {size} links, {cfg['move']} moves")
+            r["move"][str(size)] = move.measure(rootfs, size, cfg["move"])
+        done("move")
+    if "scale" in parts:
+        log(f"[scale] {cfg['containers']} runc containers against one tether-fused")
+        sc = scale.measure(cfg["containers"], rootfs, tmp, cfg["scale_reads"], 8, log=log, again=cfg["scale_again"])
+        sc["parallel"] = 8
+        sc = json.loads(json.dumps(sc))  # int keys -> str, as in results.json
+        r["scale"] = sc
+        done("scale")
+    return r
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer runs (about 3 minutes instead of about 5)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
+    ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    a = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("python -m bench: run as root (it starts containers, namespaces and firewall rules)", file=sys.stderr)
+        return 2
+    parts = tuple(p for p in a.only.split(",") if p)
+    bad = [p for p in parts if p not in PARTS]
+    if bad:
+        ap.error(f"unknown part(s) {bad}: choose from {PARTS}")
+    cfg = QUICK if a.quick else FULL
+    a.out.mkdir(parents=True, exist_ok=True)
+    before = snapshot()
+    t0 = time.monotonic()
+    tmp = Path(tempfile.mkdtemp(prefix="tether-bench-"))
+    try:
+        r = run(parts, cfg, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    r["quick"] = a.quick
+    r["config"] = cfg
+    r["elapsed_s"] = time.monotonic() - t0
+    time.sleep(0.5)  # killed processes are reaped, namespaces go
+    left = left_behind(before, snapshot())
+    table = build_table(r, a.quick)
+    head = (f"tether benchmark{' (--quick)' if a.quick else ''}: {os.uname().release}, {os.cpu_count()} cores, "
+            f"{time.strftime('%Y-%m-%d %H:%M')}, {r['elapsed_s'] / 60:.1f} min. Medians / p90 of "
+            f"{cfg['net']} set-up runs, {cfg['runc']} runc runs, {cfg['reads']} reads, {cfg['move']} moves per size; "
+            f"tether's and the peers' runs interleaved.")
+    met = sum(1 for _, m in table.verdicts if m)
+    foot = f"Goals met: {met} of {len(table.verdicts)}."
+    foot += " Left behind: nothing." if not left else " Left behind: " + "; ".join(f"{k}: {v}" for k, v in left.items())
+    md = f"{head}\n\n{table.markdown()}\n\n{foot}\n"
+    (a.out / "table.md").write_text(md)
+    (a.out / "results.json").write_text(json.dumps(r, indent=1))
+    err = plot(r, a.out / "bench.png")
+    print(md)
+    print(f"written: {a.out / 'table.md'}, {a.out / 'results.json'}" + ("" if err else f", {a.out / 'bench.png'}"))
+    if err:
+        print(err)
+    return 1 if left else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
