@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import signal
@@ -101,6 +102,17 @@ def cleanup(cfg: config_mod.Config) -> None:
         pass
 
 
+def _limit_malloc_arenas() -> None:
+    """glibc gives each thread that allocates its own arena, and never hands
+    their memory back: with the kernel worker, FUSE and trio's threads that is
+    most of the daemon's growth. Two arenas, set before any thread starts."""
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt(-8, 2)  # M_ARENA_MAX
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="tether-fused", description="tether daemon: leases, wiring, served files")
     p.add_argument("--config", help="TOML config (default: $TETHER_CONFIG, else /etc/tether/tether.toml)")
@@ -113,6 +125,7 @@ def main(argv: list[str] | None = None) -> None:
     except config_mod.ConfigError as e:
         print(f"tether-fused: {e}", file=sys.stderr)
         sys.exit(1)
+    _limit_malloc_arenas()
     if os.geteuid() != 0:
         print("tether-fused: must run as root (it creates bridges, veths and firewall rules)", file=sys.stderr)
         sys.exit(1)

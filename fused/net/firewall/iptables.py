@@ -12,9 +12,29 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import sys
+import warnings
 
-import iptc
-import iptc.easy
+
+def _import_iptc():
+    """python-iptables imports distutils.sysconfig; in a venv, setuptools'
+    import shim answers that with setuptools and pkg_resources (11 MiB of the
+    daemon's RSS). Without the shim it gets the standard library's distutils
+    (or, on Python 3.12+, none, and falls back to sysconfig): same result."""
+    shims = [f for f in sys.meta_path if type(f).__module__ == "_distutils_hack"]
+    for f in shims:
+        sys.meta_path.remove(f)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import iptc
+            import iptc.easy
+    finally:
+        sys.meta_path[0:0] = shims
+    return iptc
+
+
+iptc = _import_iptc()
 
 from .base import HOOKS, Rule, RuleSet
 
