@@ -334,3 +334,12 @@ def in_netns(pid: int, fn, *args):
     if "e" in box:
         raise box["e"]
     return box["r"]
+
+
+def address_in_hosts(hosts: str, alias: str) -> str:
+    """The address a hosts file gives `alias` (first name on its line)."""
+    for line in hosts.splitlines():
+        addr, names = line.split("\t")
+        if names.split()[0] == alias:
+            return addr
+    raise AssertionError(f"{alias} not in hosts:\n{hosts}")

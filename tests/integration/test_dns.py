@@ -16,7 +16,7 @@ import dns.rdatatype
 import dns.reversename
 import pytest
 
-from harness import Daemon, in_netns, serve, sh
+from harness import Daemon, address_in_hosts, in_netns, serve, sh
 
 SLEEP = ["sleep", "1000000"]
 
@@ -51,10 +51,7 @@ def dd(rootfs):
 
 
 def facade(d, consumer, alias):
-    for line in (d.run_dir / "fs" / consumer / "hosts").read_text().splitlines():
-        addr, names = line.split("\t")
-        if names.split()[0] == alias:
-            return addr
+    return address_in_hosts((d.run_dir / "fs" / consumer / "hosts").read_text(), alias)
 
 
 def test_busybox_nslookup_a_and_srv(dd):

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from harness import FUSED, Daemon, iptables_dump, sh, tcp_get, wait_for
+from harness import FUSED, Daemon, address_in_hosts, iptables_dump, sh, tcp_get, wait_for
 from hooks.protocol import request
 
 SLEEP = ["sleep", "1000000"]
@@ -18,11 +18,7 @@ def two_servers(name: str) -> list[str]:
 
 
 def facade_of(d: Daemon, consumer: str, alias: str) -> str:
-    for line in (d.run_dir / "fs" / consumer / "hosts").read_text().splitlines():
-        addr, names = line.split("\t")
-        if names.split()[0] == alias:
-            return addr
-    raise AssertionError(f"{alias} not in {consumer}'s hosts")
+    return address_in_hosts((d.run_dir / "fs" / consumer / "hosts").read_text(), alias)
 
 
 def ask(d: Daemon, cid: str, host: str, port: int = 5432) -> str:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import HOOK, TETHER, Daemon, bridge_ports, serve, sh, wait_for
+from harness import HOOK, TETHER, Daemon, address_in_hosts, bridge_ports, serve, sh, wait_for
 
 PODMAN = shutil.which("podman")
 SKIP = "podman is not installed: `make test` installs it (apt: podman runc)"
@@ -225,11 +225,7 @@ def hosts_of(p: Podman, name: str) -> str:
 
 
 def facade_of(p: Podman, consumer: str, alias: str) -> str:
-    for line in hosts_of(p, consumer).splitlines():
-        addr, names = line.split("\t")
-        if names.split()[0] == alias:
-            return addr
-    raise AssertionError(f"{alias} not in {consumer}'s /etc/hosts")
+    return address_in_hosts(hosts_of(p, consumer), alias)
 
 
 def ask(p: Podman, name: str, host: str, port: int = 5432) -> str:
