@@ -73,7 +73,3 @@ def views(topo: Topology) -> dict[str, View]:
         )
         for name, node in topo.nodes.items()
     }
-
-
-def consumers_of(topo: Topology, target: str) -> set[str]:
-    return {e.consumer for e in topo.edges if e.target == target}
