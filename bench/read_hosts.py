@@ -1,12 +1,22 @@
-"""Read a ~500-byte hosts file (open, read, close) from tmpfs and from tether.
+"""Read a ~500-byte hosts file (open, read, close) from tmpfs, tether and LXCFS,
+with the reader pinned to the file server's CPU, to another CPU, and unpinned.
 
-    .venv/bin/python -m bench.read_hosts [--reads 20000] [--links 12]
+    .venv/bin/python -m bench.read_hosts [--reads 20000] [--links 12] [--no-pin] [--no-lxcfs]
 
 One run, interleaved in blocks so machine drift cancels; prints medians, p90
-and the ratio. The tether file is served by an isolated tether-fused whose
+and the ratios. The tether file is served by an isolated tether-fused whose
 link graph is filled through the control socket (no containers needed: a
 link's consumer is a registered name, here registered by a real runc
-container).
+container). Each open is one FUSE OPEN round trip to the file server
+(<run_dir>/fsd.pid), so where the reader and the file server run matters:
+
+  <fs>            nothing pinned (the scheduler's choice, as in production)
+  <fs> same CPU   the reader and every thread of the server on one CPU
+  <fs> other CPU  the reader on that CPU, the server on another one
+  tmpfs pinned    the reader alone on that CPU (what "same CPU" compares with)
+
+LXCFS (/proc/uptime of an `lxcfs -f` of our own) is read the same way when it
+is installed (`make bench-deps`).
 """
 from __future__ import annotations
 
@@ -22,6 +32,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
 from bench import pct  # noqa: E402
 from harness import Daemon, build_rootfs, sh  # noqa: E402
+
+WARMUP = 200  # reads after each change of pinning, not counted
 
 
 def per_read_us(path: str, n: int) -> list[float]:
@@ -39,7 +51,52 @@ def per_read_us(path: str, n: int) -> list[float]:
     return out
 
 
+# --- pinning -----------------------------------------------------------------------
+def pin_cpus() -> tuple[int, int | None]:
+    """(the reader's CPU, another CPU for the server or None): the last CPU we
+    may run on, and the first other one (CPU 0 takes most interrupts)."""
+    allowed = sorted(os.sched_getaffinity(0))
+    return allowed[-1], (allowed[0] if len(allowed) > 1 else None)
 
+
+def threads(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return []
+
+
+def affinity(pid: int) -> dict[int, set[int]]:
+    """{tid: CPUs} of every thread of pid (to put back afterwards)."""
+    out = {}
+    for t in threads(pid):
+        try:
+            out[t] = os.sched_getaffinity(t)
+        except ProcessLookupError:
+            pass
+    return out
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of pid on `cpus`: os.sched_setaffinity(pid) alone moves only
+    the main thread (the file server's FUSE loop; lxcfs has worker threads, and
+    threads started later inherit their creator's mask)."""
+    for t in threads(pid):
+        try:
+            os.sched_setaffinity(t, cpus)
+        except (ProcessLookupError, OSError):
+            pass
+
+
+def unpin(pid: int, before: dict[int, set[int]], default: set[int]) -> None:
+    for t in threads(pid):
+        try:
+            os.sched_setaffinity(t, before.get(t, default))
+        except (ProcessLookupError, OSError):
+            pass
+
+
+# --- tether --------------------------------------------------------------------------
 def setup_tether(d: Daemon, links: int) -> str:
     d.start_container("web", ["sleep", "1000000"])
     for i in range(links):
@@ -49,50 +106,115 @@ def setup_tether(d: Daemon, links: int) -> str:
 
 
 def measure(reads: int, links: int, rootfs: Path, tmp: Path,
-            extra: dict[str, str] | None = None) -> tuple[dict[str, list[float]], int]:
-    """({"tmpfs"|"tether"|extra name: µs per read}, size of the hosts file).
+            extra: dict[str, tuple[str, int | None]] | None = None,
+            pinning: bool = True) -> tuple[dict[str, list[float]], int, dict]:
+    """({key: µs per read}, size of the hosts file, {"reader_cpu", "other_cpu", "fsd_pid"}).
 
-    The same bytes are read from a tmpfs and from tether's served file; `extra`
-    paths (e.g. an LXCFS file) are read the same way. All interleaved in 10
-    blocks. Checks that a change shows on the next read."""
+    Keys: "tmpfs", "tether", each `extra` name (unpinned), and with `pinning`
+    "tmpfs pinned" and "<name> same CPU" / "<name> other CPU" for tether and
+    every extra whose server pid is given. `extra` is {name: (path, server
+    pid or None)}, e.g. an LXCFS file. The same bytes are read from a tmpfs
+    and from tether's served file; all runs are interleaved in 10 blocks
+    (their order rotating). Checks that a change shows on the next read."""
     tmpfs = tmp / "read-hosts-tmpfs"
     tmpfs.mkdir()
     sh("mount", "-t", "tmpfs", "tmpfs", str(tmpfs))
+    home = os.sched_getaffinity(0)
+    reader, other = pin_cpus()
+    saved: dict[int, dict[int, set[int]]] = {}
     try:
         with Daemon(rootfs) as d:
             d.start()
             served = setup_tether(d, links)
             data = Path(served).read_bytes()
             (tmpfs / "hosts").write_bytes(data)
-            paths = {"tmpfs": str(tmpfs / "hosts"), "tether": served, **(extra or {})}
-            res: dict[str, list[float]] = {k: [] for k in paths}
-            for _ in range(10):  # interleaved blocks
-                for k, p in paths.items():
+            fsd = d.pid_of("fsd")
+            servers = {"tether": (served, fsd), **(extra or {})}
+            for _, pid in servers.values():
+                if pid is not None:
+                    saved[pid] = affinity(pid)
+            # (key, path, reader's CPUs or None, (server pid, its CPUs or None) or None)
+            runs: list[tuple[str, str, set[int] | None, tuple[int, set[int] | None] | None]] = [
+                ("tmpfs", str(tmpfs / "hosts"), None, None)]
+            if pinning:
+                runs.append(("tmpfs pinned", str(tmpfs / "hosts"), {reader}, None))
+            for name, (path, pid) in servers.items():
+                runs.append((name, path, None, None if pid is None else (pid, None)))
+                if pinning and pid is not None:
+                    runs.append((f"{name} same CPU", path, {reader}, (pid, {reader})))
+                    if other is not None:
+                        runs.append((f"{name} other CPU", path, {reader}, (pid, {other})))
+            res: dict[str, list[float]] = {k: [] for k, *_ in runs}
+            for b in range(10):  # interleaved blocks, each starting one run later
+                for k, p, rcpus, srv in runs[b % len(runs):] + runs[:b % len(runs)]:
+                    os.sched_setaffinity(0, rcpus or home)
+                    if srv is not None:
+                        pid, scpus = srv
+                        if scpus is None:
+                            unpin(pid, saved[pid], home)
+                        else:
+                            pin(pid, scpus)
+                    per_read_us(p, WARMUP)
                     res[k] += per_read_us(p, reads // 10)
+            os.sched_setaffinity(0, home)
+            for pid in saved:
+                unpin(pid, saved[pid], home)
+            assert d.pid_of("fsd") == fsd, f"the file server was restarted ({fsd} -> {d.pid_of('fsd')})"
             # freshness: a change shows on the very next read
             before = Path(served).read_bytes()
             d.cli("link", "retarget", "web", "database-0", "db1")
             after = Path(served).read_bytes()
             assert before != after and b"database-0 db1" in after, "stale read"
     finally:
+        os.sched_setaffinity(0, home)
+        for pid, aff in saved.items():  # extras outlive us (the daemon is gone)
+            unpin(pid, aff, home)
         sh("umount", str(tmpfs), check=False)
         tmpfs.rmdir()
-    return res, len(data)
+    return res, len(data), {"reader_cpu": reader, "other_cpu": other, "fsd_pid": fsd}
+
+
+def ratio(res: dict[str, list[float]], a: str, b: str) -> float | None:
+    if a not in res or b not in res:
+        return None
+    return statistics.median(res[a]) / statistics.median(res[b])
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reads", type=int, default=20000)
     ap.add_argument("--links", type=int, default=12)
+    ap.add_argument("--no-pin", action="store_true", help="only the unpinned runs")
+    ap.add_argument("--no-lxcfs", action="store_true", help="do not read an LXCFS file")
     a = ap.parse_args(argv)
+    from bench import peers
+
     tmp = Path(tempfile.mkdtemp(prefix="tether-bench-"))
-    res, size = measure(a.reads, a.links, build_rootfs(tmp / "rootfs"), tmp)
-    shutil.rmtree(tmp, ignore_errors=True)
-    print(f"open+read+close of a {size}-byte hosts file, {a.reads} reads each (µs)")
-    print(f"{'file':10} {'median':>8} {'p90':>8}")
+    lx = None
+    try:
+        extra = {}
+        if not a.no_lxcfs and peers.available()["lxcfs"]:
+            lx = peers.Lxcfs(tmp)
+            lx.start()
+            extra["lxcfs"] = (lx.uptime, lx.proc.pid)
+        res, size, info = measure(a.reads, a.links, build_rootfs(tmp / "rootfs"), tmp, extra, not a.no_pin)
+    finally:
+        if lx:
+            lx.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"open+read+close of a {size}-byte hosts file, {a.reads} reads each (µs); "
+          f"reader on CPU {info['reader_cpu']}, other CPU {info['other_cpu']}")
+    print(f"{'file':18} {'median':>8} {'p90':>8}")
     for k, xs in res.items():
-        print(f"{k:10} {statistics.median(xs):8.2f} {pct(xs, 0.9):8.2f}")
-    print(f"ratio tether/tmpfs (median): {statistics.median(res['tether']) / statistics.median(res['tmpfs']):.2f}")
+        print(f"{k:18} {statistics.median(xs):8.2f} {pct(xs, 0.9):8.2f}")
+    for a_, b_, goal in (("tether", "tmpfs", None), ("tether same CPU", "tmpfs pinned", 4.0),
+                         ("tether other CPU", "tmpfs pinned", None), ("tether", "lxcfs", 0.15)):
+        x = ratio(res, a_, b_)
+        if x is not None:
+            print(f"ratio {a_}/{b_} (median): {x:.2f}" + ("" if goal is None else f"  (goal ≤ {goal:g}: "
+                                                             f"{'met' if x <= goal else 'NOT met'})"))
+    if "lxcfs" not in res and not a.no_lxcfs:
+        print("LXCFS is not installed (`make bench-deps`): no LXCFS rows")
     print("freshness: a retarget showed on the next read: yes")
 
 

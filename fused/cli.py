@@ -237,6 +237,11 @@ def run(argv: list[str]) -> int:
             return 0
         op, args = _request_of(a)
         result = request(str(cfg.socket_path), op, args)
+        if op == "ps":
+            health = request(str(cfg.socket_path), "health", {})
+            if health.get("files") != "ok":  # stderr: --json stays parseable
+                print(f"tether: warning: served files are broken: {health['files']}; "
+                      "running containers keep theirs, new ones cannot start: restart tether-fused", file=sys.stderr)
     except (config_mod.ConfigError, model.InputError, CliError, oci.PatchError, DaemonError, Unreachable) as e:
         print(f"tether: {e}", file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import fcntl
 import logging
 import os
 import signal
@@ -12,7 +13,8 @@ import sys
 import trio
 
 from . import config as config_mod
-from . import control, dns, fs
+from . import control, dns
+from .fs import session
 from .net import firewall as fw
 from .net.wiring import Wiring, Worker
 from .service import Service
@@ -36,30 +38,54 @@ def _prepare_run_dir(cfg: config_mod.Config) -> None:
     os.chmod(cfg.run_dir, 0o700)
 
 
+class AlreadyRunning(Exception):
+    pass
+
+
+def _lock(cfg: config_mod.Config) -> int:
+    """One tether-fused per run_dir: an flock held for the process's life.
+    A second one stops here, before it touches anything of the first's."""
+    fd = os.open(cfg.run_dir / "fused.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid = session._read_pid(cfg.run_dir / "fused.pid")
+        raise AlreadyRunning(
+            f"already running, pid {pid if pid else '?'} (run_dir {cfg.run_dir}): "
+            "stop it first (`systemctl stop tether-fused`), or give this one another run_dir"
+        ) from None
+    tmp = cfg.run_dir / "fused.pid.tmp"
+    tmp.write_text(f"{os.getpid()}\n")
+    os.replace(tmp, cfg.run_dir / "fused.pid")
+    return fd
+
+
 def _parts(cfg: config_mod.Config) -> tuple[Wiring, fw.Firewall]:
     net = cfg.network
     return Wiring(net.bridge, str(net.gateway), net.network.prefixlen), fw.make(cfg.firewall.driver, cfg.firewall.chain_prefix)
 
 
-async def run(cfg: config_mod.Config) -> None:
+async def run(cfg: config_mod.Config, log_level: str = "info") -> None:
     _prepare_run_dir(cfg)
-    store = SqliteStore(cfg.db_path)
-    wiring, firewall = _parts(cfg)
-    worker = Worker("tether-kernel")
-    ops = fs.TetherFS()
-    responder = None
-    if cfg.dns.enabled:
-        upstreams = cfg.dns.upstream_servers()
-        responder = dns.Responder(str(cfg.network.gateway), upstreams, cfg.dns.search, cfg.dns.timeout)
-        log.info("dns: on %s:53, upstreams %s", cfg.network.gateway, upstreams or "none (NXDOMAIN)")
-    service = Service(
-        cfg, store, wiring, firewall, worker, publish=ops.publish, publish_dns=responder.publish if responder else lambda d: None
-    )
-    mounted = False
+    lock = _lock(cfg)
+    files = session.FileService(cfg.run_dir, cfg.fs_dir, log_level)
+    store = wiring = worker = None
     try:
-        fs.detach(cfg.fs_dir)
-        ops.mount(str(cfg.fs_dir))
-        mounted = True
+        how = files.start()
+        log.info("served files: %s at %s (file server pid %s)", how, cfg.fs_dir, files.pid)
+        store = SqliteStore(cfg.db_path)
+        wiring, firewall = _parts(cfg)
+        worker = Worker("tether-kernel")
+        responder = None
+        if cfg.dns.enabled:
+            upstreams = cfg.dns.upstream_servers()
+            responder = dns.Responder(str(cfg.network.gateway), upstreams, cfg.dns.search, cfg.dns.timeout)
+            log.info("dns: on %s:53, upstreams %s", cfg.network.gateway, upstreams or "none (NXDOMAIN)")
+        service = Service(
+            cfg, store, wiring, firewall, worker, publish=files.publish,
+            publish_dns=responder.publish if responder else lambda d: None, files=files,
+        )
         await service.start()
         async with trio.open_nursery() as nursery:
             if responder is not None:
@@ -73,7 +99,10 @@ async def run(cfg: config_mod.Config) -> None:
                     if sig == signal.SIGHUP:
                         await service.reconcile()
                         continue
-                    log.info("tether-fused: %s, stopping (containers keep their wiring)", signal.Signals(sig).name)
+                    log.info(
+                        "tether-fused: %s, stopping (containers keep their wiring; file server %s keeps serving)",
+                        signal.Signals(sig).name, files.pid,
+                    )
                     break
             sd_notify("STOPPING=1")
             nursery.cancel_scope.cancel()
@@ -82,24 +111,35 @@ async def run(cfg: config_mod.Config) -> None:
             cfg.socket_path.unlink()
         except FileNotFoundError:
             pass
-        if mounted:
-            ops.unmount()
-        await worker.run(wiring.close)
-        worker.shutdown()
-        store.close()
+        files.close()
+        if worker is not None:
+            await worker.run(wiring.close)
+            worker.shutdown()
+        if store is not None:
+            store.close()
+        try:
+            (cfg.run_dir / "fused.pid").unlink()
+        except FileNotFoundError:
+            pass
+        os.close(lock)
 
 
 def cleanup(cfg: config_mod.Config) -> None:
-    """Remove everything the daemon made in the kernel: veths, bridge, chains."""
+    """Remove everything this config made: file server, mount, veths, bridge, chains."""
+    if cfg.run_dir.exists():
+        _prepare_run_dir(cfg)
+        _lock(cfg)  # refuses while a tether-fused runs on this run_dir
+    for line in session.stop_all(cfg.run_dir, cfg.fs_dir):
+        log.info("cleanup: %s", line)
     wiring, firewall = _parts(cfg)
     wiring.delete_bridge()
     wiring.close()
     firewall.teardown()
-    fs.detach(cfg.fs_dir)
-    try:
-        cfg.socket_path.unlink()
-    except FileNotFoundError:
-        pass
+    for name in ("fused.sock", "fused.pid", "fused.lock"):
+        try:
+            (cfg.run_dir / name).unlink()
+        except FileNotFoundError:
+            pass
 
 
 def _limit_malloc_arenas() -> None:
@@ -117,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="tether-fused", description="tether daemon: leases, wiring, served files")
     p.add_argument("--config", help="TOML config (default: $TETHER_CONFIG, else /etc/tether/tether.toml)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--cleanup", action="store_true", help="remove the bridge, chains and mount this config made, then exit")
+    p.add_argument("--cleanup", action="store_true", help="stop the file server, unmount, remove the bridge and chains this config made, then exit")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(name)s: %(message)s", stream=sys.stderr)
     try:
@@ -133,8 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         if a.cleanup:
             cleanup(cfg)
             return
-        trio.run(run, cfg)
-    except StoreError as e:
+        trio.run(run, cfg, a.log_level)
+    except (StoreError, AlreadyRunning, session.MountError) as e:
         print(f"tether-fused: {e}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -72,8 +72,10 @@ class Service:
         worker: Worker,
         publish=lambda snapshot: None,
         publish_dns=lambda data: None,
+        files=None,
     ) -> None:
         self.cfg = cfg
+        self.files = files  # fs.session.FileService: its health
         self.publish = publish
         self.publish_dns = publish_dns
         self.store = store
@@ -190,6 +192,11 @@ class Service:
         ino = netns_inode(reg.pid)
         if ino is None:
             raise ServiceError(f"container {reg.id!r}: process {reg.pid} is gone: the container exited early")
+        if self.files is not None and self.files.problem:
+            raise ServiceError(
+                f"tether's served files are not mounted ({self.files.problem}): the container could not get "
+                "its /etc/hosts; restart tether-fused, which attaches the mount again"
+            )
         if ino == _host_netns():
             raise ServiceError(
                 f"container {reg.id!r} shares the host's network namespace: "
@@ -516,8 +523,18 @@ class Service:
             topo = self.topology()
             return [self._link_row(topo, e) for e in topo.edges]
 
+    async def health(self, args: dict) -> dict:
+        """The served files' state, for `tether ps` and `tether doctor`."""
+        f = self.files
+        return {
+            "files": "ok" if f is None or not f.problem else f.problem,
+            "file_server": f.pid if f is not None else None,
+            "file_server_restarts": f.restarts if f is not None else 0,
+            "passthrough": f.passthrough if f is not None else None,
+        }
+
     OPS = (
-        "register", "poststop", "ps", "inspect", "leases", "rm", "reconcile",
+        "register", "poststop", "ps", "inspect", "leases", "rm", "reconcile", "health",
         "link_add", "link_rm", "link_retarget", "link_ls", "move",
     )
 

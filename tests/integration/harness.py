@@ -167,6 +167,22 @@ upstreams = {json.dumps(list(upstreams))}
                 self.proc.wait()
         self.proc = None
 
+    def pid_of(self, which: str) -> int:
+        """The pid in <run_dir>/fused.pid or fsd.pid."""
+        return int((self.run_dir / f"{which}.pid").read_text())
+
+    def kill9(self, which: str) -> int:
+        """kill -9 tether-fused ("fused") or the file server ("fsd"); returns its pid."""
+        pid = self.pid_of(which)
+        self.pids.add(pid)
+        os.kill(pid, signal.SIGKILL)
+        if which == "fused" and self.proc is not None and self.proc.pid == pid:
+            self.proc.wait()
+            self.proc = None
+        else:
+            wait_for(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid), 10, what=f"pid {pid} to die")
+        return pid
+
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return sh(TETHER, "--config", str(self.config), *args, check=check)
 
@@ -250,6 +266,10 @@ upstreams = {json.dumps(list(upstreams))}
         for cid in ids:
             self.kill(cid)
         self.stop()
+        try:
+            self.pids.add(self.pid_of("fsd"))
+        except (OSError, ValueError):
+            pass
         for pid in self.pids:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -266,6 +286,13 @@ upstreams = {json.dumps(list(upstreams))}
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def serve(name: str, port: int = 5432) -> list[str]:

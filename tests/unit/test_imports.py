@@ -42,3 +42,15 @@ def test_the_checker_sees_what_is_imported():
 @pytest.mark.parametrize("mod", ["fused.oci", "fused.config"])
 def test_oci_and_config_import_no_kernel_fuse_db_or_trio(mod):
     assert loaded_after(mod, HEAVY) == []
+
+
+def test_file_server_imports_only_the_standard_library():
+    # the process that answers FUSE requests starts fast and has little that can crash
+    heavy = HEAVY + ("pydantic", "dns", "fused.render", "fused.model")
+    code = (
+        "import sys, json; import fused.fs.server, fused.fs.handlers, fused.fs.wire; "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('pyroute2','iptc','pyfuse3','sqlite3','trio','pydantic','dns') "
+        "or m in ('fused.render','fused.model','fused.graph'))))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert json.loads(out.stdout) == [], heavy

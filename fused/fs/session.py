@@ -1,0 +1,444 @@
+"""tether-fused's side of the served files: the FUSE connection, the file
+server process that answers it, and publishing snapshots to that process.
+
+The connection (the /dev/fuse fd) is held here, by the file server and, under
+systemd, in the unit's fd store: whichever process dies, the others keep it
+open and the mount stays up. At start, in this order, we take over:
+  1. a running file server's connection (it hands the fd over, SCM_RIGHTS);
+  2. the fd systemd kept for us (LISTEN_FDNAMES "fuse");
+  3. nothing to take over: a new mount (a stale one is detached first).
+A thread then watches the file server (restarting it with the same fd, which
+resends what the dead one had not answered) and the mount point (a mount that
+someone removed is logged and reported, never called healthy).
+
+We also keep a detached clone of the mount (open_tree): when someone unmounts
+<run_dir>/fs, the next start of tether-fused attaches it again, and running
+containers, whose bind mounts share the connection, never notice.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .server import recv_frame, send_frame
+
+log = logging.getLogger("tether.fs")
+
+MS_RDONLY, MS_NOSUID, MS_NODEV = 1, 2, 4
+MNT_DETACH = 2
+SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429
+OPEN_TREE_CLONE, MOVE_MOUNT_F_EMPTY_PATH, AT_FDCWD = 1, 4, -100
+MAX_READ = 1 << 17
+SPAWN_TIMEOUT = 10.0
+ACK_TIMEOUT = 5.0
+WATCH_INTERVAL = 0.5
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class MountError(Exception):
+    """The served files cannot be mounted; the message says why and what to do."""
+
+
+def mount_type(path: str) -> str | None:
+    """The filesystem type mounted at `path` (the top one), from mountinfo:
+    never by stat(), which a hung FUSE server would block."""
+    want = os.path.join(os.path.realpath(os.path.dirname(path.rstrip("/")) or "/"), os.path.basename(path.rstrip("/")))
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4].encode().decode("unicode_escape") == want:
+                found = fields[fields.index("-") + 1]
+    return found
+
+
+def detach(path) -> bool:
+    """Lazily unmount whatever is at `path` (e.g. a mount a crashed daemon left)."""
+    path = str(path)
+    if mount_type(path) is None:
+        return False
+    if _libc.umount2(path.encode(), MNT_DETACH) != 0:
+        log.warning("cannot unmount %s: %s", path, os.strerror(ctypes.get_errno()))
+        return False
+    log.info("unmounted %s", path)
+    return True
+
+
+def _clone_mount(path: str) -> int | None:
+    fd = _libc.syscall(SYS_OPEN_TREE, AT_FDCWD, path.encode(), OPEN_TREE_CLONE | os.O_CLOEXEC)
+    return fd if fd >= 0 else None
+
+
+def _attach(tree_fd: int, path: str) -> bool:
+    return _libc.syscall(SYS_MOVE_MOUNT, tree_fd, b"", AT_FDCWD, path.encode(), MOVE_MOUNT_F_EMPTY_PATH) == 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _as_tuple(fs) -> tuple[bytes, bytes, bytes, bytes]:
+    return (fs.hosts, fs.ports, fs.env, fs.resolv)
+
+
+class FileService:
+    def __init__(self, run_dir: Path, fs_dir: Path, log_level: str = "info", passthrough: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.fs_dir = Path(fs_dir)
+        self.log_level = log_level
+        self.allow_passthrough = passthrough
+        self.fd: int | None = None
+        self.tree_fd: int | None = None
+        self.passthrough = False
+        self.pid: int | None = None
+        self.proc: subprocess.Popen | None = None
+        self.conn: socket.socket | None = None
+        self.lock = threading.RLock()
+        self.latest = None  # the last snapshot published (render.Snapshot)
+        self._sent: dict | None = None  # name -> FileSet as the file server has it
+        self._seq = 0
+        self.problem: str | None = None  # why the files are not healthy, for ps/doctor/register
+        self.restarts = 0
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    # --- paths -------------------------------------------------------------------------
+    @property
+    def sock_path(self) -> Path:
+        return self.run_dir / "fsd.sock"
+
+    @property
+    def pid_path(self) -> Path:
+        return self.run_dir / "fsd.pid"
+
+    # --- start ---------------------------------------------------------------------------
+    def start(self) -> str:
+        """Take over or make the connection, and have a file server answer it.
+        Returns how ("took over file server N", "systemd fd store", "new mount")."""
+        how = self._take_over()
+        if how is None:
+            fd = _systemd_fd("fuse")
+            if fd is not None:
+                self.fd = fd
+                self.tree_fd = _systemd_fd("fuse-tree")
+                self._spawn(fresh=False)
+                how = "the connection kept in systemd's fd store"
+            else:
+                self._mount()
+                self._spawn(fresh=True)
+                how = "a new mount"
+        if mount_type(str(self.fs_dir)) != "fuse.tether":
+            if self.tree_fd is not None and _attach(self.tree_fd, str(self.fs_dir)):
+                log.warning("the FUSE mount at %s was gone: attached it again (running containers never lost it)", self.fs_dir)
+                self.tree_fd = _clone_mount(str(self.fs_dir))
+            else:
+                self.problem = f"nothing is mounted at {self.fs_dir}"
+        _store_fds({"fuse": self.fd, "fuse-tree": self.tree_fd})
+        self._watcher = threading.Thread(target=self._watch, name="tether-fs-watch", daemon=True)
+        self._watcher.start()
+        return how
+
+    def _take_over(self) -> str | None:
+        pid = _read_pid(self.pid_path)
+        if pid is None or not _alive(pid):
+            return None
+        try:
+            conn = self._connect(timeout=2.0)
+            send_frame(conn, {"op": "handover"})
+            msg, fds = recv_frame(conn, with_fds=True)
+            send_frame(conn, {"op": "hello"})
+            hello, _ = recv_frame(conn)
+        except (OSError, ValueError) as e:
+            log.warning("file server %d does not answer (%s): stopping it, mounting anew", pid, e)
+            _kill(pid)
+            return None
+        if not fds or msg is None or hello is None:
+            _kill(pid)
+            return None
+        self.fd = fds[0]
+        self.tree_fd = fds[1] if len(fds) > 1 else None
+        for extra in fds[2:]:
+            os.close(extra)
+        self.passthrough = bool(msg.get("passthrough"))
+        self.pid = hello["pid"]
+        self.conn = conn
+        return f"took over the connection of file server {self.pid}"
+
+    def _mount(self) -> None:
+        detach(self.fs_dir)
+        if _read_pid(self.pid_path) and _alive(_read_pid(self.pid_path)):
+            _kill(_read_pid(self.pid_path))
+        for stale in ("fsd.table", "fsd.sock", "fsd.pid", "fsd.passthrough"):
+            try:
+                (self.run_dir / stale).unlink()
+            except FileNotFoundError:
+                pass
+        self.fs_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as e:
+            raise MountError(f"cannot open /dev/fuse: {e.strerror}: `modprobe fuse` (see `tether doctor`)") from None
+        opts = f"fd={fd},rootmode=40000,user_id=0,group_id=0,allow_other,default_permissions,max_read={MAX_READ}"
+        rc = _libc.mount(b"tether", str(self.fs_dir).encode(), b"fuse.tether", MS_RDONLY | MS_NOSUID | MS_NODEV, opts.encode())
+        if rc != 0:
+            err = ctypes.get_errno()
+            os.close(fd)
+            raise MountError(f"cannot mount FUSE at {self.fs_dir}: {os.strerror(err)} (see `tether doctor`)")
+        self.fd = fd
+        self.tree_fd = _clone_mount(str(self.fs_dir))
+
+    def _connect(self, timeout: float) -> socket.socket:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s.settimeout(timeout)
+        try:
+            s.connect(str(self.sock_path))
+        except OSError:
+            s.close()
+            raise
+        return s
+
+    def _spawn(self, fresh: bool) -> None:
+        """Start a file server on our fd and wait until it answers."""
+        cmd = [sys.executable, "-m", "fused.fs.server", "--run-dir", str(self.run_dir), "--fd", str(self.fd),
+               "--log-level", self.log_level]
+        if not fresh:  # what INIT negotiated: the first file server wrote it down
+            try:
+                self.passthrough = (self.run_dir / "fsd.passthrough").read_text().strip() == "1"
+            except OSError:
+                pass
+        cmd += ["--fresh"] if fresh else ["--passthrough", "1" if self.passthrough else "0"]
+        if not self.allow_passthrough:
+            cmd.append("--no-passthrough")
+        fds = [self.fd]
+        if self.tree_fd is not None:  # the file server keeps the clone too, for a later tether-fused
+            cmd += ["--tree-fd", str(self.tree_fd)]
+            fds.append(self.tree_fd)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_"))}
+        self.proc = subprocess.Popen(cmd, pass_fds=fds, start_new_session=True, stdin=subprocess.DEVNULL, env=env)
+        deadline = time.monotonic() + SPAWN_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise MountError(f"the file server exited at once ({self.proc.returncode}): see the log above")
+            try:
+                conn = self._connect(timeout=2.0)
+                send_frame(conn, {"op": "hello"})
+                hello, _ = recv_frame(conn)
+                if hello and hello.get("pid") == self.proc.pid:
+                    break
+                conn.close()
+            except (OSError, ValueError):
+                pass
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise MountError(f"the file server did not answer on {self.sock_path} within {SPAWN_TIMEOUT:g} s")
+            time.sleep(0.005)
+        self.pid = self.proc.pid
+        self.conn = conn
+        self._sent = None
+
+    # --- publishing ------------------------------------------------------------------------
+    def publish(self, snap) -> None:
+        """Hand a render.Snapshot to the file server; returns once it serves it
+        (or at once when there is no file server right now: the next one gets
+        the latest snapshot before it answers anything)."""
+        with self.lock:
+            self.latest = snap
+            if self.conn is None:
+                return
+            self._seq += 1
+            if self._sent is None:
+                msg = {"op": "publish", "seq": self._seq, "full": True,
+                       "files": {n: _as_tuple(f) for n, f in snap.files.items()}}
+            else:
+                sent = self._sent
+                msg = {"op": "publish", "seq": self._seq, "full": False,
+                       "files": {n: _as_tuple(f) for n, f in snap.files.items() if sent.get(n) is not f and sent.get(n) != f},
+                       "gone": [n for n in sent if n not in snap.files]}
+            msg["default"] = _as_tuple(snap.default)
+            msg["mtime_ns"] = snap.mtime_ns
+            try:
+                self.conn.settimeout(ACK_TIMEOUT)
+                send_frame(self.conn, msg)
+                ack, _ = recv_frame(self.conn)
+                if ack is None:
+                    raise OSError(errno.EPIPE, "file server closed the channel")
+            except (OSError, ValueError) as e:
+                log.warning("file server %s did not take the snapshot (%s): restarting it", self.pid, e)
+                self._drop()
+                return
+            self._sent = dict(snap.files)
+
+    def _drop(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = None
+        if self.pid and _alive(self.pid):
+            _kill(self.pid)
+
+    # --- watching ------------------------------------------------------------------------------
+    def _watch(self) -> None:
+        last_mount_check = 0.0
+        while not self._stop.is_set():
+            pid = self.pid
+            died = False
+            if pid is not None:
+                try:
+                    pfd = os.pidfd_open(pid)
+                except ProcessLookupError:
+                    died = True
+                else:
+                    try:
+                        died = bool(select.select([pfd], [], [], WATCH_INTERVAL)[0])
+                    finally:
+                        os.close(pfd)
+            else:
+                self._stop.wait(WATCH_INTERVAL)
+            if self._stop.is_set():
+                return
+            if died or self.conn is None:
+                self._restart(pid)
+            now = time.monotonic()
+            if now - last_mount_check >= 1.0:
+                last_mount_check = now
+                self._check_mount()
+
+    def _restart(self, dead: int | None) -> None:
+        with self.lock:
+            if self.proc is not None and self.proc.pid == dead:
+                self.proc.wait()
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
+            log.warning("file server %s is gone: starting another on the same FUSE connection", dead)
+            try:
+                self._spawn(fresh=False)
+            except MountError as e:
+                log.error("cannot restart the file server: %s", e)
+                time.sleep(1)
+                return
+            self.restarts += 1
+            if self.latest is not None:
+                self.publish(self.latest)
+            log.info("file server %d serves the mount again", self.pid)
+
+    def _check_mount(self) -> None:
+        try:
+            kind = mount_type(str(self.fs_dir))
+        except OSError:
+            return
+        if kind == "fuse.tether":
+            if self.problem:
+                log.info("the FUSE mount at %s is back", self.fs_dir)
+            self.problem = None
+        elif self.problem is None:
+            self.problem = f"nothing is mounted at {self.fs_dir}" if kind is None else f"{self.fs_dir} is a {kind} mount, not tether's"
+            log.error(
+                "the FUSE mount is gone: %s (someone unmounted it). Running containers keep their files; "
+                "new containers cannot start until tether-fused is restarted, which attaches it again",
+                self.problem,
+            )
+
+    def close(self) -> None:
+        """Stop watching; the file server keeps serving (a restart takes over)."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=2)
+        with self.lock:
+            if self.conn is not None:
+                self.conn.close()
+                self.conn = None
+        for fd in (self.fd, self.tree_fd):
+            if fd is not None:
+                os.close(fd)
+        self.fd = self.tree_fd = None
+
+
+def _kill(pid: int, timeout: float = 2.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    if _alive(pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def stop_all(run_dir: Path, fs_dir: Path) -> list[str]:
+    """--cleanup: stop the file server, unmount, remove its files. Returns what it did."""
+    done = []
+    pid = _read_pid(Path(run_dir) / "fsd.pid")
+    if pid and _alive(pid):
+        _kill(pid)
+        done.append(f"stopped file server {pid}")
+    if detach(fs_dir):
+        done.append(f"unmounted {fs_dir}")
+    for name in ("fsd.sock", "fsd.pid", "fsd.table", "fsd.passthrough"):
+        try:
+            (Path(run_dir) / name).unlink()
+        except FileNotFoundError:
+            pass
+    return done
+
+
+# --- systemd's fd store -------------------------------------------------------------------
+def _systemd_fd(name: str) -> int | None:
+    """An fd systemd passed us under `name` (LISTEN_FDNAMES), if any."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return None
+    for i, n in enumerate(names[:count]):
+        if n == name:
+            os.set_inheritable(3 + i, False)
+            return 3 + i
+    return None
+
+
+def _store_fds(fds: dict[str, int | None]) -> None:
+    """Give systemd a copy of each fd (FDSTORE=1): it outlives every process of ours."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    import array
+
+    for name, fd in fds.items():
+        if fd is None:
+            continue
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+            try:
+                s.sendmsg([f"FDSTORE=1\nFDNAME={name}".encode()],
+                           [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))], 0, addr)
+            except OSError as e:
+                log.warning("systemd fd store: %s", e)
