@@ -223,6 +223,7 @@ class Doctor:
             ("daemon", self.daemon),
             ("store", self.store),
             ("mount", self.mount),
+            ("file-server", self.file_server),
             ("firewall", self.firewall),
             ("dns", self.dns),
         ]
@@ -488,7 +489,11 @@ class Doctor:
             return Result("mount", FAIL, f"cannot read /proc/self/mountinfo: {e.strerror}", "mount /proc")
         found = mounts_at(info, fs)
         if not found:
-            return Result("mount", FAIL, f"nothing is mounted at {fs}", f"tether-fused mounts the served files there: {START}")
+            return Result(
+                "mount", FAIL, f"nothing is mounted at {fs}",
+                "restart tether-fused (`systemctl restart tether-fused`): it mounts the served files there, attaching "
+                "the connection running containers still use; until then new containers cannot start",
+            )
         fstype, _src = found[-1]
         if fstype != "fuse.tether":
             return Result("mount", FAIL, f"{fs} is a {fstype} mount, not tether's fuse.tether", f"`umount {fs}`, then restart tether-fused")
@@ -522,6 +527,26 @@ class Doctor:
         if "localhost" not in r.out:
             return Result("mount", WARN, f"fuse.tether at {fs}, but {probe} has no localhost line (not published yet?)", "run doctor again; if it stays, restart tether-fused")
         return Result("mount", OK, f"fuse.tether at {fs} serves files ({PROBE_NAME}/hosts: {len(r.out)} bytes)")
+
+    def file_server(self) -> Result:
+        """The process that answers FUSE requests (<run_dir>/fsd.pid)."""
+        path = self.cfg.run_dir / "fsd.pid"
+        try:
+            pid = int(path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return Result("file-server", FAIL, f"no file server ({path} is missing)", f"tether-fused starts it: {START}")
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return Result("file-server", FAIL, f"file server {pid} (from {path}) is not running",
+                          "restart tether-fused (`systemctl restart tether-fused`): it starts another on the same connection")
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            cmdline = []
+        if b"fused.fs.server" not in cmdline:
+            return Result("file-server", FAIL, f"pid {pid} in {path} is not tether's file server", f"remove {path}, then restart tether-fused")
+        return Result("file-server", OK, f"pid {pid} serves {self.cfg.run_dir / 'fs'} (it outlives restarts of tether-fused)")
 
     def firewall(self) -> Result:
         from .net.firewall.base import HOOKS

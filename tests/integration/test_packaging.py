@@ -1,6 +1,7 @@
 """Issue: systemd and files — the unit verifies, the daemon notifies systemd when ready."""
 from __future__ import annotations
 
+import array
 import os
 import shutil
 import socket
@@ -42,8 +43,19 @@ def test_ready_notification_after_mount_and_socket(rootfs, tmp_path):
         d.proc = subprocess.Popen([FUSED, "--config", str(d.config)], env=env, stdout=log, stderr=subprocess.STDOUT)
         d.pids.add(d.proc.pid)
         try:
-            msg = s.recv(4096).decode()
-            assert "READY=1" in msg
+            # first the FUSE connection goes into systemd's fd store, with the fd
+            stored = {}
+            while True:
+                data, anc, _, _ = s.recvmsg(4096, socket.CMSG_SPACE(4 * 4))
+                msg = data.decode()
+                if "READY=1" in msg:
+                    break
+                assert msg.startswith("FDSTORE=1\nFDNAME="), msg
+                fds = [array.array("i", payload)[0] for lvl, kind, payload in anc if kind == socket.SCM_RIGHTS]
+                assert len(fds) == 1
+                stored[msg.split("FDNAME=")[1]] = os.readlink(f"/proc/self/fd/{fds[0]}")
+                os.close(fds[0])
+            assert stored.get("fuse") == "/dev/fuse", stored
             # at that moment: socket answers, files are served
             assert d.sock.exists() and os.path.ismount(d.run_dir / "fs")
             assert d.cli_json("ps") == []
