@@ -15,16 +15,19 @@ for inodes it never handed out, and agrees with the kernel about them.
 Every open pins the file's bytes as of that moment, so a reader sees one whole
 snapshot from open to close. With passthrough (Linux 6.9+) the pinned bytes
 are a memfd registered as a backing file: reads never reach us. The kernel
-allows one backing file per inode among the files open at a time, so an open
-that would need a second one (a reader still holds an older version) is
-served with direct I/O from our own copy instead: slower, never an error. A
-backing file is closed only when no open file uses it and no OPEN reply
-naming it can still be on its way (its count covers both).
+allows one backing file per inode among the files open at a time, and fails
+(EIO) an open that brings another, passthrough or direct I/O alike; so while
+a reader holds an older version open, a new open reads that same version
+(whole, one change behind) and the first open after the last close gets the
+current bytes. A backing file is closed only when no open file uses it and no
+OPEN reply naming it can still be on its way (its count covers both).
+Without passthrough, every open gets direct I/O from a copy we pin per handle.
 """
 from __future__ import annotations
 
 import errno
 import hashlib
+import random
 import re
 import stat
 import struct
@@ -161,8 +164,10 @@ class Handlers:
         self.snap = snap or snapshot({}, mtime_ns=time.time_ns())
         self._start_ns = self.snap.mtime_ns
         self._mtime: dict[int, int] = {}
-        self._direct: dict[int, bytes] = {}  # fh -> pinned bytes (direct I/O opens)
-        self._next_fh = 1
+        self._direct: dict[int, tuple[int, bytes]] = {}  # fh -> (inode, pinned bytes): direct I/O opens
+        # handles of a server before us may still be open: ours start elsewhere
+        self._next_fh = random.getrandbits(62) << 1 | 1
+        self._unlisted: set[int] = set()  # keys of names looked up but not in the snapshot
         self._opening = 0  # the inode of the OPEN whose reply is being written
         self.init: wire.Init | None = None
         self.on_init = lambda init: None
@@ -193,6 +198,10 @@ class Handlers:
         caller invalidates the kernel's attributes of those)."""
         old, self.snap = self.snap, snap
         changed = []
+        if old.default != snap.default:  # names served the default that the kernel knows
+            for k in self._unlisted - snap.by_key.keys():
+                base = k * STRIDE + 1
+                changed += [base + i for i in range(len(FILES)) if old.default[i] != snap.default[i]]
         for name in old.files.keys() | snap.files.keys():
             a = old.files.get(name, old.default)
             b = snap.files.get(name, snap.default)
@@ -256,7 +265,10 @@ class Handlers:
         if k == 0:
             if _LABEL.fullmatch(name) is None:
                 raise OSError(errno.ENOENT, "")
-            child = key(name.decode()) * STRIDE
+            ck = key(name.decode())
+            if ck not in self.snap.by_key:
+                self._unlisted.add(ck)
+            child = ck * STRIDE
         else:
             fi = _FILE_INDEX.get(name)
             if fi is None:
@@ -282,8 +294,8 @@ class Handlers:
             bid = self._pin(i, data, req.unique)
             return _OPEN_REPLY.pack(32, 0, req.unique, 0, wire.PASSTHROUGH_OPEN | wire.NOFLUSH, bid)
         fh = self._next_fh
-        self._next_fh += 1
-        self._direct[fh] = data
+        self._next_fh += 2
+        self._direct[fh] = (i, data)
         return _OPEN_REPLY.pack(32, 0, req.unique, fh, wire.DIRECT_IO | wire.NOFLUSH, 0)
 
     def _pin(self, i: int, data: bytes, unique: int) -> int:
@@ -328,8 +340,9 @@ class Handlers:
 
     def read(self, req: wire.Request) -> bytes:
         fh, off, size, _ = wire.READ_IN.unpack_from(req.body)
-        data = self._direct.get(fh)
-        if data is None:  # opened by a server before us, or passthrough refused
+        pinned = self._direct.get(fh)
+        data = pinned[1] if pinned is not None and pinned[0] == req.nodeid else None
+        if data is None:  # opened by a server before us
             k, idx = self._decode(req.nodeid)
             if idx == 0:
                 raise OSError(errno.EISDIR, "")
@@ -349,6 +362,8 @@ class Handlers:
 
     def _forgotten(self, i: int) -> None:
         """The kernel dropped the inode: nothing has it open, its backing file can go."""
+        if i % STRIDE == 0:
+            self._unlisted.discard(i // STRIDE)
         slot = self.table.get(i)
         if slot is not None and slot.count == 0:
             if slot.bid and self.backing is not None:

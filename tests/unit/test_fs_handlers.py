@@ -377,8 +377,6 @@ def test_publish_of_equal_bytes_changes_nothing():
     assert fs.h.publish(h.snapshot(dict(s.files), s.default, T0 + 1)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="publish() compares only names listed in either snapshot: a changed "
-                                       "`default` is served to looked-up unlisted names without invalidation")
 def test_publish_reports_default_change_for_a_looked_up_unlisted_name():
     fs = FS(snap1())
     fs.entry(h.ROOT, "stranger")  # the kernel now caches its entry and attributes for TIMEOUT
@@ -857,7 +855,6 @@ def test_truncated_body_is_einval(op, nodeid, body, passthrough):
 
 
 # --- restarts without passthrough ---------------------------------------------------------
-DEAD_FH = "direct-I/O file handles restart at 1 in every new file server (handlers.py, Handlers.__init__: _next_fh = 1)"
 
 
 def _restart_without_passthrough():
@@ -873,14 +870,12 @@ def _restart_without_passthrough():
     return fs2, a, fh_a, b, fh_b
 
 
-@pytest.mark.xfail(strict=True, reason=DEAD_FH + ": a handle from a dead server's OPEN reads another file's pin")
 def test_direct_fh_from_a_dead_server_does_not_read_another_files_pin():
     fs2, a, fh_a, _b, _fh_b = _restart_without_passthrough()
     # the first reader goes on reading its file, with the handle it was given
     assert fs2.read(a, fh_a) == WEB[0]
 
 
-@pytest.mark.xfail(strict=True, reason=DEAD_FH + ": RELEASE of a dead server's handle drops another open's pin")
 def test_release_of_a_dead_servers_fh_keeps_other_pins():
     fs2, a, fh_a, b, fh_b = _restart_without_passthrough()
     fs2.h.publish(h.snapshot({"web": WEB, "db": (b"10.0.0.33 db\n",) + DB[1:]}, DEFAULT, T0 + 1))
