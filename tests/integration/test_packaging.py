@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed here")
 def test_unit_passes_systemd_analyze_verify(tmp_path):
     unit = (ROOT / "packaging" / "tether-fused.service").read_text()
-    assert "Type=notify" in unit and "KillMode=process" in unit and "Restart=on-failure" in unit
+    assert "Type=notify" in unit and "KillMode=process" in unit and "Restart=always" in unit
+    assert "FileDescriptorStoreMax=4" in unit  # the FUSE connection and its mount clone
     # verify checks that ExecStart exists: point it at this installation
     (tmp_path / "tether-fused.service").write_text(unit.replace("/usr/local/bin/tether-fused", FUSED))
     r = sh("systemd-analyze", "verify", str(tmp_path / "tether-fused.service"), check=False)
