@@ -245,3 +245,56 @@ def test_no_read_error_during_60s_of_retargets(three):
     print(f"\n60 s of retargets ({retargets}): {total} reads in a container, 0 errors")
     assert not errors, errors[:3]
     assert total >= 50_000
+
+
+def test_both_killed_at_once_with_systemd_fd_store(three, tmp_path):
+    """Production: systemd keeps a copy of the FUSE connection (FDSTORE=1).
+    Here the test plays systemd: it takes the stored fds from the notify
+    socket, and after tether-fused and the file server are both killed at
+    once, passes them to the next tether-fused (LISTEN_FDS, LISTEN_FDNAMES)."""
+    import array
+    import socket
+
+    d = three
+    d.stop()
+    notify = str(tmp_path / "notify.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(notify)
+    s.settimeout(15)
+    log = open(d.log, "a")
+    d.proc = subprocess.Popen([FUSED, "--config", str(d.config)], env=dict(os.environ, NOTIFY_SOCKET=notify),
+                              stdout=log, stderr=subprocess.STDOUT)
+    stored = {}
+    while True:
+        data, anc, _, _ = s.recvmsg(4096, socket.CMSG_SPACE(4 * 4))
+        if b"READY=1" in data:
+            break
+        name = data.decode().split("FDNAME=")[1]
+        stored[name] = [array.array("i", p)[0] for _, kind, p in anc if kind == socket.SCM_RIGHTS][0]
+    s.close()
+    assert set(stored) == {"fuse", "fuse-tree"}
+    readers = Readers(d)
+    readers.wait_started()
+    fsd = d.pid_of("fsd")
+    os.kill(d.pid_of("fused"), 9)
+    os.kill(fsd, 9)
+    d.proc.wait()
+    wait_for(lambda: not os.path.exists(f"/proc/{fsd}"), 10, what="the file server to die")
+    time.sleep(0.5)  # nobody serves: reads wait in the kernel, they do not fail
+
+    def as_systemd():
+        os.dup2(stored["fuse"], 3)
+        os.dup2(stored["fuse-tree"], 4)
+
+    env = dict(os.environ, LISTEN_FDS="2", LISTEN_FDNAMES="fuse:fuse-tree")
+    d.proc = subprocess.Popen(
+        ["sh", "-c", 'export LISTEN_PID=$$; exec "$@"', "sh", FUSED, "--config", str(d.config)],
+        env=env, stdout=log, stderr=subprocess.STDOUT, preexec_fn=as_systemd, pass_fds=(3, 4),
+    )
+    wait_for(lambda: d.sock.exists() and d.cli("ps", check=False).returncode == 0, 15, what="tether-fused back")
+    reads = readers.finish()
+    for fd in stored.values():
+        os.close(fd)
+    assert "systemd's fd store" in d.log.read_text()
+    print(f"\nboth killed at once, connection from the fd store: {reads} reads, 0 failed")
+    new_container_gets_files(d, "n7")
