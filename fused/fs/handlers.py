@@ -32,6 +32,7 @@ import re
 import stat
 import struct
 import time
+from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from . import wire
@@ -48,6 +49,11 @@ EMPTY = (b"", b"", b"", b"")
 
 # one struct per reply shape on the hot path: header and body in one pack
 _OPEN_REPLY = struct.Struct("<IiQQIi")  # out header + fuse_open_out
+_HEAD = struct.Struct("<IIQQ")  # len opcode unique nodeid
+_HEADER = wire.OUT_HEADER
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+_PT_FLAGS = wire.PASSTHROUGH_OPEN | wire.NOFLUSH
+_KEY_END = 1 << KEY_BITS
 _ATTR_REPLY = struct.Struct("<IiQ" + "QII" + wire.ATTR.format[1:])
 _ENTRY_REPLY = struct.Struct("<IiQ" + "QQQQII" + wire.ATTR.format[1:])
 
@@ -84,11 +90,14 @@ class Backing(Protocol):
     def close(self, bid: int) -> None: ...
 
 
-class Slot(NamedTuple):
+@dataclass(slots=True)
+class Slot:
     bid: int  # backing id (0: none)
     count: int  # open files using it, plus OPEN replies on their way
     token: bytes  # digest of the bytes it holds
     last: int  # unique of the last OPEN or RELEASE counted (a resent one is not counted twice)
+    off: int = field(default=-1, compare=False)  # its record in the table's memory (-1: none)
+    data: object = field(default=None, compare=False)  # the very bytes object it holds, in this process
 
 
 class OpenTable:
@@ -104,15 +113,13 @@ class OpenTable:
     def __init__(self, mem) -> None:
         self.mem = mem
         self.slots: dict[int, Slot] = {}
-        self._where: dict[int, int] = {}
         self._free: list[int] = []
         self.full = False
         rec = self.REC
         for off in range(len(mem) - len(mem) % rec.size - rec.size, -1, -rec.size):
             i, bid, count, last, token = rec.unpack_from(mem, off)
             if i:
-                self.slots[i] = Slot(bid, count, token, last)
-                self._where[i] = off
+                self.slots[i] = Slot(bid, count, token, last, off)
             else:
                 self._free.append(off)
 
@@ -120,14 +127,15 @@ class OpenTable:
         return self.slots.get(i)
 
     def put(self, i: int, slot: Slot) -> None:
+        old = self.slots.get(i)
+        slot.off = old.off if old is not None else -1
         self.slots[i] = slot
-        off = self._where.get(i)
-        if off is None:
+        if slot.off < 0:
             if not self._free:
                 self.full = True  # keep serving; only a restart would forget this one
                 return
-            off = self._where[i] = self._free.pop()
-        self.REC.pack_into(self.mem, off, i, slot.bid, slot.count, slot.last, slot.token)
+            slot.off = self._free.pop()
+        self.REC.pack_into(self.mem, slot.off, i, slot.bid, slot.count, slot.last, slot.token)
 
     def count(self, i: int, delta: int, unique: int, once: bool = True) -> Slot:
         """Add `delta` to the open count of `i` for request `unique`, once."""
@@ -135,18 +143,17 @@ class OpenTable:
         unique &= ~wire.UNIQUE_RESEND
         if once and unique == s.last:
             return s  # counted before the server that read it first died
-        s = self.slots[i] = Slot(s.bid, max(0, s.count + delta), s.token, unique)
-        off = self._where.get(i)
-        if off is not None:
-            self.COUNT.pack_into(self.mem, off + 12, s.count, unique)
+        s.count = max(0, s.count + delta)
+        s.last = unique
+        if s.off >= 0:
+            self.COUNT.pack_into(self.mem, s.off + 12, s.count, unique)
         return s
 
     def drop(self, i: int) -> None:
-        self.slots.pop(i, None)
-        off = self._where.pop(i, None)
-        if off is not None:
-            struct.pack_into("<Q", self.mem, off, 0)
-            self._free.append(off)
+        s = self.slots.pop(i, None)
+        if s is not None and s.off >= 0:
+            struct.pack_into("<Q", self.mem, s.off, 0)
+            self._free.append(s.off)
 
 
 class Handlers:
@@ -216,6 +223,24 @@ class Handlers:
 
     # --- the loop's entry -------------------------------------------------------
     def handle(self, buf, n: int | None = None) -> bytes | None:
+        if n is None:
+            n = len(buf)
+        # the two requests every read of a file brings, without building a Request
+        if n >= 48 and self.passthrough:
+            length, opcode, unique, i = _HEAD.unpack_from(buf)
+            if length == n and (opcode == wire.OPEN or opcode == wire.RELEASE):
+                k, idx = divmod(i, STRIDE)
+                if 0 < idx <= 4 and 0 < k < _KEY_END:
+                    if opcode == wire.OPEN:
+                        if not _U32.unpack_from(buf, 40)[0] & 0o3003:
+                            snap = self.snap
+                            name = snap.by_key.get(k)
+                            data = (snap.default if name is None else snap.files[name])[idx - 1]
+                            return _OPEN_REPLY.pack(32, 0, unique, 0, _PT_FLAGS, self._pin(i, data, unique))
+                    elif n >= 56 and not _U64.unpack_from(buf, 40)[0]:  # RELEASE of a passthrough open
+                        if i in self.table.slots:
+                            self.table.count(i, -1, unique)
+                        return _HEADER.pack(16, 0, unique)
         req = wire.parse(buf, n)
         fn = self.dispatch.get(req.opcode)
         if fn is None:  # OPENDIR, FLUSH, GETXATTR, ...: ENOSYS, which the kernel remembers
@@ -307,14 +332,16 @@ class Handlers:
         pinned (whole, possibly one change behind); the first open after the
         last close gets the current bytes."""
         table = self.table
-        slot = table.get(i)
-        if slot is None or slot.count == 0:
+        slot = table.slots.get(i)
+        if slot is None or slot.count == 0 and slot.data is not data:
             token = digest(data)
             if slot is None or slot.token != token or not slot.bid:
                 bid = self.backing.open(data)
                 if slot is not None and slot.bid:
                     self.backing.close(slot.bid)  # count 0: no open file, no reply on its way
-                table.put(i, Slot(bid, 0, token, slot.last if slot else 0))
+                slot = Slot(bid, 0, token, slot.last if slot else 0)
+                table.put(i, slot)
+            slot.data = data
         self._opening = i
         return table.count(i, +1, unique).bid
 

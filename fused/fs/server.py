@@ -14,7 +14,7 @@ once it has a snapshot: a reader stalls meanwhile, and never fails.
 
 Publish channel (`<run_dir>/fsd.sock`, root only): frames of a 4-byte length
 and a `marshal`led dict, one answer per request.
-    {"op": "hello"}                      -> {"pid", "passthrough", "serving", "seq"}
+    {"op": "hello"}                      -> {"pid", "version", "passthrough", "serving", "seq"}
     {"op": "publish", "seq", "full", "files": {name: (4 bytes)}, "gone": [name],
      "default": (4 bytes), "mtime_ns"}   -> {"seq"}      (applied whole, then acked)
     {"op": "handover"}                   -> {"passthrough"} + the FUSE fd and the
@@ -50,6 +50,19 @@ FRAME = struct.Struct("<I")
 MAX_FRAME = 256 << 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
+
+
+def code_version() -> str:
+    """A digest of the file server's own code: tether-fused replaces a file
+    server whose code differs from its own (an upgrade)."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in ("wire.py", "handlers.py", "server.py"):
+        with open(os.path.join(here, name), "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()
 
 
 class IoctlBacking:
@@ -141,6 +154,7 @@ class Server:
         self.ready = threading.Event()  # set by the first publish
         self.seq = 0
         self.sock_path = os.path.join(run_dir, "fsd.sock")
+        self.version = code_version()
 
     def _negotiated(self, init: wire.Init) -> None:
         """Only the first server sees INIT: the next ones learn its outcome here."""
@@ -195,6 +209,7 @@ class Server:
                         send_frame(conn, {"seq": self.seq})
                     elif op == "hello":
                         send_frame(conn, {"pid": os.getpid(), "passthrough": self.handlers.passthrough,
+                                          "version": self.version,
                                           "serving": self.ready.is_set(), "seq": self.seq,
                                           "init": self.handlers.init is not None or not self.fresh})
                     elif op == "handover":

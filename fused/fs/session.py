@@ -30,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from .server import recv_frame, send_frame
+from .server import code_version, recv_frame, send_frame
 
 log = logging.getLogger("tether.fs")
 
@@ -184,6 +184,20 @@ class FileService:
         self.passthrough = bool(msg.get("passthrough"))
         self.pid = hello["pid"]
         self.conn = conn
+        if hello.get("version") != code_version():
+            # an upgrade: a file server of this installation's code takes over
+            # the same connection (requests the old one held are resent)
+            log.info("file server %d runs other code (%s): replacing it", self.pid, hello.get("version"))
+            try:
+                send_frame(conn, {"op": "stop"})
+                recv_frame(conn)
+            except (OSError, ValueError):
+                pass
+            conn.close()
+            self.conn = None
+            _kill(self.pid)
+            self._spawn(fresh=False)
+            return f"replaced file server {hello['pid']} (other code) on its connection"
         return f"took over the connection of file server {self.pid}"
 
     def _mount(self) -> None:
