@@ -31,11 +31,13 @@ import logging
 import marshal
 import mmap
 import os
+import select
 import signal
 import socket
 import struct
 import sys
 import threading
+import time
 
 from . import handlers as h
 from . import wire
@@ -47,6 +49,7 @@ BACKING_CLOSE = 0x4004E502  # _IOW(229, 2, uint32_t)
 BACKING_MAP = struct.Struct("<iIQ")
 TABLE_SIZE = 1 << 20  # 43,690 inodes with a backing file
 FRAME = struct.Struct("<I")
+SPIN = float(os.environ.get("TETHER_FSD_SPIN_US", "30")) / 1e6
 MAX_FRAME = 256 << 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -251,16 +254,33 @@ class Server:
         buf = bytearray(wire.BUFSIZE)
         bufs = [buf]
         readv, write, handle = os.readv, os.write, hd.handle
+        os.set_blocking(fd, False)
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        wait, clock, spin, yield_ = poller.poll, time.perf_counter, SPIN, os.sched_yield
+        last = clock()
         while True:
             try:
                 n = readv(fd, bufs)
+            except BlockingIOError:
+                # a reader in a loop sends its next request within microseconds:
+                # poll for it a little before sleeping (a wake-up from another
+                # CPU costs tens of microseconds on a small VM)
+                if clock() - last > spin:
+                    wait()
+                    last = clock()
+                else:
+                    yield_()  # a reader on this CPU runs first
+                continue
             except OSError as e:
-                if e.errno in (errno.ENOENT, errno.EINTR, errno.EAGAIN):  # interrupted meanwhile
+                if e.errno in (errno.ENOENT, errno.EINTR):  # interrupted meanwhile
                     continue
-                if e.errno == errno.ENODEV:  # unmounted everywhere: the connection is gone
+                if e.errno in (errno.ENODEV, errno.EBADF):  # unmounted everywhere: the connection is gone
                     log.info("file server %d: the FUSE connection ended", os.getpid())
                     return
                 raise
+            if n == 0:
+                return
             try:
                 out = handle(buf, n)
             except wire.Malformed as e:
@@ -284,6 +304,7 @@ class Server:
                     raise
                 hd.unanswered()
             hd.written()
+            last = clock()
 
 
 def main(argv: list[str] | None = None) -> None:
