@@ -104,6 +104,7 @@ class Demo:
         tag = "%04x" % random.randrange(1 << 16)
         self.bridge, self.chain_prefix = f"tdemo{tag}", f"TDEMO{tag.upper()}"
         self.proc: subprocess.Popen | None = None
+        self.loop: subprocess.Popen | None = None  # step 10's reader loop in web (a `runc exec`)
         self.started: list[str] = []
         self.step = "setting up"
 
@@ -250,6 +251,10 @@ class Demo:
 
     def start_daemon(self) -> None:
         self.heading(2, "Start the daemon")
+        self.launch()
+
+    def launch(self) -> None:
+        """Start tether-fused in the background and wait until its control socket answers."""
         self.say("$ tether-fused --config $D/tether.toml &    (log: $D/fused.log)")
         with open(self.log, "ab") as logf:  # its own session: a Ctrl-C reaches the demo, which stops it in order
             self.proc = subprocess.Popen([FUSED, "--config", str(self.config)], stdin=subprocess.DEVNULL,
@@ -360,6 +365,92 @@ class Demo:
             raise Failed("web's SRV lookup of _database._tcp did not list port 5432")
         self.say("each container gets the answers of its own links; TTL 0, so a retarget shows at once")
 
+    # step 10: web's reads of /etc/hosts, in a loop (ash builtins but cat and grep; /dev/shm is web's own tmpfs)
+    READER = (
+        "n=0; f=0\n"
+        "while [ ! -e /dev/shm/stop ]; do\n"
+        "  cat /etc/hosts >/dev/null || { echo FAIL cat; f=$((f+1)); }\n"
+        "  grep -q database /etc/hosts || { echo FAIL grep; f=$((f+1)); }\n"
+        "  n=$((n+1)); echo $n >/dev/shm/n\n"
+        "done\n"
+        'echo "$n rounds, $f failed"'
+    )
+
+    def pid_file(self, name: str) -> int | None:
+        try:
+            return int((self.run_dir / name).read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def rounds(self) -> int:
+        """How many rounds web's reader loop has done so far (it writes the count to its /dev/shm/n)."""
+        out = sh(self.runc_cmd("exec", "web", "cat", "/dev/shm/n"), check=False, timeout=15).stdout.strip()
+        return int(out) if out.isdigit() else 0
+
+    def kill_daemon(self) -> None:
+        self.heading(10, "kill -9 tether-fused while web reads its /etc/hosts in a loop, then start it again")
+        fused0, fsd0 = self.pid_file("fused.pid"), self.pid_file("fsd.pid")
+        if self.proc is None or fused0 != self.proc.pid or fsd0 is None:
+            raise Failed(f"$D/run/fused.pid says {fused0} (the demo started {self.proc and self.proc.pid}), $D/run/fsd.pid {fsd0}")
+        self.say(f"tether-fused: pid {fused0} ($D/run/fused.pid); the file server answering $D/run/fs: pid {fsd0} ($D/run/fsd.pid)")
+        self.say("$ runc --root $D/runc exec web sh -c \"$READER\" &    where READER is")
+        self.output(self.READER)
+        self.loop = subprocess.Popen(self.runc_cmd("exec", "web", "sh", "-c", self.READER), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while (n0 := self.rounds()) == 0:
+            if self.loop.poll() is not None or time.monotonic() > deadline:
+                raise Failed("web's reader loop did not start" + (f" (exited {self.loop.returncode})" if self.loop.poll() is not None else ""))
+            time.sleep(0.05)
+        self.say(f"$ kill -9 {fused0}    (after {n0} rounds)")
+        os.kill(fused0, signal.SIGKILL)
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            raise Failed(f"tether-fused {fused0} still runs 5 s after SIGKILL") from None
+        time.sleep(1)
+        n1 = self.rounds()
+        alive = self._is_our_file_server(fsd0)
+        self.say(f"1 s later: tether-fused is gone, file server {fsd0} {'still runs' if alive else 'is GONE'}; "
+                 f"web did {n1 - n0} more rounds meanwhile")
+        self.say("(web's DNS server, on the gateway, is part of tether-fused: down until it is back)")
+        self.launch()
+        took = [line for line in self.log.read_text(errors="replace").splitlines() if "served files:" in line]
+        self.output(took[-1] if took else "(no `served files:` line in $D/fused.log)")
+        time.sleep(0.3)  # a few more rounds against the restarted daemon
+        sh(self.runc_cmd("exec", "web", "touch", "/dev/shm/stop"), timeout=15)
+        self.say("$ runc --root $D/runc exec web touch /dev/shm/stop    (the loop ends; its output:)")
+        try:
+            out, _ = self.loop.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            raise Failed("web's reader loop did not stop within 15 s of /dev/shm/stop") from None
+        self.output(out)
+        lines = out.strip().splitlines()
+        m = re.fullmatch(r"(\d+) rounds, (\d+) failed", lines[-1] if lines else "")
+        fails = sum(1 for line in lines if line.startswith("FAIL"))
+        if m is None or self.loop.returncode != 0:
+            raise Failed(f"web's reader loop exited {self.loop.returncode} with {lines[-1] if lines else 'no output'!r}")
+        total = int(m.group(1))
+        self.say(f"{total} rounds = {2 * total} reads of /etc/hosts (cat, and grep for `database`): "
+                 f"{fails} FAIL lines, {int(m.group(2))} failed")
+        fsd1 = self.pid_file("fsd.pid")
+        self.say(f"file server pid before: {fsd0}, after: {fsd1}   ($D/run/fsd.pid)")
+        if fails or int(m.group(2)) or lines[:-1]:
+            raise Failed(f"web's reads of /etc/hosts failed while tether-fused was killed and restarted: {lines[:-1]}")
+        if fsd1 != fsd0:
+            raise Failed(f"the file server changed from {fsd0} to {fsd1}: it should have kept serving")
+        out = self.runc("exec", "web", "nslookup", "database")
+        if "Address:" not in out.split("Name:", 1)[-1]:
+            raise Failed("after the restart, web's DNS lookup of `database` got no address")
+        self.say("no read failed: the file server kept answering; the new tether-fused took its connection over")
+
+    def _is_our_file_server(self, pid: int) -> bool:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return b"fused.fs.server" in argv and str(self.run_dir).encode() in argv
+
     def cleanup(self) -> list[str]:
         """Remove everything; returns what could not be removed."""
         ids = [n for n in ("web", "db2", "db") if n in self.started]
@@ -371,6 +462,12 @@ class Demo:
             sh(self.runc_cmd("delete", "-f", name), check=False)
         if ids:
             print(f"    removed containers {', '.join(ids)}")
+        if self.loop is not None and self.loop.poll() is None:  # its sh died with web; runc exec follows
+            try:
+                self.loop.wait(5)
+            except subprocess.TimeoutExpired:
+                self.loop.kill()
+                self.loop.wait()
         if self.proc is not None:
             if self.proc.poll() is None:
                 self.proc.send_signal(signal.SIGTERM)
@@ -380,13 +477,20 @@ class Demo:
                     self.proc.kill()
                     self.proc.wait()
             print(f"    stopped tether-fused (pid {self.proc.pid})")
+        fsd = self.pid_file("fsd.pid")  # --cleanup stops it; the check below makes sure
         if self.config.exists():
             sh([FUSED, "--config", str(self.config), "--cleanup"], check=False)
             print(f"    $ tether-fused --config $D/tether.toml --cleanup    (bridge {self.bridge}, "
                   f"veths, chains {self.chain_prefix}-*, FUSE mount)")
+        if fsd is not None and self._is_our_file_server(fsd):
+            os.kill(fsd, signal.SIGKILL)
+            print(f"    killed file server {fsd} (--cleanup had not stopped it)")
+            time.sleep(0.2)
         if os.path.ismount(self.run_dir / "fs"):
             sh(["umount", "-l", str(self.run_dir / "fs")], check=False)
         left = []
+        if fsd is not None and self._is_our_file_server(fsd):
+            left.append(f"file server {fsd}")
         if self.runc_root.exists() and sh(self.runc_cmd("list", "-q"), check=False).stdout.strip():
             left.append("runc containers")
         if sh(["ip", "link", "show", self.bridge], check=False).returncode == 0:
@@ -432,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         demo.restart()
         demo.failover(port)
         demo.srv()
+        demo.kill_daemon()
         status = 0
     except Failed as e:
         print(f"\ndemo FAILED at {demo.step if demo else 'setup'}: {demo.short(str(e)) if demo else e}", flush=True)
@@ -443,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in old:  # cleanup must not be cut short by a second Ctrl-C
             signal.signal(s, signal.SIG_IGN)
         if demo is not None:
-            print("\n[10] Clean up")
+            print("\n[11] Clean up")
             left = demo.cleanup()
             if left:
                 print(f"demo cleanup left behind: {', '.join(left)}")
