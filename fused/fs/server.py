@@ -258,7 +258,7 @@ class Server:
         poller = select.poll()
         poller.register(fd, select.POLLIN)
         wait, clock, spin, yield_ = poller.poll, time.perf_counter, SPIN, os.sched_yield
-        last = clock()
+        idle_since = 0.0
         while True:
             try:
                 n = readv(fd, bufs)
@@ -266,11 +266,14 @@ class Server:
                 # a reader in a loop sends its next request within microseconds:
                 # poll for it a little before sleeping (a wake-up from another
                 # CPU costs tens of microseconds on a small VM)
-                if clock() - last > spin:
+                now = clock()
+                if not idle_since:
+                    idle_since = now
+                elif now - idle_since > spin:
                     wait()
-                    last = clock()
-                else:
-                    yield_()  # a reader on this CPU runs first
+                    idle_since = 0.0
+                    continue
+                yield_()  # a reader on this CPU runs first
                 continue
             except OSError as e:
                 if e.errno in (errno.ENOENT, errno.EINTR):  # interrupted meanwhile
@@ -304,7 +307,7 @@ class Server:
                     raise
                 hd.unanswered()
             hd.written()
-            last = clock()
+            idle_since = 0.0
 
 
 def main(argv: list[str] | None = None) -> None:
