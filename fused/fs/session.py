@@ -92,6 +92,21 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def file_server_pid(run_dir: Path) -> int | None:
+    """The pid in <run_dir>/fsd.pid if that process is tether's file server
+    for this run_dir (a stale pid file may name any process: never signal it)."""
+    pid = _read_pid(Path(run_dir) / "fsd.pid")
+    if pid is None:
+        return None
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if b"fused.fs.server" in argv and str(run_dir).encode() in argv:
+        return pid
+    return None
+
+
 def _read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().split()[0])
@@ -161,8 +176,8 @@ class FileService:
         return how
 
     def _take_over(self) -> str | None:
-        pid = _read_pid(self.pid_path)
-        if pid is None or not _alive(pid):
+        pid = file_server_pid(self.run_dir)
+        if pid is None:
             return None
         try:
             conn = self._connect(timeout=2.0)
@@ -202,8 +217,9 @@ class FileService:
 
     def _mount(self) -> None:
         detach(self.fs_dir)
-        if _read_pid(self.pid_path) and _alive(_read_pid(self.pid_path)):
-            _kill(_read_pid(self.pid_path))
+        stale = file_server_pid(self.run_dir)
+        if stale is not None:
+            _kill(stale)
         for stale in ("fsd.table", "fsd.sock", "fsd.pid", "fsd.passthrough"):
             try:
                 (self.run_dir / stale).unlink()
@@ -407,8 +423,8 @@ def _kill(pid: int, timeout: float = 2.0) -> None:
 def stop_all(run_dir: Path, fs_dir: Path) -> list[str]:
     """--cleanup: stop the file server, unmount, remove its files. Returns what it did."""
     done = []
-    pid = _read_pid(Path(run_dir) / "fsd.pid")
-    if pid and _alive(pid):
+    pid = file_server_pid(Path(run_dir))
+    if pid is not None:
         _kill(pid)
         done.append(f"stopped file server {pid}")
     if detach(fs_dir):
