@@ -170,15 +170,19 @@ class Server:
     # --- publishing -----------------------------------------------------------------
     def apply(self, msg: dict) -> None:
         old = self.handlers.snap
+        default = tuple(msg.get("default") or old.default)
         if msg.get("full"):
-            files = dict(msg["files"])
-        else:
-            files = dict(old.files)
+            snap = h.snapshot(dict(msg["files"]), default, msg.get("mtime_ns", 0))
+        else:  # a change touches a few names: so does the work here
+            files, by_key = dict(old.files), dict(old.by_key)
             for name in msg.get("gone", ()):
                 files.pop(name, None)
-            files.update(msg["files"])
-        default = msg.get("default") or old.default
-        snap = h.snapshot(files, tuple(default), msg.get("mtime_ns", 0))
+                by_key.pop(h.key(name), None)
+            for name, fs in msg["files"].items():
+                if name not in files:
+                    by_key[h.key(name)] = name
+                files[name] = fs
+            snap = h.Snapshot(files, default, msg.get("mtime_ns", 0), by_key)
         changed = self.handlers.publish(snap)
         if msg.get("full") and not self.ready.is_set():
             # a server that just started cannot know what the kernel caches

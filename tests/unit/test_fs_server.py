@@ -74,3 +74,32 @@ def test_garbage_from_the_device_is_skipped(loop):
     kernel.send(b"\x01\x02\x03")  # shorter than a header: no reply, no crash
     kernel.send(request(wire.GETATTR, 13, h.ROOT, b"\0" * 16))
     assert answer(kernel)[:2] == (13, 0)
+
+
+def test_incremental_publish_adds_changes_and_forgets(tmp_path):
+    kernel, dev = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        srv = server.Server(str(tmp_path), dev.fileno(), fresh=False, passthrough=False, allow_passthrough=False)
+        web, db = (b"w\n", b"", b"", b""), (b"d\n", b"", b"", b"")
+        srv.apply({"op": "publish", "seq": 1, "full": True, "files": {"web": web, "db": db},
+                   "default": (b"", b"", b"", b"r\n"), "mtime_ns": 1})
+        srv.apply({"op": "publish", "seq": 2, "full": False, "files": {"web": (b"w2\n", b"", b"", b""), "new": web},
+                   "gone": ["db"], "default": (b"", b"", b"", b"r\n"), "mtime_ns": 2})
+        snap = srv.handlers.snap
+        assert snap.files == {"web": (b"w2\n", b"", b"", b""), "new": web}
+        assert snap.by_key == {h.key("web"): "web", h.key("new"): "new"} == h.snapshot(snap.files).by_key
+        assert srv.seq == 2
+        # web's hosts changed, db went back to the default: both are invalidated
+        kernel.setblocking(False)
+        sent = []
+        while True:
+            try:
+                sent.append(kernel.recv(64))
+            except BlockingIOError:
+                break
+        assert wire.notify_inval_inode(h.ino("web", "hosts")) in sent
+        assert wire.notify_inval_inode(h.ino("db", "hosts")) in sent
+        assert wire.notify_inval_inode(h.ino("web", "env")) not in sent[-4:]
+    finally:
+        kernel.close()
+        dev.close()
