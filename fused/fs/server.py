@@ -19,6 +19,7 @@ and a `marshal`led dict, one answer per request.
      "default": (4 bytes), "mtime_ns"}   -> {"seq"}      (applied whole, then acked)
     {"op": "handover"}                   -> {"passthrough"} + the FUSE fd and the
                                             mount's detached clone (SCM_RIGHTS)
+    {"op": "tree"} + an fd (SCM_RIGHTS)  -> {}   (a new detached clone of the mount to keep)
     {"op": "stop"}                       -> {} and the process exits
 """
 from __future__ import annotations
@@ -203,7 +204,7 @@ class Server:
         with conn:
             while True:
                 try:
-                    msg, _ = recv_frame(conn)
+                    msg, fds = recv_frame(conn, with_fds=True)
                 except (OSError, ValueError, EOFError) as e:
                     log.warning("publish channel: %s", e)
                     return
@@ -220,8 +221,13 @@ class Server:
                                           "serving": self.ready.is_set(), "seq": self.seq,
                                           "init": self.handlers.init is not None or not self.fresh})
                     elif op == "handover":
-                        fds = [self.fd] + ([self.tree_fd] if self.tree_fd is not None else [])
-                        send_frame(conn, {"passthrough": self.handlers.passthrough}, fds)
+                        ours = [self.fd] + ([self.tree_fd] if self.tree_fd is not None else [])
+                        send_frame(conn, {"passthrough": self.handlers.passthrough}, ours)
+                    elif op == "tree" and fds:  # a new spare clone of the mount
+                        old, self.tree_fd = self.tree_fd, fds.pop(0)
+                        if old is not None:
+                            os.close(old)
+                        send_frame(conn, {})
                     elif op == "stop":
                         log.info("file server %d: stopping on request", os.getpid())
                         send_frame(conn, {})
@@ -231,6 +237,9 @@ class Server:
                 except OSError as e:
                     log.warning("publish channel: %s", e)
                     return
+                finally:
+                    for fd in fds:
+                        os.close(fd)
 
     def listen(self) -> socket.socket:
         tmp = f"{self.sock_path}.{os.getpid()}"

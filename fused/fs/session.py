@@ -167,7 +167,12 @@ class FileService:
         if mount_type(str(self.fs_dir)) != "fuse.tether":
             if self.tree_fd is not None and _attach(self.tree_fd, str(self.fs_dir)):
                 log.warning("the FUSE mount at %s was gone: attached it again (running containers never lost it)", self.fs_dir)
+                os.close(self.tree_fd)
                 self.tree_fd = _clone_mount(str(self.fs_dir))
+                if self.tree_fd is not None and self.conn is not None:  # the file server keeps the new spare
+                    with self.lock:
+                        send_frame(self.conn, {"op": "tree"}, [self.tree_fd])
+                        recv_frame(self.conn)
             else:
                 self.problem = f"nothing is mounted at {self.fs_dir}"
         _store_fds({"fuse": self.fd, "fuse-tree": self.tree_fd})

@@ -202,6 +202,11 @@ def test_unmounted_from_outside_is_reported(three):
     assert d.cli("doctor", check=False).returncode == 0 or "mount" not in d.cli("doctor", check=False).stdout.split("FAIL")[-1]
     new_container_gets_files(d, "n5")
     assert "\tdatabase b\n" in d.exec("a", "cat", "/etc/hosts").stdout
+    # once more: the spare clone of the mount went to the file server with it
+    sh("umount", "-l", str(fs))
+    d.stop()
+    d.start()
+    assert os.path.ismount(fs) and "\tdatabase b\n" in (fs / "a" / "hosts").read_text()
 
 
 def test_second_daemon_refuses_and_touches_nothing(three):
