@@ -157,7 +157,7 @@ def build_table(r: dict, quick: bool) -> Table:
               "a change shows on the next read (checked); one FUSE OPEN round trip per open")
         if "lxcfs" in us:
             x = med(tx) / med(us["lxcfs"])
-            t.add("", "", "LXCFS /proc/uptime (FUSE)", mp(us["lxcfs"], 2), f"{x:.2f}", "≤ 0.15× LXCFS", x <= 0.15,
+            t.add("", "", "LXCFS /proc/uptime (FUSE)", mp(us["lxcfs"], 2), f"{x:.3f}", "≤ 0.15× LXCFS", x <= 0.15,
                   f"LXCFS's file is {rd['lxcfs_bytes']} B")
         else:
             t.add("", "", "LXCFS /proc/uptime", "n/a (not installed)")

@@ -202,8 +202,8 @@ def main(argv=None) -> None:
         if lx:
             lx.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"open+read+close of a {size}-byte hosts file, {a.reads} reads each (µs); "
-          f"reader on CPU {info['reader_cpu']}, other CPU {info['other_cpu']}")
+    pinned = "" if a.no_pin else f"; pinned: the reader on CPU {info['reader_cpu']}, the server on it or on CPU {info['other_cpu']}"
+    print(f"open+read+close of a {size}-byte hosts file, {a.reads} reads each (µs){pinned}")
     print(f"{'file':18} {'median':>8} {'p90':>8}")
     for k, xs in res.items():
         print(f"{k:18} {statistics.median(xs):8.2f} {pct(xs, 0.9):8.2f}")
@@ -211,7 +211,7 @@ def main(argv=None) -> None:
                          ("tether other CPU", "tmpfs pinned", None), ("tether", "lxcfs", 0.15)):
         x = ratio(res, a_, b_)
         if x is not None:
-            print(f"ratio {a_}/{b_} (median): {x:.2f}" + ("" if goal is None else f"  (goal ≤ {goal:g}: "
+            print(f"ratio {a_}/{b_} (median): {x:.3f}" + ("" if goal is None else f"  (goal ≤ {goal:g}: "
                                                              f"{'met' if x <= goal else 'NOT met'})"))
     if "lxcfs" not in res and not a.no_lxcfs:
         print("LXCFS is not installed (`make bench-deps`): no LXCFS rows")
