@@ -49,7 +49,10 @@ EMPTY = (b"", b"", b"", b"")
 
 # one struct per reply shape on the hot path: header and body in one pack
 _OPEN_REPLY = struct.Struct("<IiQQIi")  # out header + fuse_open_out
-_HEAD = struct.Struct("<IIQQ")  # len opcode unique nodeid
+_HEAD_OPEN = struct.Struct("<IIQQ16xI")  # len opcode unique nodeid (uid gid pid ext pad) open_in.flags
+_HEAD_RELEASE = struct.Struct("<IIQQ16xQ")  # ... release_in.fh
+_UNIQUE_MASK = ~wire.UNIQUE_RESEND & ((1 << 64) - 1)
+_COUNT = struct.Struct("<iQ").pack_into  # OpenTable.COUNT
 _HEADER = wire.OUT_HEADER
 _U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
 _PT_FLAGS = wire.PASSTHROUGH_OPEN | wire.NOFLUSH
@@ -108,7 +111,7 @@ class OpenTable:
     that the resent request (same unique) does not change again."""
 
     REC = struct.Struct("<QiiQ8s")  # ino bid count last token
-    COUNT = struct.Struct("<iQ")  # count last, at offset 12
+    COUNT = struct.Struct("<iQ")  # count last, at offset 12 (also _COUNT)
 
     def __init__(self, mem) -> None:
         self.mem = mem
@@ -225,22 +228,42 @@ class Handlers:
     def handle(self, buf, n: int | None = None) -> bytes | None:
         if n is None:
             n = len(buf)
-        # the two requests every read of a file brings, without building a Request
-        if n >= 48 and self.passthrough:
-            length, opcode, unique, i = _HEAD.unpack_from(buf)
-            if length == n and (opcode == wire.OPEN or opcode == wire.RELEASE):
-                k, idx = divmod(i, STRIDE)
+        # The two requests every read of a file brings, inline: one unpack of
+        # header and field, the slot updated in place. Anything unusual takes
+        # the general path below, which answers the same.
+        op = buf[4] if n > 4 else 0  # the opcode's low byte, checked in full below
+        if op == 14 and n == 48 and self.passthrough:  # OPEN
+            length, opcode, unique, i, flags = _HEAD_OPEN.unpack_from(buf)
+            if opcode == wire.OPEN and not flags & 0o3003:
+                k, idx = i >> 3, i & 7
                 if 0 < idx <= 4 and 0 < k < _KEY_END:
-                    if opcode == wire.OPEN:
-                        if not _U32.unpack_from(buf, 40)[0] & 0o3003:
-                            snap = self.snap
-                            name = snap.by_key.get(k)
-                            data = (snap.default if name is None else snap.files[name])[idx - 1]
-                            return _OPEN_REPLY.pack(32, 0, unique, 0, _PT_FLAGS, self._pin(i, data, unique))
-                    elif n >= 56 and not _U64.unpack_from(buf, 40)[0]:  # RELEASE of a passthrough open
-                        if i in self.table.slots:
-                            self.table.count(i, -1, unique)
-                        return _HEADER.pack(16, 0, unique)
+                    snap = self.snap
+                    name = snap.by_key.get(k)
+                    data = (snap.default if name is None else snap.files[name])[idx - 1]
+                    slot = self.table.slots.get(i)
+                    if slot is None or (slot.count == 0 and slot.data is not data):
+                        return _OPEN_REPLY.pack(32, 0, unique, 0, _PT_FLAGS, self._pin(i, data, unique))
+                    u = unique & _UNIQUE_MASK
+                    if u != slot.last:  # (a resent request was counted by the server before us)
+                        slot.count += 1
+                        slot.last = u
+                        if slot.off >= 0:
+                            _COUNT(self.table.mem, slot.off + 12, slot.count, u)
+                    self._opening = i
+                    return _OPEN_REPLY.pack(32, 0, unique, 0, _PT_FLAGS, slot.bid)
+        elif op == 18 and n >= 56 and self.passthrough:  # RELEASE
+            length, opcode, unique, i, fh = _HEAD_RELEASE.unpack_from(buf)
+            if length == n and opcode == wire.RELEASE and not fh:
+                slot = self.table.slots.get(i)
+                if slot is not None:
+                    u = unique & _UNIQUE_MASK
+                    if u != slot.last:
+                        if slot.count > 0:
+                            slot.count -= 1
+                        slot.last = u
+                        if slot.off >= 0:
+                            _COUNT(self.table.mem, slot.off + 12, slot.count, u)
+                return _HEADER.pack(16, 0, unique)
         req = wire.parse(buf, n)
         fn = self.dispatch.get(req.opcode)
         if fn is None:  # OPENDIR, FLUSH, GETXATTR, ...: ENOSYS, which the kernel remembers

@@ -28,6 +28,7 @@ import argparse
 import array
 import ctypes
 import errno
+import io
 import logging
 import marshal
 import mmap
@@ -265,8 +266,8 @@ class Server:
             self.notify(wire.notify_resend())
         fd, hd = self.fd, self.handlers
         buf = bytearray(wire.BUFSIZE)
-        bufs = [buf]
-        readv, write, handle = os.readv, os.write, hd.handle
+        # FileIO answers None, not an exception, when no request is waiting
+        readinto, write, handle = io.FileIO(fd, "rb", closefd=False).readinto, os.write, hd.handle
         os.set_blocking(fd, False)
         poller = select.poll()
         poller.register(fd, select.POLLIN)
@@ -274,8 +275,15 @@ class Server:
         idle_since = 0.0
         while True:
             try:
-                n = readv(fd, bufs)
-            except BlockingIOError:
+                n = readinto(buf)
+            except OSError as e:
+                if e.errno in (errno.ENOENT, errno.EINTR):  # interrupted meanwhile
+                    continue
+                if e.errno in (errno.ENODEV, errno.EBADF):  # unmounted everywhere: the connection is gone
+                    log.info("file server %d: the FUSE connection ended", os.getpid())
+                    return
+                raise
+            if n is None:
                 # a reader in a loop sends its next request within microseconds:
                 # poll for it a little before sleeping (a wake-up from another
                 # CPU costs tens of microseconds on a small VM)
@@ -288,13 +296,6 @@ class Server:
                     continue
                 yield_()  # a reader on this CPU runs first
                 continue
-            except OSError as e:
-                if e.errno in (errno.ENOENT, errno.EINTR):  # interrupted meanwhile
-                    continue
-                if e.errno in (errno.ENODEV, errno.EBADF):  # unmounted everywhere: the connection is gone
-                    log.info("file server %d: the FUSE connection ended", os.getpid())
-                    return
-                raise
             if n == 0:
                 return
             try:
