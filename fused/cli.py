@@ -238,7 +238,10 @@ def run(argv: list[str]) -> int:
         op, args = _request_of(a)
         result = request(str(cfg.socket_path), op, args)
         if op == "ps":
-            health = request(str(cfg.socket_path), "health", {})
+            try:
+                health = request(str(cfg.socket_path), "health", {})
+            except DaemonError:  # a daemon from before `health`: nothing to add
+                health = {"files": "ok"}
             if health.get("files") != "ok":  # stderr: --json stays parseable
                 print(f"tether: warning: served files are broken: {health['files']}; "
                       "running containers keep theirs, new ones cannot start: restart tether-fused", file=sys.stderr)
