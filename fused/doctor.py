@@ -546,7 +546,11 @@ class Doctor:
             cmdline = []
         if b"fused.fs.server" not in cmdline:
             return Result("file-server", FAIL, f"pid {pid} in {path} is not tether's file server", f"remove {path}, then restart tether-fused")
-        return Result("file-server", OK, f"pid {pid} serves {self.cfg.run_dir / 'fs'} (it outlives restarts of tether-fused)")
+        from .fs.session import KEEPER_NAME, keeper_pid
+
+        keeper = keeper_pid(self.cfg.run_dir)
+        kept = f"; {KEEPER_NAME} {keeper} holds the connection too" if keeper else ""
+        return Result("file-server", OK, f"pid {pid} serves {self.cfg.run_dir / 'fs'} (it outlives restarts of tether-fused){kept}")
 
     def firewall(self) -> Result:
         from .net.firewall.base import HOOKS

@@ -22,6 +22,7 @@ import errno
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
@@ -155,14 +156,20 @@ class FileService:
         how = self._take_over()
         if how is None:
             fd = _systemd_fd("fuse")
+            kept = None if fd is not None else keeper_fds(self.run_dir)
             if fd is not None:
                 self.fd = fd
                 self.tree_fd = _systemd_fd("fuse-tree")
                 self._spawn(fresh=False)
                 how = "the connection kept in systemd's fd store"
+            elif kept is not None:
+                self.fd, self.tree_fd = kept
+                self._spawn(fresh=False)
+                how = f"the connection kept by {KEEPER_NAME}"
             else:
                 self._mount()
                 self._spawn(fresh=True)
+                _start_keeper(self.run_dir, self.fd, self.tree_fd)
                 how = "a new mount"
         if mount_type(str(self.fs_dir)) != "fuse.tether":
             if self.tree_fd is not None and _attach(self.tree_fd, str(self.fs_dir)):
@@ -222,10 +229,10 @@ class FileService:
 
     def _mount(self) -> None:
         detach(self.fs_dir)
-        stale = file_server_pid(self.run_dir)
-        if stale is not None:
-            _kill(stale)
-        for stale in ("fsd.table", "fsd.sock", "fsd.pid", "fsd.passthrough"):
+        for stale in (file_server_pid(self.run_dir), keeper_pid(self.run_dir)):
+            if stale is not None:
+                _kill(stale)
+        for stale in ("fsd.table", "fsd.sock", "fsd.pid", "fsd.passthrough", "keeper.pid"):
             try:
                 (self.run_dir / stale).unlink()
             except FileNotFoundError:
@@ -432,14 +439,74 @@ def stop_all(run_dir: Path, fs_dir: Path) -> list[str]:
     if pid is not None:
         _kill(pid)
         done.append(f"stopped file server {pid}")
+    keeper = keeper_pid(Path(run_dir))
+    if keeper is not None:
+        _kill(keeper)
+        done.append(f"stopped {KEEPER_NAME} {keeper}")
     if detach(fs_dir):
         done.append(f"unmounted {fs_dir}")
-    for name in ("fsd.sock", "fsd.pid", "fsd.table", "fsd.passthrough"):
+    for name in ("fsd.sock", "fsd.pid", "fsd.table", "fsd.passthrough", "keeper.pid"):
         try:
             (Path(run_dir) / name).unlink()
         except FileNotFoundError:
             pass
     return done
+
+
+# --- the keeper: a third holder of the connection, without systemd -----------------------
+# tether-fused and the file server could die in the same moment (an OOM kill,
+# a `pkill -9 -f tether`): then nothing would hold the connection and every
+# container's files would fail. The keeper is `sleep infinity` holding the
+# fds (nothing to crash); the next tether-fused copies them out of it with
+# pidfd_getfd(2). Under systemd the fd store does the same; both are harmless.
+KEEPER_NAME = "tether-fuse-keeper"
+SYS_PIDFD_GETFD = 438
+
+
+def _start_keeper(run_dir: Path, fd: int, tree_fd: int | None) -> None:
+    sleep = shutil.which("sleep")
+    if sleep is None:
+        return
+    fds = [fd] + ([tree_fd] if tree_fd is not None else [])
+    p = subprocess.Popen([KEEPER_NAME, "infinity"], executable=sleep, pass_fds=fds, start_new_session=True,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tmp = Path(run_dir) / "keeper.pid.tmp"
+    tmp.write_text(" ".join(str(x) for x in [p.pid, *fds]) + "\n")
+    os.replace(tmp, Path(run_dir) / "keeper.pid")
+
+
+def keeper_pid(run_dir: Path) -> int | None:
+    """The keeper's pid if <run_dir>/keeper.pid names this run_dir's keeper."""
+    try:
+        pid = int((Path(run_dir) / "keeper.pid").read_text().split()[0])
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if argv[:1] == [KEEPER_NAME.encode()] else None
+
+
+def keeper_fds(run_dir: Path) -> tuple[int, int | None] | None:
+    """Copies of the connection (and the mount's clone) the keeper holds."""
+    pid = keeper_pid(run_dir)
+    if pid is None:
+        return None
+    numbers = [int(x) for x in (Path(run_dir) / "keeper.pid").read_text().split()[1:]]
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    try:
+        got = [_libc.syscall(SYS_PIDFD_GETFD, pidfd, n, 0) for n in numbers]
+    finally:
+        os.close(pidfd)
+    if not got or got[0] < 0 or os.readlink(f"/proc/self/fd/{got[0]}") != "/dev/fuse":
+        for fd in got:
+            if fd >= 0:
+                os.close(fd)
+        return None
+    for fd in got:
+        os.set_inheritable(fd, False)
+    return got[0], (got[1] if len(got) > 1 and got[1] >= 0 else None)
 
 
 # --- systemd's fd store -------------------------------------------------------------------

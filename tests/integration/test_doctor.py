@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 
 from harness import TETHER, sh, wait_for
@@ -105,9 +106,12 @@ def test_mount_detached_under_a_running_daemon_fails_on_the_mount(daemon):
 
 def test_stale_mount_of_a_killed_daemon_is_named_and_does_not_hang(daemon):
     fs = daemon.run_dir / "fs"
-    # both processes that hold the FUSE connection die (no systemd fd store here)
+    # every process that holds the FUSE connection dies (no systemd fd store here)
+    keeper = int((daemon.run_dir / "keeper.pid").read_text().split()[0])
     daemon.kill9("fused")
     daemon.kill9("fsd")
+    os.kill(keeper, signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{keeper}"), 10, what="the keeper to die")
     try:
         p = doctor(daemon)
         assert p.returncode == 1, p.stdout

@@ -302,3 +302,27 @@ def test_both_killed_at_once_with_systemd_fd_store(three, tmp_path):
     assert "systemd's fd store" in d.log.read_text()
     print(f"\nboth killed at once, connection from the fd store: {reads} reads, 0 failed")
     new_container_gets_files(d, "n7")
+
+
+def test_both_killed_at_once_without_systemd(three):
+    """No systemd: a keeper process (`sleep infinity` holding the fd) keeps
+    the connection; the next tether-fused copies it out (pidfd_getfd)."""
+    d = three
+    keeper = int((d.run_dir / "keeper.pid").read_text().split()[0])
+    assert open(f"/proc/{keeper}/cmdline", "rb").read().split(b"\0")[0] == b"tether-fuse-keeper"
+    readers = Readers(d)
+    readers.wait_started()
+    fused, fsd = d.pid_of("fused"), d.pid_of("fsd")
+    os.kill(fused, 9)
+    os.kill(fsd, 9)
+    d.proc.wait()
+    d.proc = None
+    wait_for(lambda: not os.path.exists(f"/proc/{fsd}"), 10, what="the file server to die")
+    time.sleep(0.5)  # nobody serves: reads wait in the kernel, they do not fail
+    d.start()
+    reads = readers.finish()
+    assert "kept by tether-fuse-keeper" in d.log.read_text()
+    print(f"\nboth killed at once, no systemd, connection from the keeper: {reads} reads, 0 failed")
+    new_container_gets_files(d, "n8")
+    d.close()
+    assert not os.path.exists(f"/proc/{keeper}")  # --cleanup stops the keeper too
