@@ -177,5 +177,8 @@ def main(argv: list[str] | None = None) -> None:
     except (StoreError, AlreadyRunning, session.MountError) as e:
         print(f"tether-fused: {e}", file=sys.stderr)
         sys.exit(1)
+    except OSError as e:  # e.g. run_dir not writable
+        print(f"tether-fused: {e.strerror or e}: {e.filename or ''} (run as root; see `tether doctor`)", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         pass

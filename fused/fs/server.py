@@ -261,11 +261,19 @@ class Server:
 
     # --- the FUSE loop -----------------------------------------------------------------
     def serve(self) -> None:
+        fd, hd = self.fd, self.handlers
+        buf = bytearray(wire.BUFSIZE)
+        if self.fresh:
+            # a new mount's first request is INIT: answer it now, so that a
+            # mount whose daemon never publishes fails nothing and hangs no stat
+            while hd.init is None:
+                n = os.readv(fd, [buf])
+                out = hd.handle(buf, n)
+                if out is not None:
+                    os.write(fd, out)
         self.ready.wait()
         if not self.fresh:
             self.notify(wire.notify_resend())
-        fd, hd = self.fd, self.handlers
-        buf = bytearray(wire.BUFSIZE)
         # FileIO answers None, not an exception, when no request is waiting
         readinto, write, handle = io.FileIO(fd, "rb", closefd=False).readinto, os.write, hd.handle
         os.set_blocking(fd, False)
@@ -333,6 +341,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--passthrough", type=int, default=0, help="what INIT negotiated (when not --fresh)")
     p.add_argument("--no-passthrough", action="store_true")
     p.add_argument("--log-level", default="info")
+    p.add_argument("--check", action="store_true", help="import everything, then exit 0 (before an upgrade)")
+    if argv is None and "--check" in sys.argv[1:]:
+        print(code_version())
+        sys.exit(0)
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format="%(name)s: %(message)s", stream=sys.stderr)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

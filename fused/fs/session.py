@@ -130,6 +130,7 @@ class FileService:
         self.passthrough = False
         self.pid: int | None = None
         self.proc: subprocess.Popen | None = None
+        self.pidfd: int | None = None  # of the file server: signals and waits never hit a reused pid
         self.conn: socket.socket | None = None
         self.lock = threading.RLock()
         self.latest = None  # the last snapshot published (render.Snapshot)
@@ -157,6 +158,12 @@ class FileService:
         if how is None:
             fd = _systemd_fd("fuse")
             kept = None if fd is not None else keeper_fds(self.run_dir)
+            if fd is None and kept is None and keeper_pid(self.run_dir) is not None:
+                raise MountError(
+                    f"cannot copy the FUSE connection out of {KEEPER_NAME} {keeper_pid(self.run_dir)} "
+                    "(pidfd_getfd needs ptrace rights): `tether-fused --cleanup` takes everything down "
+                    "(running containers then lose their files), then start tether-fused"
+                )
             if fd is not None:
                 self.fd = fd
                 self.tree_fd = _systemd_fd("fuse-tree")
@@ -170,6 +177,9 @@ class FileService:
                 self._mount()
                 self._spawn(fresh=True)
                 _start_keeper(self.run_dir, self.fd, self.tree_fd)
+                # nothing can be registered on a mount this new: serve the
+                # defaults at once (a fresh server answers nothing before a snapshot)
+                self.publish(_EMPTY)
                 how = "a new mount"
         if mount_type(str(self.fs_dir)) != "fuse.tether":
             if self.tree_fd is not None and _attach(self.tree_fd, str(self.fs_dir)):
@@ -178,8 +188,11 @@ class FileService:
                 self.tree_fd = _clone_mount(str(self.fs_dir))
                 if self.tree_fd is not None and self.conn is not None:  # the file server keeps the new spare
                     with self.lock:
-                        send_frame(self.conn, {"op": "tree"}, [self.tree_fd])
-                        recv_frame(self.conn)
+                        try:
+                            send_frame(self.conn, {"op": "tree"}, [self.tree_fd])
+                            recv_frame(self.conn)
+                        except (OSError, ValueError) as e:
+                            log.warning("could not give the file server the mount's new clone: %s", e)
             else:
                 self.problem = f"nothing is mounted at {self.fs_dir}"
         _store_fds({"fuse": self.fd, "fuse-tree": self.tree_fd})
@@ -191,41 +204,61 @@ class FileService:
         pid = file_server_pid(self.run_dir)
         if pid is None:
             return None
+        conn, fds = None, []
         try:
-            conn = self._connect(timeout=2.0)
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            return None
+        try:
+            conn = self._connect(timeout=5.0)
             send_frame(conn, {"op": "handover"})
             msg, fds = recv_frame(conn, with_fds=True)
             send_frame(conn, {"op": "hello"})
             hello, _ = recv_frame(conn)
+            if not fds or not msg or not hello or hello.get("pid") != pid:
+                raise ValueError("no connection handed over")
         except (OSError, ValueError) as e:
-            log.warning("file server %d does not answer (%s): stopping it, mounting anew", pid, e)
-            _kill(pid)
-            return None
-        if not fds or msg is None or hello is None:
-            _kill(pid)
-            return None
+            for fd in fds:
+                os.close(fd)
+            if conn is not None:
+                conn.close()
+            os.close(pidfd)
+            # it holds the connection running containers read through: never
+            # kill it to mount anew; say so and let the admin choose
+            raise MountError(
+                f"file server {pid} does not hand its FUSE connection over ({e}): restart tether-fused to try "
+                f"again; `tether-fused --cleanup` takes everything down (running containers then lose their files)"
+            ) from None
         self.fd = fds[0]
         self.tree_fd = fds[1] if len(fds) > 1 else None
         for extra in fds[2:]:
             os.close(extra)
         self.passthrough = bool(msg.get("passthrough"))
-        self.pid = hello["pid"]
-        self.conn = conn
+        self.pid, self.pidfd, self.conn = pid, pidfd, conn
         if hello.get("version") != code_version():
-            # an upgrade: a file server of this installation's code takes over
-            # the same connection (requests the old one held are resent)
-            log.info("file server %d runs other code (%s): replacing it", self.pid, hello.get("version"))
-            try:
-                send_frame(conn, {"op": "stop"})
-                recv_frame(conn)
-            except (OSError, ValueError):
-                pass
-            conn.close()
-            self.conn = None
-            _kill(self.pid)
-            self._spawn(fresh=False)
-            return f"replaced file server {hello['pid']} (other code) on its connection"
+            return self._upgrade(hello.get("version"))
         return f"took over the connection of file server {self.pid}"
+
+    def _upgrade(self, theirs) -> str:
+        """A file server of other code: replace it by one of ours, on the same
+        connection (the kernel resends what the old one held). Only once ours
+        is known to start: a broken install keeps the old one serving."""
+        check = subprocess.run([sys.executable, "-P", "-m", "fused.fs.server", "--check"], cwd="/",
+                               capture_output=True, text=True, timeout=30)
+        if check.returncode != 0:
+            log.error("this installation's file server cannot start (%s): file server %d (code %s) keeps serving",
+                      (check.stderr.strip().splitlines() or ["?"])[-1], self.pid, theirs)
+            return f"took over the connection of file server {self.pid} (not upgraded: see above)"
+        old = self.pid
+        log.info("file server %d runs other code (%s): replacing it", old, theirs)
+        try:
+            send_frame(self.conn, {"op": "stop"})
+            recv_frame(self.conn)
+        except (OSError, ValueError):
+            pass
+        self._forget_server()
+        self._spawn(fresh=False)
+        return f"replaced file server {old} (other code) on its connection"
 
     def _mount(self) -> None:
         detach(self.fs_dir)
@@ -263,7 +296,7 @@ class FileService:
 
     def _spawn(self, fresh: bool) -> None:
         """Start a file server on our fd and wait until it answers."""
-        cmd = [sys.executable, "-m", "fused.fs.server", "--run-dir", str(self.run_dir), "--fd", str(self.fd),
+        cmd = [sys.executable, "-P", "-m", "fused.fs.server", "--run-dir", str(self.run_dir), "--fd", str(self.fd),
                "--log-level", self.log_level]
         if not fresh:  # what INIT negotiated: the first file server wrote it down
             try:
@@ -278,25 +311,33 @@ class FileService:
             cmd += ["--tree-fd", str(self.tree_fd)]
             fds.append(self.tree_fd)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_"))}
-        self.proc = subprocess.Popen(cmd, pass_fds=fds, start_new_session=True, stdin=subprocess.DEVNULL, env=env)
+        try:
+            proc = subprocess.Popen(cmd, pass_fds=fds, start_new_session=True, stdin=subprocess.DEVNULL, env=env, cwd="/")
+        except OSError as e:
+            raise MountError(f"cannot start the file server: {e.strerror or e}") from None
         deadline = time.monotonic() + SPAWN_TIMEOUT
         while True:
-            if self.proc.poll() is not None:
-                raise MountError(f"the file server exited at once ({self.proc.returncode}): see the log above")
+            if proc.poll() is not None:
+                raise MountError(f"the file server exited at once ({proc.returncode}): see the log above")
+            conn = None
             try:
                 conn = self._connect(timeout=2.0)
                 send_frame(conn, {"op": "hello"})
                 hello, _ = recv_frame(conn)
-                if hello and hello.get("pid") == self.proc.pid:
+                if hello and hello.get("pid") == proc.pid:
                     break
-                conn.close()
             except (OSError, ValueError):
                 pass
+            if conn is not None:
+                conn.close()
             if time.monotonic() > deadline:
-                self.proc.kill()
+                proc.kill()
+                proc.wait()
                 raise MountError(f"the file server did not answer on {self.sock_path} within {SPAWN_TIMEOUT:g} s")
             time.sleep(0.005)
-        self.pid = self.proc.pid
+        self.proc = proc
+        self.pid = proc.pid
+        self.pidfd = os.pidfd_open(proc.pid)
         self.conn = conn
         self._sent = None
 
@@ -333,57 +374,79 @@ class FileService:
             self._sent = dict(snap.files)
 
     def _drop(self) -> None:
+        """The file server stopped answering: the watcher starts another."""
         if self.conn is not None:
             self.conn.close()
         self.conn = None
-        if self.pid and _alive(self.pid):
-            _kill(self.pid)
+        if self.pidfd is not None:
+            _signal(self.pidfd, signal.SIGKILL)
 
     # --- watching ------------------------------------------------------------------------------
     def _watch(self) -> None:
         last_mount_check = 0.0
         while not self._stop.is_set():
-            pid = self.pid
-            died = False
-            if pid is not None:
-                try:
-                    pfd = os.pidfd_open(pid)
-                except ProcessLookupError:
-                    died = True
+            try:
+                pidfd = self.pidfd
+                died = False
+                if pidfd is not None:
+                    died = bool(select.select([pidfd], [], [], WATCH_INTERVAL)[0])
                 else:
-                    try:
-                        died = bool(select.select([pfd], [], [], WATCH_INTERVAL)[0])
-                    finally:
-                        os.close(pfd)
-            else:
-                self._stop.wait(WATCH_INTERVAL)
-            if self._stop.is_set():
-                return
-            if died or self.conn is None:
-                self._restart(pid)
-            now = time.monotonic()
-            if now - last_mount_check >= 1.0:
-                last_mount_check = now
-                self._check_mount()
+                    self._stop.wait(WATCH_INTERVAL)
+                if self._stop.is_set():
+                    return
+                if died or self.conn is None:
+                    if not self._restart():
+                        self._stop.wait(1.0)  # back off, outside the lock
+                now = time.monotonic()
+                if now - last_mount_check >= 1.0:
+                    last_mount_check = now
+                    self._check_mount()
+            except Exception:  # never leave the mount unwatched
+                log.exception("watching the file server")
+                self._stop.wait(1.0)
 
-    def _restart(self, dead: int | None) -> None:
+    def _restart(self) -> bool:
+        """A new file server on the same connection; False: not now (retry)."""
         with self.lock:
-            if self.proc is not None and self.proc.pid == dead:
-                self.proc.wait()
-            if self.conn is not None:
-                self.conn.close()
-                self.conn = None
+            dead = self.pid
+            self._forget_server()
+            if _aborted(self.fd):
+                if self.problem != ABORTED:
+                    self.problem = ABORTED
+                    log.error("the FUSE connection was aborted (umount -f, or a write to its abort file): "
+                              "containers' files fail until they restart; restart tether-fused to mount anew")
+                return False
             log.warning("file server %s is gone: starting another on the same FUSE connection", dead)
             try:
                 self._spawn(fresh=False)
             except MountError as e:
                 log.error("cannot restart the file server: %s", e)
-                time.sleep(1)
-                return
+                self.problem = f"no file server answers the mount ({e})"
+                return False
+            if self.problem and self.problem.startswith("no file server"):
+                self.problem = None
             self.restarts += 1
             if self.latest is not None:
                 self.publish(self.latest)
             log.info("file server %d serves the mount again", self.pid)
+            return True
+
+    def _forget_server(self) -> None:
+        """Let go of the file server we knew (dead, or being replaced)."""
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+        elif self.pidfd is not None:
+            _signal(self.pidfd, signal.SIGKILL)
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+        self.pidfd = None
+        self.pid = None
 
     def _check_mount(self) -> None:
         try:
@@ -411,10 +474,43 @@ class FileService:
             if self.conn is not None:
                 self.conn.close()
                 self.conn = None
-        for fd in (self.fd, self.tree_fd):
+        for fd in (self.fd, self.tree_fd, self.pidfd):
             if fd is not None:
                 os.close(fd)
-        self.fd = self.tree_fd = None
+        self.fd = self.tree_fd = self.pidfd = None
+
+
+ABORTED = "the FUSE connection was aborted"
+
+
+class _Empty:
+    """A render.Snapshot with no container: what a new mount serves first."""
+
+    files: dict = {}
+    mtime_ns = 0
+
+    class default:  # noqa: N801 - the FileSet shape
+        hosts = b"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+        ports = env = resolv = b""
+
+
+_EMPTY = _Empty()
+
+
+def _aborted(fd: int | None) -> bool:
+    """Whether the kernel ended the connection behind `fd` (POLLERR)."""
+    if fd is None:
+        return False
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return any(ev & (select.POLLERR | select.POLLNVAL) for _, ev in p.poll(0))
+
+
+def _signal(pidfd: int, sig: int) -> None:
+    try:
+        signal.pidfd_send_signal(pidfd, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _kill(pid: int, timeout: float = 2.0) -> None:
@@ -468,7 +564,7 @@ def _start_keeper(run_dir: Path, fd: int, tree_fd: int | None) -> None:
     if sleep is None:
         return
     fds = [fd] + ([tree_fd] if tree_fd is not None else [])
-    p = subprocess.Popen([KEEPER_NAME, "infinity"], executable=sleep, pass_fds=fds, start_new_session=True,
+    p = subprocess.Popen([f"{KEEPER_NAME}:{run_dir}", "infinity"], executable=sleep, pass_fds=fds, start_new_session=True,
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     tmp = Path(run_dir) / "keeper.pid.tmp"
     tmp.write_text(" ".join(str(x) for x in [p.pid, *fds]) + "\n")
@@ -482,7 +578,7 @@ def keeper_pid(run_dir: Path) -> int | None:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError, IndexError):
         return None
-    return pid if argv[:1] == [KEEPER_NAME.encode()] else None
+    return pid if argv[:1] == [f"{KEEPER_NAME}:{run_dir}".encode()] else None
 
 
 def keeper_fds(run_dir: Path) -> tuple[int, int | None] | None:
@@ -490,10 +586,10 @@ def keeper_fds(run_dir: Path) -> tuple[int, int | None] | None:
     pid = keeper_pid(run_dir)
     if pid is None:
         return None
-    numbers = [int(x) for x in (Path(run_dir) / "keeper.pid").read_text().split()[1:]]
     try:
+        numbers = [int(x) for x in (Path(run_dir) / "keeper.pid").read_text().split()[1:]]
         pidfd = os.pidfd_open(pid)
-    except OSError:
+    except (OSError, ValueError):
         return None
     try:
         got = [_libc.syscall(SYS_PIDFD_GETFD, pidfd, n, 0) for n in numbers]
@@ -540,7 +636,8 @@ def _store_fds(fds: dict[str, int | None]) -> None:
             continue
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
             try:
-                s.sendmsg([f"FDSTORE=1\nFDNAME={name}".encode()],
+                poll = "\nFDPOLL=0" if name == "fuse-tree" else ""  # an O_PATH fd: nothing to poll
+                s.sendmsg([f"FDSTORE=1\nFDNAME={name}{poll}".encode()],
                            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))], 0, addr)
             except OSError as e:
                 log.warning("systemd fd store: %s", e)

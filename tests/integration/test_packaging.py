@@ -54,7 +54,7 @@ def test_ready_notification_after_mount_and_socket(rootfs, tmp_path):
                 assert msg.startswith("FDSTORE=1\nFDNAME="), msg
                 fds = [array.array("i", payload)[0] for lvl, kind, payload in anc if kind == socket.SCM_RIGHTS]
                 assert len(fds) == 1
-                stored[msg.split("FDNAME=")[1]] = os.readlink(f"/proc/self/fd/{fds[0]}")
+                stored[msg.split("FDNAME=")[1].split("\n")[0]] = os.readlink(f"/proc/self/fd/{fds[0]}")
                 os.close(fds[0])
             assert stored.get("fuse") == "/dev/fuse", stored
             # at that moment: socket answers, files are served

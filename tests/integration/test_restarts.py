@@ -273,7 +273,7 @@ def test_both_killed_at_once_with_systemd_fd_store(three, tmp_path):
         data, anc, _, _ = s.recvmsg(4096, socket.CMSG_SPACE(4 * 4))
         if b"READY=1" in data:
             break
-        name = data.decode().split("FDNAME=")[1]
+        name = data.decode().split("FDNAME=")[1].split("\n")[0]
         stored[name] = [array.array("i", p)[0] for _, kind, p in anc if kind == socket.SCM_RIGHTS][0]
     s.close()
     assert set(stored) == {"fuse", "fuse-tree"}
@@ -309,7 +309,7 @@ def test_both_killed_at_once_without_systemd(three):
     the connection; the next tether-fused copies it out (pidfd_getfd)."""
     d = three
     keeper = int((d.run_dir / "keeper.pid").read_text().split()[0])
-    assert open(f"/proc/{keeper}/cmdline", "rb").read().split(b"\0")[0] == b"tether-fuse-keeper"
+    assert open(f"/proc/{keeper}/cmdline", "rb").read().split(b"\0")[0] == f"tether-fuse-keeper:{d.run_dir}".encode()
     readers = Readers(d)
     readers.wait_started()
     fused, fsd = d.pid_of("fused"), d.pid_of("fsd")
