@@ -133,6 +133,8 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("consumer")
     sp.add_argument("alias")
     sp.add_argument("target", metavar="NEWTARGET")
+    sp.add_argument("--allow-dangling", action="store_true",
+                    help="NEWTARGET need not be registered yet (the link has no address until it is)")
     sub.add_parser(
         "doctor",
         parents=[common],
@@ -162,6 +164,8 @@ def _request_of(a: argparse.Namespace) -> tuple[str, dict]:
         else:
             args["alias"] = model.check_label(a.alias, "alias")
             args["target"] = model.check_label(a.target, "target name")
+            if a.allow_dangling:
+                args["allow_dangling"] = True
         return f"link_{a.link_cmd}", args
     if a.cmd == "move":
         return "move", {"old": model.check_label(a.old, "container name"), "new": model.check_label(a.new, "container name")}

@@ -113,7 +113,9 @@ class Responder:
         name = self._local_name(qname)
         if name is None:
             return None
-        addr = links[name].address if name in links else self.data.names.get(name)
+        # the address its hosts file gives, for every name on it (a link's
+        # target too); other containers by their own address
+        addr = self.data.hosts.get(src, {}).get(name) or self.data.names.get(name)
         if addr is None:
             return self._unknown(resp) if not self.upstreams else None
         if qtype in (dns.rdatatype.A, dns.rdatatype.ANY):

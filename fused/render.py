@@ -119,17 +119,26 @@ class DnsData(NamedTuple):
     names: dict[str, str]  # every registered container with an address -> address
     links: dict[str, dict[str, Resolved]]  # a container's address -> its links by alias
     ptr: dict[str, str]  # container address -> name; facade address -> alias
+    # a container's address -> every name its hosts file gives, with the
+    # address of the first line naming it (what a hosts lookup returns)
+    hosts: dict[str, dict[str, str]] = {}
 
 
 def dns_data(topo: Topology) -> DnsData:
-    names, links, ptr = {}, {}, {}
+    names, links, ptr, hosts_names = {}, {}, {}, {}
     for v in views(topo).values():
         if not v.ip:
             continue
         names[v.name] = v.ip
         ptr[v.ip] = v.name
         links[v.ip] = {link.alias: link for link in v.links if link.address}
+        # in the order of the hosts file: own line, then links by alias
+        seen = hosts_names[v.ip] = {v.name: v.ip}
+        for link in v.links:
+            if link.address:
+                seen.setdefault(link.alias, link.address)
+                seen.setdefault(link.target, link.address)
     for by_alias in links.values():
         for link in by_alias.values():
             ptr.setdefault(link.address, link.alias)
-    return DnsData(names, links, ptr)
+    return DnsData(names, links, ptr, hosts_names)

@@ -470,6 +470,12 @@ class Service:
             alias = model.check_label(args.get("alias"), "alias")
             target = model.check_label(args.get("target"), "target name")
             row = self._existing_link(consumer, alias)
+            if target != row[2] and self.store.get(target) is None and not args.get("allow_dangling"):
+                # a typo here would take the link's hosts line away: an outage
+                raise ServiceError(
+                    f"no container named {target!r}: check the name (`tether ps`), or pass --allow-dangling "
+                    f"to point {consumer!r}'s {alias!r} at a name that registers later"
+                )
             async with self._change():
                 if target != row[2]:
                     self.store.set_link_target(consumer, alias, target, self._group(target))

@@ -230,3 +230,22 @@ def test_fuzz_does_not_break_the_responder(dd):
 
     assert in_netns(d.container("web")["pid"], tcp_garbage) == b""
     assert a_of(query(d, "web", "database.", tcp=True)) == [facade(d, "web", "database")]
+
+
+def test_a_target_name_resolves_as_in_the_consumers_hosts_file(rootfs):
+    """`database db` on web's hosts line: `nslookup db` from web gives that
+    line's address, before and after `move db db2` (then db2 does)."""
+    with Daemon(rootfs, strategy="facade") as d:
+        d.start()
+        d.start_container("db", SLEEP, "--expose", "5432")
+        d.start_container("db2", SLEEP, "--expose", "5432")
+        d.start_container("web", SLEEP, "--link", "db:database")
+        hosts = (d.run_dir / "fs" / "web" / "hosts").read_text()
+        assert "\tdatabase db\n" in hosts
+        assert a_of(query(d, "web", "db.")) == [address_in_hosts(hosts, "database")]
+        assert f"Address: {address_in_hosts(hosts, 'database')}" in d.exec("web", "nslookup", "db").stdout
+        d.cli("move", "db", "db2")
+        hosts = (d.run_dir / "fs" / "web" / "hosts").read_text()
+        assert "\tdatabase db2\n" in hosts
+        assert a_of(query(d, "web", "db2.")) == [address_in_hosts(hosts, "database")]
+        assert a_of(query(d, "web", "db.")) == [d.container("db")["ip"]]  # off web's hosts file now

@@ -183,11 +183,19 @@ def test_link_cli_errors_change_nothing(linked):
         (["link", "rm", "web", "nothing"], "no link with alias 'nothing'"),
         (["link", "retarget", "web", "database", "UP"], "invalid target name"),
         (["link", "retarget", "web", "nothing", "db2"], "no link with alias"),
+        # a typo would take web's database line away: refused, like move
+        (["link", "retarget", "web", "database", "ghost"], "no container named 'ghost'"),
     ]
     for args, msg in cases:
         r = d.cli(*args, check=False)
         assert r.returncode == 1 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
     assert d.cli_json("link", "ls") == before
+    # the explicit escape: the line goes until ghost registers
+    d.cli("link", "retarget", "web", "database", "ghost", "--allow-dangling")
+    assert "database" not in cat(d, "web", "/etc/hosts")
+    assert [l["state"] for l in d.cli_json("link", "ls") if l["alias"] == "database"] == ["dangling"]
+    d.cli("link", "retarget", "web", "database", "db")
+    assert f"{ip(d, 'db')}\tdatabase db\n" in cat(d, "web", "/etc/hosts")
     # add + rm round trip, visible to web at once
     d.cli("link", "add", "web", "db2", "--alias", "cache")
     assert f"{ip(d, 'db2')}\tcache db2\n" in cat(d, "web", "/etc/hosts")
