@@ -21,7 +21,7 @@ class NetworkConfig(_Strict):
     bridge: str = "tether0"
     subnet: str = "10.213.0.0/16"
     facade_subnet: str = "10.214.0.0/16"
-    port_range: str = "30000-32767"
+    port_range: str = "40000-44999"  # not Kubernetes' NodePort range (30000-32767)
     strategy: Literal["facade", "direct"] = "facade"
 
     @field_validator("bridge")
@@ -44,7 +44,7 @@ class NetworkConfig(_Strict):
     def _ports(cls, v: str) -> str:
         lo, _, hi = v.partition("-")
         if not (lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi) <= 65535):
-            raise ValueError("port_range must look like 30000-32767")
+            raise ValueError("port_range must look like 40000-44999")
         return v
 
     @model_validator(mode="after")

@@ -19,6 +19,7 @@ from .allocator import Holder
 from .config import Config
 from .graph import Edge, Node, Topology, resolve_edge
 from .model import InputError
+from .net import ports as host_ports
 from .net.firewall import Firewall
 from .net.wiring import Endpoint, Wiring, Worker, netns_inode, veth_name
 from .store.sqlite import ContainerRow, SqliteStore
@@ -35,6 +36,7 @@ def _host_netns() -> int:
 
 
 MAX_STATE = 1 << 20
+MAX_BUSY_SKIPS = 256
 
 
 def hook_input(args: dict) -> tuple[dict, dict | None]:
@@ -286,11 +288,22 @@ class Service:
             if spec.host_port is not None and spec.host_port in mine:
                 continue
             held = {hp: Holder(n, running, stopped_at) for hp, n, running, stopped_at in self.store.port_holders(spec.proto)}
+            if spec.host_port is not None and host_ports.in_use(spec.host_port, spec.proto):
+                raise ServiceError(
+                    f"host port {spec.host_port}/{spec.proto}: listen {spec.proto} 0.0.0.0:{spec.host_port}: bind: "
+                    "address already in use (a host process holds it): publish another host port, "
+                    "or leave the host port out for a free one"
+                )
             try:
                 if spec.host_port is not None:
                     choice = allocator.claim(spec.host_port, held, name)
                 else:
                     choice = allocator.choose(self.cfg.network.ports, held, name)
+                    for _ in range(MAX_BUSY_SKIPS):  # a port a host process uses is skipped like a running holder's
+                        if not host_ports.in_use(choice.key, spec.proto):
+                            break
+                        held[choice.key] = Holder("(a host process)", True, None)
+                        choice = allocator.choose(self.cfg.network.ports, held, name)
             except allocator.HeldByRunning as e:
                 raise ServiceError(
                     f"host port {spec.host_port}/{spec.proto} is held by running container {e.holder!r}: "

@@ -231,3 +231,30 @@ def test_two_daemons_retargeting_at_once_lose_no_rule(fd, rootfs):
             assert f"-j DNAT --to-destination {ip}" in iptables_dump(d.chain_prefix), d.chain_prefix
             assert ask(d, consumer, alias) == targets[0]
         fd.cli("link", "retarget", "web", "database", "db")
+
+
+def test_a_host_port_a_host_process_holds_is_refused_or_skipped(rootfs):
+    """As podman and Docker: a host port some host process listens on is never
+    taken over (explicit: refused in one line; automatic: skipped)."""
+    import socket
+
+    with Daemon(rootfs, ports=10) as d:
+        d.start()
+        busy = socket.socket()
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        busy.bind(("127.0.0.1", d.port_base))
+        busy.listen(1)
+        udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        udp.bind(("0.0.0.0", d.port_base))
+        try:
+            r = d.run("p1", d.bundle("p1", ["sleep", "1000000"], "--expose", "80", "--publish", f"{d.port_base}:80"), check=False)
+            assert r.returncode != 0 and "address already in use" in r.stderr and "Traceback" not in r.stderr, r.stderr
+            d.kill("p1")
+            assert d.cli_json("leases") == [l for l in d.cli_json("leases") if l["kind"] != "port"]  # no port leased
+            # an automatic port skips the busy ones (the first of the range, for tcp and for udp)
+            d.start_container("p2", ["sleep", "1000000"], "--expose", "80", "--expose", "53/udp",
+                              "--publish", "80", "--publish", "53/udp")
+            assert sorted(d.container("p2")["published"]) == [f"{d.port_base + 1}:53/udp", f"{d.port_base + 1}:80/tcp"]
+        finally:
+            busy.close()
+            udp.close()

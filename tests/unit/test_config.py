@@ -28,8 +28,8 @@ def assert_defaults(c: Config) -> None:
     assert c.network.bridge == "tether0"
     assert c.network.subnet == "10.213.0.0/16"
     assert c.network.facade_subnet == "10.214.0.0/16"
-    assert c.network.port_range == "30000-32767"
-    assert c.network.ports == range(30000, 32768)
+    assert c.network.port_range == "40000-44999"
+    assert c.network.ports == range(40000, 45000)
     assert c.network.strategy == "facade"
     assert c.firewall.driver == "iptables"
     assert c.firewall.chain_prefix == "TETHER"
