@@ -99,13 +99,14 @@ def parser() -> argparse.ArgumentParser:
     common.add_argument("--config", default=argparse.SUPPRESS, help="TOML config file")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help="machine-readable output")
     p = argparse.ArgumentParser(prog="tether", parents=[common], description="tether: sticky addresses and links that follow")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    p.add_argument("--version", action="version", version=f"tether {_version()}")
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     sub.add_parser("ps", parents=[common], help="list containers")
     sp = sub.add_parser("inspect", parents=[common], help="one container: leases, links, files")
     sp.add_argument("name")
     sub.add_parser("leases", parents=[common], help="address and port leases")
-    sp = sub.add_parser("rm", parents=[common], help="remove a stopped container and free its leases")
-    sp.add_argument("name")
+    sp = sub.add_parser("rm", parents=[common], help="remove stopped containers and free their leases")
+    sp.add_argument("names", nargs="+", metavar="NAME")
     oci_p = sub.add_parser("oci", parents=[common], help="OCI bundle helpers")
     oci_sub = oci_p.add_subparsers(dest="oci_cmd", required=True, metavar="SUBCOMMAND")
     sp = oci_sub.add_parser("patch", parents=[common], help="add tether's hooks and annotations to a runc bundle")
@@ -195,8 +196,21 @@ def _hook_path() -> str:
     return str(Path(found).absolute())
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tether")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def run(argv: list[str]) -> int:
-    a = parser().parse_args(argv)
+    p = parser()
+    a = p.parse_args(argv)
+    if a.cmd is None:  # a plain `tether`: the command list, as podman and docker print it
+        p.print_help()
+        return 0
     as_json = getattr(a, "json", False)
     if a.cmd == "demo":  # its own isolated config and daemon: no request to a configured one
         from . import demo
@@ -239,6 +253,8 @@ def run(argv: list[str]) -> int:
             if not as_json:
                 print(f"patched {Path(a.bundle) / 'config.json'} for {a.name}")
             return 0
+        if a.cmd == "rm":
+            return _rm_many(cfg, [model.check_label(n) for n in a.names], as_json)
         op, args = _request_of(a)
         result = request(str(cfg.socket_path), op, args)
         if op == "ps":
@@ -254,6 +270,24 @@ def run(argv: list[str]) -> int:
         return 1
     print(json.dumps(result, indent=2, sort_keys=True) if as_json else _printer(op)(result))
     return 0
+
+
+def _rm_many(cfg: config_mod.Config, names: list[str], as_json: bool) -> int:
+    """`tether rm A B C`: each name on its own; one line per failure, exit 1 if any."""
+    results, failed = [], 0
+    for name in names:
+        try:
+            r = request(str(cfg.socket_path), "rm", {"name": name})
+        except DaemonError as e:
+            print(f"tether: {name}: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        results.append(r)
+        if not as_json:
+            print(_printer("rm")(r))
+    if as_json:
+        print(json.dumps(results, indent=2, sort_keys=True))
+    return 1 if failed else 0
 
 
 def main() -> None:

@@ -129,12 +129,17 @@ def cleanup(cfg: config_mod.Config) -> None:
     if cfg.run_dir.exists():
         _prepare_run_dir(cfg)
         _lock(cfg)  # refuses while a tether-fused runs on this run_dir
-    for line in session.stop_all(cfg.run_dir, cfg.fs_dir):
-        log.info("cleanup: %s", line)
+    done = session.stop_all(cfg.run_dir, cfg.fs_dir)
     wiring, firewall = _parts(cfg)
+    veths = wiring.bridge_ports()
+    if wiring.has_bridge():
+        done.append(f"removed bridge {cfg.network.bridge}" + (f" and {len(veths)} veth(s)" if veths else ""))
     wiring.delete_bridge()
     wiring.close()
     firewall.teardown()
+    done.append(f"removed firewall chains {cfg.firewall.chain_prefix}-* and the jumps into them")
+    for line in done:  # what it removed, one line each (stdout: the user asked for it)
+        print(f"tether-fused --cleanup: {line}")
     for name in ("fused.sock", "fused.pid", "fused.lock"):
         try:
             (cfg.run_dir / name).unlink()

@@ -120,6 +120,9 @@ class Wiring:
         # through the bridge with a loopback source (masqueraded on the way)
         _set_sysctl(f"/proc/sys/net/ipv4/conf/{self.bridge}/route_localnet", "1")
 
+    def has_bridge(self) -> bool:
+        return self._index(self.bridge) is not None
+
     def delete_bridge(self) -> None:
         idx = self._index(self.bridge)
         if idx is not None:

@@ -237,3 +237,14 @@ def test_two_daemons_side_by_side(daemon, rootfs):
     assert f"-N {daemon.chain_prefix}-POSTROUTING" in sh("iptables-legacy", "-t", "nat", "-S").stdout
     assert daemon.container("side")["state"] == "running"
     assert daemon.exec("side", "ip", "-o", "link", "show", "eth0").returncode == 0
+
+
+def test_rm_takes_many_names(daemon):
+    for n in ("many-a", "many-b"):
+        daemon.start_container(n, SLEEP)
+        daemon.kill(n)
+    r = daemon.cli("rm", "many-a", "nobody", "many-b", check=False)
+    assert r.returncode == 1 and r.stderr.strip() == "tether: nobody: no container named 'nobody': see `tether ps`"
+    assert r.stdout.count("removed many-") == 2
+    names = [c["name"] for c in daemon.cli_json("ps")]
+    assert "many-a" not in names and "many-b" not in names
