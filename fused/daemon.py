@@ -15,6 +15,7 @@ import trio
 from . import config as config_mod
 from . import control, dns
 from .fs import session
+from .fs.server import log_format
 from .net import firewall as fw
 from .net.wiring import Wiring, Worker
 from .service import Service
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--cleanup", action="store_true", help="stop the file server, unmount, remove the bridge and chains this config made, then exit")
     a = p.parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), format="%(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=a.log_level.upper(), format=log_format(), stream=sys.stderr)
     try:
         cfg = config_mod.load(a.config)
     except config_mod.ConfigError as e:

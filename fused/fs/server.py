@@ -57,6 +57,14 @@ MAX_FRAME = 256 << 20
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def log_format(env=os.environ) -> str:
+    """journald stamps each line itself (JOURNAL_STREAM is set for a unit's
+    stderr); anywhere else a line carries its own time."""
+    if env.get("JOURNAL_STREAM"):
+        return "%(name)s: %(message)s"
+    return "%(asctime)s %(name)s: %(message)s"
+
+
 def code_version() -> str:
     """A digest of the file server's own code: tether-fused replaces a file
     server whose code differs from its own (an upgrade)."""
@@ -346,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         print(code_version())
         sys.exit(0)
     a = p.parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), format="%(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=a.log_level.upper(), format=log_format(), stream=sys.stderr)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     srv = Server(a.run_dir, a.fd, a.fresh, bool(a.passthrough), not a.no_passthrough, a.tree_fd)

@@ -103,3 +103,13 @@ def test_incremental_publish_adds_changes_and_forgets(tmp_path):
     finally:
         kernel.close()
         dev.close()
+
+
+def test_log_lines_carry_a_time_unless_journald_stamps_them():
+    import logging
+
+    rec = logging.LogRecord("tether", logging.INFO, __file__, 1, "ready", None, None)
+    plain = logging.Formatter(server.log_format({})).format(rec)
+    journal = logging.Formatter(server.log_format({"JOURNAL_STREAM": "8:1234"})).format(rec)
+    assert journal == "tether: ready"
+    assert plain.endswith(" tether: ready") and plain[:4].isdigit()  # 2026-12-02 20:55:25,123 tether: ready
