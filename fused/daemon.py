@@ -51,7 +51,7 @@ def _lock(cfg: config_mod.Config) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        pid = session._read_pid(cfg.run_dir / "fused.pid")
+        pid = session.read_pid(cfg.run_dir / "fused.pid")
         raise AlreadyRunning(
             f"already running, pid {pid if pid else '?'} (run_dir {cfg.run_dir}): "
             "stop it first (`systemctl stop tether-fused`), or give this one another run_dir"

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import config as config_mod
+from .fs.session import KEEPER_NAME, file_server_pid, keeper_pid, mounts_at, read_pid
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 LABELS = {OK: "ok", WARN: "warn", FAIL: "FAIL"}
@@ -126,25 +127,6 @@ def guarded(name: str, fn: Callable[[], Result], timeout: float = CHECK_TIMEOUT)
         e = box["e"]
         return Result(name, FAIL, f"the check crashed: {type(e).__name__}: {e}", "a tether bug: report this line")
     return box["r"]
-
-
-def unescape_mountinfo(field: str) -> str:
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mounts_at(mountinfo: str, path: str) -> list[tuple[str, str]]:
-    """(fstype, source) of every mount at `path`, bottom first (the last one is
-    what the path shows)."""
-    out = []
-    for ln in mountinfo.splitlines():
-        left, sep, right = ln.partition(" - ")
-        fields = left.split()
-        if not sep or len(fields) < 5:
-            continue
-        if unescape_mountinfo(fields[4]) == path:
-            r = right.split()
-            out.append((r[0] if r else "?", r[1] if len(r) > 1 else "?"))
-    return out
 
 
 def iptables_backend(version_output: str) -> str | None:
@@ -531,23 +513,14 @@ class Doctor:
     def file_server(self) -> Result:
         """The process that answers FUSE requests (<run_dir>/fsd.pid)."""
         path = self.cfg.run_dir / "fsd.pid"
-        try:
-            pid = int(path.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
+        pid = read_pid(path)
+        if pid is None:
             return Result("file-server", FAIL, f"no file server ({path} is missing)", f"tether-fused starts it: {START}")
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not os.path.exists(f"/proc/{pid}"):
             return Result("file-server", FAIL, f"file server {pid} (from {path}) is not running",
                           "restart tether-fused (`systemctl restart tether-fused`): it starts another on the same connection")
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            cmdline = []
-        if b"fused.fs.server" not in cmdline:
+        if file_server_pid(self.cfg.run_dir) != pid:
             return Result("file-server", FAIL, f"pid {pid} in {path} is not tether's file server", f"remove {path}, then restart tether-fused")
-        from .fs.session import KEEPER_NAME, keeper_pid
-
         keeper = keeper_pid(self.cfg.run_dir)
         kept = f"; {KEEPER_NAME} {keeper} holds the connection too" if keeper else ""
         return Result("file-server", OK, f"pid {pid} serves {self.cfg.run_dir / 'fs'} (it outlives restarts of tether-fused){kept}")

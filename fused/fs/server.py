@@ -227,8 +227,7 @@ class Server:
                     elif op == "hello":
                         send_frame(conn, {"pid": os.getpid(), "passthrough": self.handlers.passthrough,
                                           "version": self.version,
-                                          "serving": self.ready.is_set(), "seq": self.seq,
-                                          "init": self.handlers.init is not None or not self.fresh})
+                                          "serving": self.ready.is_set(), "seq": self.seq})
                     elif op == "handover":
                         ours = [self.fd] + ([self.tree_fd] if self.tree_fd is not None else [])
                         send_frame(conn, {"passthrough": self.handlers.passthrough}, ours)

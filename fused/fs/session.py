@@ -21,6 +21,7 @@ import ctypes
 import errno
 import logging
 import os
+import re
 import select
 import shutil
 import signal
@@ -51,17 +52,32 @@ class MountError(Exception):
     """The served files cannot be mounted; the message says why and what to do."""
 
 
+def unescape_mountinfo(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mounts_at(mountinfo: str, path: str) -> list[tuple[str, str]]:
+    """(fstype, source) of every mount at `path`, bottom first (the last one is
+    what the path shows)."""
+    out = []
+    for ln in mountinfo.splitlines():
+        left, sep, right = ln.partition(" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5:
+            continue
+        if unescape_mountinfo(fields[4]) == path:
+            r = right.split()
+            out.append((r[0] if r else "?", r[1] if len(r) > 1 else "?"))
+    return out
+
+
 def mount_type(path: str) -> str | None:
     """The filesystem type mounted at `path` (the top one), from mountinfo:
     never by stat(), which a hung FUSE server would block."""
     want = os.path.join(os.path.realpath(os.path.dirname(path.rstrip("/")) or "/"), os.path.basename(path.rstrip("/")))
-    found = None
     with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4].encode().decode("unicode_escape") == want:
-                found = fields[fields.index("-") + 1]
-    return found
+        found = mounts_at(f.read(), want)
+    return found[-1][0] if found else None
 
 
 def detach(path) -> bool:
@@ -96,7 +112,7 @@ def _alive(pid: int) -> bool:
 def file_server_pid(run_dir: Path) -> int | None:
     """The pid in <run_dir>/fsd.pid if that process is tether's file server
     for this run_dir (a stale pid file may name any process: never signal it)."""
-    pid = _read_pid(Path(run_dir) / "fsd.pid")
+    pid = read_pid(Path(run_dir) / "fsd.pid")
     if pid is None:
         return None
     try:
@@ -108,7 +124,7 @@ def file_server_pid(run_dir: Path) -> int | None:
     return None
 
 
-def _read_pid(path: Path) -> int | None:
+def read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().split()[0])
     except (OSError, ValueError, IndexError):
@@ -145,10 +161,6 @@ class FileService:
     @property
     def sock_path(self) -> Path:
         return self.run_dir / "fsd.sock"
-
-    @property
-    def pid_path(self) -> Path:
-        return self.run_dir / "fsd.pid"
 
     # --- start ---------------------------------------------------------------------------
     def start(self) -> str:
