@@ -16,7 +16,9 @@ Runs, in turn (progress on stderr):
 then prints ONE table (median / p90 for tether and each peer, the ratio, the
 goal and whether it is met), writes it to OUT/table.md, the raw numbers to
 OUT/results.json and the figure to OUT/bench.png, and checks that nothing the
-benchmark made is left behind (links, namespaces, chains, mounts, processes).
+benchmark made is left behind (processes it started and their children,
+links, namespaces, chains, mounts, dirs, cgroups: bench.made), and nothing
+else: another shell's processes or another daemon's bridge never count.
 Each part interleaves tether's and the peers' runs so machine drift cancels.
 """
 from __future__ import annotations
@@ -26,14 +28,12 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
-from bench import move, net, pct, peers, read_hosts, runc_hook, scale  # noqa: E402
+from bench import made, move, net, pct, peers, read_hosts, runc_hook, scale, track  # noqa: E402
 from harness import build_rootfs  # noqa: E402
 
 FULL = dict(net=100, runc=50, reads=50000, move=25, containers=1000, scale_reads=20000, scale_again=True)
@@ -46,41 +46,17 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-# --- what the benchmark may leave behind ------------------------------------------
-def snapshot() -> dict[str, set[str]]:
-    def out(*cmd: str) -> str:
-        return subprocess.run(cmd, capture_output=True, text=True).stdout
-
-    s: dict[str, set[str]] = {}
-    s["links"] = {line.split(":")[1].strip().split("@")[0] for line in out("ip", "-o", "link").splitlines()}
-    s["netns"] = set(out("ip", "netns", "list").split())
-    s["chains/rules"] = set()
-    for tool in peers.IPTABLES:
-        for table in ("nat", "filter", "mangle"):
-            s["chains/rules"] |= {f"{tool} -t {table} {line}" for line in out(tool, "-t", table, "-S").splitlines()}
-    s["mounts"] = {line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()}
-    procs = set()
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit() and int(p.name) != os.getpid():
-            try:
-                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
-            except OSError:
-                continue
-            if any(w in cmd for w in ("tether-fused", "tether-hook", "lxcfs", "netavark", "runc", "sleep", "nc -ll")):
-                procs.add(f"{p.name} {cmd}")
-    s["processes"] = procs
-    s["cgroups"] = {str(c) for c in Path("/sys/fs/cgroup").glob("**/tether-test-*")}
-    s["temp dirs"] = {str(p) for p in Path(tempfile.gettempdir()).glob("tether-*")}
-    s["sysctl"] = {
-        f"{k}={Path('/proc/sys', k.replace('.', '/')).read_text().strip()}"
-        for k in ("net.ipv4.ip_forward", "net.bridge.bridge-nf-call-iptables")
-        if Path("/proc/sys", k.replace(".", "/")).exists()
-    }
-    return s
-
-
-def left_behind(before: dict[str, set[str]], after: dict[str, set[str]]) -> dict[str, list[str]]:
-    return {k: sorted(after[k] - before.get(k, set())) for k in after if after[k] - before.get(k, set())}
+# --- what the benchmark left behind -----------------------------------------------
+def leftovers(settle: float = 5.0) -> dict[str, list[str]]:
+    """What this run made (bench.track.MADE) that is still there: only that,
+    never another shell's processes or another daemon's bridge. Killed
+    processes take a moment to go: look again for up to `settle` seconds."""
+    deadline = time.monotonic() + settle
+    while True:
+        left = made.left_behind(track.MADE, track.observe())
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.25)
 
 
 # --- table -------------------------------------------------------------------------
@@ -360,9 +336,8 @@ def main(argv=None) -> int:
         ap.error(f"unknown part(s) {bad}: choose from {PARTS}")
     cfg = QUICK if a.quick else FULL
     a.out.mkdir(parents=True, exist_ok=True)
-    before = snapshot()
     t0 = time.monotonic()
-    tmp = Path(tempfile.mkdtemp(prefix="tether-bench-"))
+    tmp = track.mkdtemp()
     try:
         r = run(parts, cfg, tmp)
     finally:
@@ -370,8 +345,7 @@ def main(argv=None) -> int:
     r["quick"] = a.quick
     r["config"] = cfg
     r["elapsed_s"] = time.monotonic() - t0
-    time.sleep(0.5)  # killed processes are reaped, namespaces go
-    left = left_behind(before, snapshot())
+    left = leftovers()
     table = build_table(r, a.quick)
     head = (f"tether benchmark{' (--quick)' if a.quick else ''}: {os.uname().release}, {os.cpu_count()} cores, "
             f"{time.strftime('%Y-%m-%d %H:%M')}, {r['elapsed_s'] / 60:.1f} min. Medians / p90 of "

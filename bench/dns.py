@@ -19,7 +19,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,7 +26,8 @@ import dns.message
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
 from bench import pct  # noqa: E402
-from harness import Daemon, build_rootfs, in_netns, serve  # noqa: E402
+from harness import build_rootfs, in_netns, serve  # noqa: E402
+from bench.track import Daemon, mkdtemp  # noqa: E402
 
 STUB = r"""
 import socket, sys, dns.message, dns.rrset, dns.rdatatype
@@ -71,7 +71,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--queries", type=int, default=3000)
     a = ap.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="tether-bench-"))
+    tmp = mkdtemp()
     rootfs = build_rootfs(tmp / "rootfs")
     with Daemon(rootfs, strategy="facade") as d:
         d.start()

@@ -20,14 +20,14 @@ import shutil
 import socket
 import statistics
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
 from bench import pct  # noqa: E402
-from harness import Daemon, build_rootfs, serve  # noqa: E402
+from harness import build_rootfs, serve  # noqa: E402
+from bench.track import Daemon, mkdtemp  # noqa: E402
 from hooks.protocol import request  # noqa: E402
 
 CLONE_NEWNET = 0x40000000
@@ -108,7 +108,7 @@ def main(argv=None) -> None:
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--sizes", default="1,10,100,1000")
     a = ap.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="tether-bench-"))
+    tmp = mkdtemp()
     rootfs = build_rootfs(tmp / "rootfs")
     rows = []
     try:

@@ -21,13 +21,13 @@ import random
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
 from bench import pct, peers  # noqa: E402
-from harness import _TAKEN, HOOK, Daemon, build_rootfs, free_subnet  # noqa: E402
+from harness import _TAKEN, HOOK, build_rootfs, free_subnet  # noqa: E402
+from bench.track import Daemon, mkdtemp  # noqa: E402
 from hooks.protocol import request  # noqa: E402
 
 VARIANTS = ("tether", "netavark", "cni")
@@ -122,7 +122,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=40)
     a = ap.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="tether-bench-"))
+    tmp = mkdtemp()
     try:
         res = measure(a.runs, build_rootfs(tmp / "rootfs"), tmp)
     finally:

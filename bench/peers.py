@@ -15,7 +15,8 @@ Every network a peer gets lives in a network namespace this module made
 (`unshare -n sleep`), on a bridge and subnet of its own; `close()` removes
 the bridges, the IPAM state, and every firewall chain the peers created
 (netavark and the CNI plugins leave their top-level chains behind: only
-those that were not there before the benchmark are removed).
+those that were not there before the benchmark and that hold no rule of
+anybody else's are removed, bench.made.removable_chains).
 """
 from __future__ import annotations
 
@@ -30,12 +31,15 @@ import subprocess
 import time
 from pathlib import Path
 
+from bench import made, track
+from bench.made import MARKER
+
 NETAVARK = shutil.which("netavark") or "/usr/lib/podman/netavark"
 CNI_PATH = "/usr/lib/cni"
 LXCFS = shutil.which("lxcfs") or "/usr/bin/lxcfs"
 # chains the peers create (nft or legacy, whichever `iptables` is here)
 PEER_CHAIN_PREFIXES = ("NETAVARK", "CNI-")
-IPTABLES = ("iptables-nft", "iptables-legacy")
+IPTABLES = track.IPTABLES
 
 
 def available() -> dict[str, bool]:
@@ -60,6 +64,7 @@ class Netns:
     def __init__(self) -> None:
         self.proc = subprocess.Popen(["unshare", "-n", "sleep", "600"], stdin=subprocess.DEVNULL)
         self.pid = self.proc.pid
+        track.started(self.pid)
         self.path = f"/proc/{self.pid}/ns/net"
         host = os.stat("/proc/self/ns/net").st_ino
         deadline = time.monotonic() + 5
@@ -117,7 +122,10 @@ def remove_chains(chains: dict[tuple[str, str], set[str]]) -> None:
 
 
 def new_chains(before: dict, after: dict) -> dict:
-    return {k: v - before.get(k, set()) for k, v in after.items() if v - before.get(k, set())}
+    """The chains in `after` that were not in `before`, and that only we use
+    (a podman started meanwhile may have made and use the same ones)."""
+    new = {k: v - before.get(k, set()) for k, v in after.items() if v - before.get(k, set())}
+    return made.removable_chains(track.MADE, track.rules(), new)
 
 
 def delete_link(name: str) -> None:
@@ -146,6 +154,10 @@ class Netavark:
         self.n = 0
         self.keep: Netns | None = None
         self.keep_opts: bytes | None = None
+        track.MADE.dirs.add(str(self.dir))
+        track.MADE.bridges.add(self.bridge)
+        track.MADE.names.add(self.name)
+        track.MADE.subnets.add(subnet)
 
     def options(self, cid: str, name: str, ip: str, port: bool) -> bytes:
         opts = {
@@ -199,6 +211,7 @@ class Netavark:
                 pass
             self.keep.close()
             self.keep = None
+        track.bridge_ports(self.bridge)
         delete_link(self.bridge)
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -217,6 +230,10 @@ class Cni:
         self.host_port = host_port
         self.gateway = _hosts(subnet)[0]
         self.n = 0
+        track.MADE.dirs.add(str(self.dir))
+        track.MADE.bridges.add(self.bridge)
+        track.MADE.names.add(self.name)
+        track.MADE.subnets.add(subnet)
 
     def bridge_conf(self) -> dict:
         return {
@@ -253,6 +270,7 @@ class Cni:
             "CNI_NETNS": ns.path,
             "CNI_IFNAME": "eth0",
             "CNI_PATH": CNI_PATH,
+            MARKER: track.MADE.marker,  # a fresh environment: ours all the same
         }
         return _run([f"{CNI_PATH}/{plugin}"], json.dumps(conf).encode(), env)
 
@@ -270,6 +288,7 @@ class Cni:
             return (time.perf_counter() - t0) * 1000
 
     def close(self) -> None:
+        track.bridge_ports(self.bridge)
         delete_link(self.bridge)
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -283,6 +302,7 @@ class Lxcfs:
         self.mnt = self.dir / "mnt"
         self.mnt.mkdir(parents=True)
         self.proc: subprocess.Popen | None = None
+        track.MADE.dirs.add(str(self.dir))
 
     @property
     def uptime(self) -> str:
@@ -294,6 +314,7 @@ class Lxcfs:
             [LXCFS, "-f", "-p", str(self.dir / "lxcfs.pid"), str(self.mnt)],
             stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
         )
+        track.started(self.proc.pid)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -25,13 +25,13 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
 from bench import pct  # noqa: E402
-from harness import Daemon, build_rootfs, sh  # noqa: E402
+from harness import build_rootfs, sh  # noqa: E402
+from bench.track import Daemon, mkdtemp  # noqa: E402
 
 WARMUP = 200  # reads after each change of pinning, not counted
 
@@ -189,7 +189,7 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     from bench import peers
 
-    tmp = Path(tempfile.mkdtemp(prefix="tether-bench-"))
+    tmp = mkdtemp()
     lx = None
     try:
         extra = {}

@@ -14,13 +14,13 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
 from bench import pct  # noqa: E402
-from harness import Daemon, build_rootfs  # noqa: E402
+from harness import build_rootfs  # noqa: E402
+from bench.track import Daemon, mkdtemp  # noqa: E402
 
 
 
@@ -49,7 +49,7 @@ VARIANTS = (
 def measure(runs: int, tmp: Path | None = None, rootfs: Path | None = None) -> tuple[dict[str, list[float]], list[float]]:
     """({variant: ms per run}, daemon ms per registration), variants interleaved."""
     own = tmp is None
-    tmp = Path(tempfile.mkdtemp(prefix="tether-bench-")) if own else tmp
+    tmp = mkdtemp() if own else tmp
     try:
         rootfs = rootfs or build_rootfs(tmp / "rootfs")
         with Daemon(rootfs) as d:

@@ -20,7 +20,6 @@ import json
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,7 +27,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
 from bench import pct  # noqa: E402
 from bench.read_hosts import per_read_us  # noqa: E402
-from harness import Daemon, build_rootfs, sh  # noqa: E402
+from harness import build_rootfs, sh  # noqa: E402
+from bench.track import Daemon, mkdtemp  # noqa: E402
 from hooks.protocol import request  # noqa: E402
 
 
@@ -149,7 +149,7 @@ def measure(n: int, rootfs: Path, tmp: Path, n_reads: int = 20000, parallel: int
                     # the first, this cancels drift along the run
                     for name in names:
                         request(str(d.sock), "rm", {"name": name})
-                    assert [c["name"] for c in d.cli_json("ps")] == ["s0"], "containers left registered"
+                    assert [c["name"] for c in d.cli_json("ps", "-a")] == ["s0"], "containers left registered"
                     snapshot("1 after", with_probe=False)
             finally:
                 teardown(d, live, parallel)
@@ -167,7 +167,7 @@ def main(argv=None) -> None:
     ap.add_argument("--parallel", type=int, default=8)
     ap.add_argument("--once", action="store_true", help="skip the third measurement (1 container again)")
     a = ap.parse_args(argv)
-    tmp = Path(tempfile.mkdtemp(prefix="tether-bench-"))
+    tmp = mkdtemp()
     try:
         r = measure(a.containers, build_rootfs(tmp / "rootfs"), tmp, a.reads, a.parallel, again=not a.once)
     finally:
