@@ -5,7 +5,7 @@ import argparse
 import json
 import shutil
 import sys
-import time
+from datetime import datetime
 from pathlib import Path
 
 from hooks.protocol import DaemonError, Unreachable, request
@@ -18,8 +18,38 @@ class CliError(Exception):
     pass
 
 
-def _when(ts: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+class UsageError(CliError):
+    """A command typed wrong (exit 2, as argparse's own)."""
+
+
+def _when(ts: str | None) -> str:
+    """An RFC 3339 time from the daemon, in local time."""
+    return datetime.fromisoformat(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+
+
+# `ps --filter KEY=VALUE`, as podman's: the values of one key OR, keys AND
+PS_FILTERS = "state=running, state=stopped, name=NAME"
+
+
+def ps_filters(specs: list[str]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for spec in specs:
+        key, sep, value = spec.partition("=")
+        if key not in ("state", "name") or not sep or not value:
+            why = f"unknown key {key!r}" if sep and key not in ("state", "name") else "use KEY=VALUE"
+            raise UsageError(f"--filter {spec!r}: {why}; valid filters: {PS_FILTERS}")
+        if key == "state" and value not in (model.RUNNING, model.STOPPED):
+            raise UsageError(f"--filter {spec!r}: unknown state {value!r}; valid filters: {PS_FILTERS}")
+        out.setdefault(key, set()).add(value)
+    return out
+
+
+def ps_select(items: list[dict], show_all: bool, filters: dict[str, set[str]]) -> list[dict]:
+    """Running containers, or all of them; a state filter implies all (as
+    podman's and docker's status filter)."""
+    states = filters.get("state") or ({model.RUNNING, model.STOPPED} if show_all else {model.RUNNING})
+    names = filters.get("name")
+    return [c for c in items if c["state"] in states and (names is None or c["name"] in names)]
 
 
 def table(headers: list[str], rows: list[list[object]]) -> str:
@@ -39,8 +69,8 @@ def _ps_rows(items: list[dict]) -> str:
                 c["id"][:24],
                 c["state"],
                 c["ip"],
-                ",".join(c.get("published", []) or c["publish"]),
-                ",".join(c.get("links", [])),
+                ",".join(c["published"]),
+                ",".join(c["links"]),
                 _when(c["stopped_at"]) if c["state"] == "stopped" else "-",
             ]
             for c in items
@@ -48,9 +78,23 @@ def _ps_rows(items: list[dict]) -> str:
     )
 
 
+def _plain(key: str, value: object) -> str:
+    """A record's value as text: no Python reprs, times in local time."""
+    if value in (None, "", [], {}):
+        return "-"
+    if key.endswith("_at") or key == "since":
+        return _when(value)  # type: ignore[arg-type]
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
 def _inspect_text(c: dict) -> str:
-    skip = ("leases", "files")
-    out = [f"{k}: {v if v not in (None, '', []) else '-'}" for k, v in c.items() if k not in skip]
+    fields = [(k, _plain(k, v)) for k, v in c.items() if k not in ("leases", "files")]
+    width = max((len(k) for k, _ in fields), default=0) + 1
+    out = [f"{k + ':':<{width}} {v}" for k, v in fields]
     if c.get("leases"):
         out.append("leases:")
         out += ["  " + line for line in _leases_text(c["leases"]).splitlines()]
@@ -77,14 +121,17 @@ def _printer(op: str):
         "leases": _leases_text,
         "rm": lambda r: f"removed {r['name']}; freed {', '.join(r['freed']) or 'nothing'}",
         "link_ls": _links_text,
-        "move": lambda r: (
-            f"moved {r['old']} -> {r['new']}: {r['links']} link(s)"
-            + (f", host ports {', '.join(r['ports'])}" if r["ports"] else "")
-        ),
-        "link_add": lambda r: _links_text([r]),
-        "link_retarget": lambda r: f"{r['consumer']}: {r['alias']} now -> {r['target']} (was {r['previous']})",
-        "link_rm": lambda r: f"{r['consumer']}: removed {r['alias']} -> {r['target']}",
+        "move": _move_text,
+        "link_add": lambda r: f"added {r['link']} ({r['state']}{' at ' + r['address'] if r['address'] else ''})",
+        "link_retarget": lambda r: f"{r['link']} (was {r['previous']})",
+        "link_rm": lambda r: f"removed {r['link']}",
     }[op]
+
+
+def _move_text(r: dict) -> str:
+    """A line, then what moved: each link and host port in its one notation."""
+    head = f"moved {r['old']} to {r['new']}: {r['links']} link(s), {len(r['ports'])} host port(s)"
+    return "\n".join([head] + ["  " + x for x in r["moved"] + r["ports"]])
 
 
 def _links_text(items: list[dict]) -> str:
@@ -101,7 +148,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tether", parents=[common], description="tether: sticky addresses and links that follow")
     p.add_argument("--version", action="version", version=f"tether {_version()}")
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
-    sub.add_parser("ps", parents=[common], help="list containers")
+    sp = sub.add_parser("ps", parents=[common], help="list containers (running ones; -a: all)")
+    sp.add_argument("-a", "--all", action="store_true", help="stopped containers too")
+    sp.add_argument("-q", "--quiet", action="store_true", help="names only, one per line")
+    sp.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
+                    help=f"{PS_FILTERS}; repeatable: one key's values OR, different keys AND")
     sp = sub.add_parser("inspect", parents=[common], help="one container: leases, links, files")
     sp.add_argument("name")
     sub.add_parser("leases", parents=[common], help="address and port leases")
@@ -221,6 +272,7 @@ def run(argv: list[str]) -> int:
 
         return doctor.main(getattr(a, "config", None), as_json)
     try:
+        filters = ps_filters(a.filter) if a.cmd == "ps" else {}
         cfg = config_mod.load(getattr(a, "config", None))
         if a.cmd == "oci" and a.oci_cmd == "hooks-dir":
             from . import podman
@@ -265,6 +317,16 @@ def run(argv: list[str]) -> int:
             if health.get("files") != "ok":  # stderr: --json stays parseable
                 print(f"tether: warning: served files are broken: {health['files']}; "
                       "running containers keep theirs, new ones cannot start: restart tether-fused", file=sys.stderr)
+            result = ps_select(result, a.all, filters)
+            if a.quiet and not as_json:  # with --json: a list of names, below
+                for c in result:
+                    print(c["name"])
+                return 0
+            if a.quiet:
+                result = [c["name"] for c in result]
+    except UsageError as e:
+        print(f"tether: {e}", file=sys.stderr)
+        return 2
     except (config_mod.ConfigError, model.InputError, CliError, oci.PatchError, DaemonError, Unreachable) as e:
         print(f"tether: {e}", file=sys.stderr)
         return 1

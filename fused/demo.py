@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from . import model
+
 BIN = Path(sys.executable).parent
 TETHER, FUSED = str(BIN / "tether"), str(BIN / "tether-fused")
 NAMES = ("db", "db2", "web")
@@ -219,7 +221,7 @@ class Demo:
         c = self.tether_json("inspect", name)
         if not c.get("published"):
             raise Failed(f"{name} has no published host port (tether inspect {name}: {c.get('published')})")
-        return c["ip"], int(c["published"][0].split(":")[0])
+        return c["ip"], model.Published.parse(c["published"][0]).host_port
 
     # --- the steps ----------------------------------------------------------
     def setup(self) -> None:
@@ -328,7 +330,7 @@ class Demo:
         self.wait_not_running("db", 10)
         self.runc("state", "db", check=False, only='"status"')
         self.runc("delete", "db")
-        self.tether("ps")
+        self.tether("ps", "-a")  # stopped, still known
         self.run_container("db")
         ip1, port1 = self.published("db")
         self.say(f"db before: {ip0}, host port {port0}")

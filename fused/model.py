@@ -77,6 +77,36 @@ class LinkSpec:
         return self.target if self.alias == self.target else f"{self.target}:{self.alias}"
 
 
+# What tether prints (the input syntax above stays what users type). A
+# published port answers on every host address: the rules match local dst.
+PUBLISHED_RE = re.compile(r"0\.0\.0\.0:([0-9]{1,5})->([0-9]{1,5})/(tcp|udp)")
+
+
+class Published(NamedTuple):
+    """A host port forwarding to a container port, written as podman and
+    docker write it: `0.0.0.0:40000->5432/tcp`."""
+
+    host_port: int
+    port: int
+    proto: str = "tcp"
+
+    def __str__(self) -> str:
+        return f"0.0.0.0:{self.host_port}->{self.port}/{self.proto}"
+
+    @classmethod
+    def parse(cls, s: str) -> Published:
+        m = PUBLISHED_RE.fullmatch(s)
+        if m is None:
+            raise InputError(f"bad published port {s!r}: expected the form 0.0.0.0:40000->5432/tcp")
+        return cls(int(m[1]), int(m[2]), m[3])
+
+
+def link_text(alias: str, target: str, consumer: str | None = None) -> str:
+    """A link as tether prints it: `web:database->db`, or `database->db` in
+    a row that already belongs to its consumer."""
+    return f"{consumer}:{alias}->{target}" if consumer else f"{alias}->{target}"
+
+
 def _items(value: str) -> list[str]:
     return [p.strip() for p in value.split(",") if p.strip()]
 

@@ -31,6 +31,11 @@ class ServiceError(Exception):
     """A request that cannot be done; the message names the cause and the fix."""
 
 
+def rfc3339(ts: float | None) -> str | None:
+    """A stored time (epoch seconds) as the control API gives it."""
+    return None if ts is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+
+
 def _host_netns() -> int:
     return os.stat("/proc/self/ns/net").st_ino
 
@@ -373,6 +378,8 @@ class Service:
         return {"known": True, "name": row.name}
 
     # --- CLI operations ---------------------------------------------------
+    # What the control API answers is what the CLI prints: times in RFC 3339,
+    # ports and links in model's notations (`Published`, `link_text`).
     def _summary(self, row: ContainerRow) -> dict:
         return {
             "name": row.name,
@@ -383,12 +390,25 @@ class Service:
             "pid": row.pid,
             "expose": row.expose,
             "publish": row.publish,
-            "links": [f"{link[1]}->{link[2]}" for link in self.store.links(row.name)],
-            "published": [f"{hp}:{port}/{proto}" for hp, proto, _, port in self.store.port_leases(row.name)],
-            "started_at": row.started_at,
-            "stopped_at": row.stopped_at,
+            "links": [model.link_text(e.alias, e.target) for e in map(Edge._make, self.store.links(row.name))],
+            "published": [str(model.Published(hp, port, proto)) for hp, proto, _, port in self.store.port_leases(row.name)],
+            "started_at": rfc3339(row.started_at),
+            "stopped_at": rfc3339(row.stopped_at),
             "note": row.note,
         }
+
+    def _leases(self, name: str | None = None) -> list[dict]:
+        out = []
+        for lease in self.store.leases():
+            if name is not None and lease["name"] != name:
+                continue
+            if lease["kind"] == "port":  # the store's maps: "proto:port"
+                proto, _, port = lease["maps"].partition(":")
+                lease["maps"] = str(model.Published(int(lease["lease"]), int(port), proto))
+            lease["stopped_at"] = rfc3339(lease["stopped_at"])
+            lease["since"] = rfc3339(lease["since"])
+            out.append(lease)
+        return out
 
     async def ps(self, args: dict) -> list[dict]:
         async with self.lock:
@@ -405,10 +425,10 @@ class Service:
         async with self.lock:
             row = await self._row(args)
             out = self._summary(row)
-            out["leases"] = [lease for lease in self.store.leases() if lease["name"] == row.name]
+            out["leases"] = self._leases(row.name)
             out["veth"] = veth_name(self.cfg.network.bridge, row.name)
             topo = self.topology()
-            out["links_in"] = [f"{e.consumer}:{e.alias}" for e in topo.edges if e.target == row.name]
+            out["links_in"] = [model.link_text(e.alias, e.target, e.consumer) for e in topo.edges if e.target == row.name]
             files, _ = render.render_all(topo, *self._render_args())
             fs = files[row.name]
             out["files"] = {f: fs.get(f).decode() for f in render.FILES}
@@ -416,7 +436,7 @@ class Service:
 
     async def leases(self, args: dict) -> list[dict]:
         async with self.lock:
-            return self.store.leases()
+            return self._leases()
 
     async def rm(self, args: dict) -> dict:
         async with self.lock:
@@ -433,6 +453,7 @@ class Service:
     def _link_row(self, topo: Topology, e: Edge) -> dict:
         r = resolve_edge(topo, e)
         return {
+            "link": model.link_text(e.alias, e.target, e.consumer),
             "consumer": e.consumer,
             "alias": e.alias,
             "target": e.target,
@@ -475,7 +496,7 @@ class Service:
             async with self._change():
                 self.store.delete_link(consumer, alias)
             await self._cut([["-d", row[3]]] if row[3] else [])
-            return {"consumer": consumer, "alias": alias, "target": row[2]}
+            return {"link": model.link_text(alias, row[2], consumer), "consumer": consumer, "alias": alias, "target": row[2]}
 
     async def link_retarget(self, args: dict) -> dict:
         async with self.lock:
@@ -521,6 +542,7 @@ class Service:
                     f"{new!r} does not expose {', '.join(missing)}, which {old!r} publishes: "
                     f"start {new!r} with --expose {missing[0]}"
                 )
+            moved = [model.link_text(e.alias, new, e.consumer) for e in map(Edge._make, self.store.links()) if e.target == old]
             async with self._change():
                 n_links = self.store.move_links(old, new)
                 self.store.move_port_leases(old, new)
@@ -533,7 +555,8 @@ class Service:
                 "old": old,
                 "new": new,
                 "links": n_links,
-                "ports": [f"{hp}/{proto}" for hp, proto, _, _ in ports],
+                "moved": moved,
+                "ports": [str(model.Published(hp, port, proto)) for hp, proto, _, port in ports],
                 "firewall_commits": self.last_commits,
             }
 

@@ -370,3 +370,10 @@ def address_in_hosts(hosts: str, alias: str) -> str:
         if names.split()[0] == alias:
             return addr
     raise AssertionError(f"{alias} not in hosts:\n{hosts}")
+
+
+def host_port(published: str) -> int:
+    """The host port of a published port as tether prints it (`0.0.0.0:40000->5432/tcp`)."""
+    host, arrow, _ = published.partition("->")
+    assert arrow and host.startswith("0.0.0.0:"), published
+    return int(host.removeprefix("0.0.0.0:"))

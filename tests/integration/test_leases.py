@@ -36,6 +36,14 @@ def test_stop_start_keeps_ip_and_mac(daemon):
     daemon.kill("sticky")
     assert daemon.container("sticky")["state"] == "stopped"
     assert daemon.container("sticky")["stopped_at"]
+    # podman's ps: running ones, -a all, -q names, --filter state=
+    assert "sticky" not in daemon.cli("ps", "-q").stdout.split()
+    assert "sticky" in daemon.cli("ps", "-a", "-q").stdout.split()
+    assert "sticky" in daemon.cli("ps", "-q", "--filter", "state=stopped").stdout.split()
+    assert [c["state"] for c in daemon.cli_json("ps", "--filter", "name=sticky")] == []
+    assert [c["state"] for c in daemon.cli_json("ps", "-a", "--filter", "name=sticky")] == ["stopped"]
+    r = daemon.cli("ps", "--filter", "state=exited", check=False)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "state=stopped" in r.stderr
     daemon.run("sticky", b)
     assert inside_addr(daemon, "sticky") == first
     daemon.start_container("other", SLEEP)
@@ -50,7 +58,7 @@ def test_rm_frees_lease(daemon):
     daemon.kill("gone")
     daemon.cli("rm", "gone")
     assert ip not in [l["lease"] for l in daemon.cli_json("leases")]
-    assert "gone" not in [c["name"] for c in daemon.cli_json("ps")]
+    assert "gone" not in [c["name"] for c in daemon.cli_json("ps", "-a")]
     r = daemon.cli("rm", "gone", check=False)
     assert r.returncode == 1 and "no container named 'gone'" in r.stderr
     # a fresh start under the name works again
@@ -70,7 +78,7 @@ def test_create_runtime_twice_registers_once(daemon):
     links = daemon.exec("twice", "ip", "-o", "link").stdout.splitlines()
     assert sorted(l.split(":")[1].strip().split("@")[0] for l in links) == ["eth0", "lo"]
     assert len(set(bridge_ports(daemon.bridge)) - before) == 1
-    assert [c["name"] for c in daemon.cli_json("ps")].count("twice") == 1
+    assert [c["name"] for c in daemon.cli_json("ps", "-a")].count("twice") == 1
 
 
 def test_parallel_30(rootfs):
@@ -116,13 +124,13 @@ def test_pool_eviction_lru_and_exhaustion(rootfs):
         assert d.container("c2")["ip"] == ip["c4"]
         assert inside_addr(d, "c2")[0] == ip["c4"]
         # every address held by a running container now
-        before = d.cli_json("ps")
+        before = d.cli_json("ps", "-a")
         ports_before = bridge_ports(d.bridge)
         b7 = d.bundle("c7", SLEEP)
         r = d.run("c7", b7, check=False)
         assert r.returncode != 0
         assert "address pool exhausted" in r.stderr
-        assert d.cli_json("ps") == before
+        assert d.cli_json("ps", "-a") == before
         assert bridge_ports(d.bridge) == ports_before
         assert d.state("c7") in (None, "stopped")
 
@@ -134,12 +142,13 @@ def test_daemon_restart_keeps_leases_and_reconciles(rootfs):
         d.start_container("r2", SLEEP)
         b3 = d.start_container("r3", SLEEP)
         d.kill("r3")
-        table = d.cli("ps").stdout
-        ps = d.cli_json("ps")
+        table = d.cli("ps", "-a").stdout
+        ps = d.cli_json("ps", "-a")
+        assert "r3" in table and [c["state"] for c in ps if c["name"] == "r3"] == ["stopped"]
         d.stop()
         d.start()
-        assert d.cli_json("ps") == ps
-        assert d.cli("ps").stdout == table
+        assert d.cli_json("ps", "-a") == ps
+        assert d.cli("ps", "-a").stdout == table
         # a container that stops while the daemon is down: poststop cannot
         # reach it (the hook warns, the stop goes on), the restart notices.
         d.stop()
@@ -183,7 +192,7 @@ def _one_line_error(r, *words):
 
 def test_bad_input_changes_nothing(daemon, netns_proc):
     daemon.start_container("stable", SLEEP)
-    before, ports = daemon.cli_json("ps"), bridge_ports(daemon.bridge)
+    before, ports = daemon.cli_json("ps", "-a"), bridge_ports(daemon.bridge)
     good = {"ociVersion": "1.0.2", "id": "x1", "status": "created", "pid": netns_proc.pid, "bundle": "/nonexistent"}
 
     r = _hook(daemon, "createRuntime", b"{not json")
@@ -204,7 +213,7 @@ def test_bad_input_changes_nothing(daemon, netns_proc):
     r = daemon.run("upper", b, check=False)
     assert r.returncode != 0 and "io.tether.name" in r.stderr
     assert daemon.cli("oci", "patch", str(b), "--name", "Upper", check=False).returncode == 1
-    assert daemon.cli_json("ps") == before
+    assert daemon.cli_json("ps", "-a") == before
     assert bridge_ports(daemon.bridge) == ports
 
 
@@ -246,5 +255,5 @@ def test_rm_takes_many_names(daemon):
     r = daemon.cli("rm", "many-a", "nobody", "many-b", check=False)
     assert r.returncode == 1 and r.stderr.strip() == "tether: nobody: no container named 'nobody': see `tether ps`"
     assert r.stdout.count("removed many-") == 2
-    names = [c["name"] for c in daemon.cli_json("ps")]
+    names = [c["name"] for c in daemon.cli_json("ps", "-a")]
     assert "many-a" not in names and "many-b" not in names

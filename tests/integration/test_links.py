@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from harness import FUSED, Daemon, address_in_hosts, iptables_dump, sh, tcp_get, wait_for
+from harness import FUSED, Daemon, address_in_hosts, host_port, iptables_dump, sh, tcp_get, wait_for
 from hooks.protocol import request
 
 SLEEP = ["sleep", "1000000"]
@@ -72,7 +72,8 @@ def test_facade_retarget_cuts_old_connections(fd):
     assert ask(d, "web", "database") == "db2"
     assert ask(d, "web", facade) == "db2"
     assert facade_of(d, "web", "database") == facade  # the address never changes
-    d.cli("link", "retarget", "web", "database", "db")
+    assert d.container("db2")["links_in"] == ["web:database->db2"] and d.container("db")["links_in"] == []
+    assert d.cli("link", "retarget", "web", "database", "db").stdout == "web:database->db (was db2)\n"
     assert ask(d, "web", facade) == "db"
 
 
@@ -88,8 +89,8 @@ def test_published_port_sticks_and_moves(rootfs):
         d.start_container("db2", two_servers("db2"), "--expose", "5432")
         d.start_container("web", SLEEP, "--link", "db:database")
         (pub,) = d.container("db")["published"]
-        hp = int(pub.split(":")[0])
-        assert d.port_base <= hp < d.port_base + 100 and pub.endswith(":5432/tcp")
+        hp = host_port(pub)
+        assert d.port_base <= hp < d.port_base + 100 and pub == f"0.0.0.0:{hp}->5432/tcp"
         assert host_get("127.0.0.1", hp) == "db"
         assert host_get(d.gateway, hp) == "db"
         assert ask(d, "web", d.gateway, hp) == "db"  # a container through the host port (hairpin)
@@ -100,11 +101,12 @@ def test_published_port_sticks_and_moves(rootfs):
         assert d.container("db")["published"] == [pub]
         assert host_get("127.0.0.1", hp) == "db"
         r = d.cli_json("move", "db", "db2")
-        assert r["links"] == 1 and r["ports"] == [f"{hp}/tcp"] and r["firewall_commits"] == 1
+        assert r["links"] == 1 and r["ports"] == [f"0.0.0.0:{hp}->5432/tcp"] and r["firewall_commits"] == 1
+        assert r["moved"] == ["web:database->db2"]
         assert host_get("127.0.0.1", hp) == "db2"
         assert ask(d, "web", "database") == "db2"
         assert "database db2" in (d.run_dir / "fs" / "web" / "hosts").read_text()
-        assert d.container("db2")["published"] == [f"{hp}:5432/tcp"]
+        assert d.container("db2")["published"] == [f"0.0.0.0:{hp}->5432/tcp"]
 
 
 def test_move_errors_change_nothing(fd):
@@ -139,7 +141,7 @@ def test_host_port_pool_lru_and_running_holder(rootfs):
         b = {}
         for n in ("p1", "p2", "p3"):
             b[n] = d.start_container(n, SLEEP, "--publish", "80")
-        hp = {n: int(d.container(n)["published"][0].split(":")[0]) for n in b}
+        hp = {n: host_port(d.container(n)["published"][0]) for n in b}
         assert sorted(hp.values()) == [d.port_base, d.port_base + 1, d.port_base + 2]
         # every port held by a running container: a fourth fails, naming the cause
         b4 = d.bundle("p4", SLEEP, "--publish", "80")
@@ -148,9 +150,9 @@ def test_host_port_pool_lru_and_running_holder(rootfs):
         d.kill("p1")
         d.kill("p2")  # p1 stopped first
         d.run("p4", b4)
-        assert d.container("p4")["published"] == [f"{hp['p1']}:80/tcp"]
+        assert d.container("p4")["published"] == [f"0.0.0.0:{hp['p1']}->80/tcp"]
         assert "evicted" in d.container("p1")["note"] and "p4" in d.container("p1")["note"]
-        assert d.container("p2")["published"] == [f"{hp['p2']}:80/tcp"]
+        assert d.container("p2")["published"] == [f"0.0.0.0:{hp['p2']}->80/tcp"]
         # explicit host port held by a running container: error naming it
         b5 = d.bundle("p5", SLEEP, "--publish", f"{hp['p3']}:80")
         r = d.run("p5", b5, check=False)
@@ -158,7 +160,7 @@ def test_host_port_pool_lru_and_running_holder(rootfs):
         # held by a stopped one: taken over, and the loser's record says so
         b6 = d.bundle("p6", SLEEP, "--publish", f"{hp['p2']}:80")
         d.run("p6", b6)
-        assert d.container("p6")["published"] == [f"{hp['p2']}:80/tcp"]
+        assert d.container("p6")["published"] == [f"0.0.0.0:{hp['p2']}->80/tcp"]
         assert d.container("p2")["published"] == [] and "p6" in d.container("p2")["note"]
 
 
@@ -254,7 +256,7 @@ def test_a_host_port_a_host_process_holds_is_refused_or_skipped(rootfs):
             # an automatic port skips the busy ones (the first of the range, for tcp and for udp)
             d.start_container("p2", ["sleep", "1000000"], "--expose", "80", "--expose", "53/udp",
                               "--publish", "80", "--publish", "53/udp")
-            assert sorted(d.container("p2")["published"]) == [f"{d.port_base + 1}:53/udp", f"{d.port_base + 1}:80/tcp"]
+            assert sorted(d.container("p2")["published"]) == [f"0.0.0.0:{d.port_base + 1}->53/udp", f"0.0.0.0:{d.port_base + 1}->80/tcp"]
         finally:
             busy.close()
             udp.close()

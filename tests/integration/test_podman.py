@@ -366,7 +366,7 @@ def test_podman_rm_then_tether_rm_frees_the_lease(pm):
     assert ip in [l["lease"] for l in d.cli_json("leases")]  # stopped: the lease stays
     d.cli("rm", "db")
     assert ip not in [l["lease"] for l in d.cli_json("leases")]
-    assert "db" not in [c["name"] for c in d.cli_json("ps")]
+    assert "db" not in [c["name"] for c in d.cli_json("ps", "-a")]
     assert bridge_ports(d.bridge) == []
     # the name starts afresh, at the lowest free address: the one just freed
     p.run("other", SLEEP)
@@ -380,7 +380,7 @@ def test_container_without_tether_annotations_is_untouched(pm):
     assert not any("tether-hook" in h["path"] for hs in p.spec("plain").get("hooks", {}).values() for h in hs)
     assert p.exec("plain", "ip", "-o", "link").stdout.split(":")[1].strip() == "lo"
     assert len(p.exec("plain", "ip", "-o", "link").stdout.splitlines()) == 1
-    assert d.cli_json("ps") == [] and bridge_ports(d.bridge) == []
+    assert d.cli_json("ps", "-a") == [] and bridge_ports(d.bridge) == []
     p("stop", "-t", "0", "plain")
     p("rm", "plain")
     assert "plain" not in d.log.read_text()
@@ -395,4 +395,4 @@ def test_bad_annotation_fails_the_start_and_leaves_nothing(pm):
     assert r.returncode != 0
     assert "io.tether.links" in r.stderr and "tether-hook" in r.stderr
     assert p.status("bad") != "running"
-    assert d.cli_json("ps") == [] and bridge_ports(d.bridge) == []
+    assert d.cli_json("ps", "-a") == [] and bridge_ports(d.bridge) == []
