@@ -166,8 +166,12 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--link", action="append", default=[], metavar="T[:A]", help="link to target T as alias A")
     sp.add_argument("--expose", action="append", default=[], metavar="P[/proto]", help="a port it listens on")
     sp.add_argument("--publish", action="append", default=[], metavar="[H:]P[/proto]", help="publish a port on the host")
+    sp.add_argument("--no-mounts", action="store_true",
+                    help="hooks and annotations only: the createRuntime hook mounts the served files itself")
     sp = oci_sub.add_parser("hooks-dir", parents=[common], help="write podman's hooks.d files (oci-hooks(5)) into DIR")
-    sp.add_argument("dir", metavar="DIR", help="e.g. /etc/containers/oci/hooks.d (podman's default for root)")
+    sp.add_argument("dir", metavar="DIR", nargs="?",
+                    help="default: the first directory podman reads them from ([engine] hooks_dir of its "
+                    "containers.conf, else /usr/share/containers/oci/hooks.d)")
     sp = sub.add_parser("move", parents=[common], help="failover: links and published ports of OLD go to NEW")
     sp.add_argument("old")
     sp.add_argument("new")
@@ -277,10 +281,15 @@ def run(argv: list[str]) -> int:
         if a.cmd == "oci" and a.oci_cmd == "hooks-dir":
             from . import podman
 
+            dirs = podman.hooks_dirs()
+            if not a.dir and not dirs:
+                raise CliError("podman's containers.conf sets hooks_dir = []: podman reads no hooks.d files; "
+                               "name a directory in hooks_dir, then pass it as DIR")
+            where = a.dir or dirs[0]
             try:
-                written = podman.write_hooks_dir(Path(a.dir), _hook_path(), cfg.source)
+                written = podman.write_hooks_dir(Path(where), _hook_path(), cfg.source)
             except OSError as e:
-                raise CliError(f"cannot write hooks into {a.dir}: {e.strerror or e}") from None
+                raise CliError(f"cannot write hooks into {where}: {e.strerror or e}") from None
             files = [{"path": str(p), "changed": changed} for p, changed in written]
             print(json.dumps({"files": files}, indent=2) if as_json else "\n".join(
                 f"{'wrote' if f['changed'] else 'unchanged'} {f['path']}" for f in files))
@@ -300,6 +309,7 @@ def run(argv: list[str]) -> int:
                 publish=a.publish,
                 fs_dir=cfg.fs_dir,
                 dns=cfg.dns.enabled,
+                mounts=not a.no_mounts,
                 env=_known_link_env(cfg, links),
             )
             if not as_json:
@@ -317,6 +327,12 @@ def run(argv: list[str]) -> int:
             if health.get("files") != "ok":  # stderr: --json stays parseable
                 print(f"tether: warning: served files are broken: {health['files']}; "
                       "running containers keep theirs, new ones cannot start: restart tether-fused", file=sys.stderr)
+            try:  # what the runtimes run and tether does not (or the reverse): whatever the selection
+                drifted = request(str(cfg.socket_path), "drift", {})
+            except DaemonError:  # a daemon from before `drift`
+                drifted = []
+            for d in drifted:
+                print(f"tether: warning: {d['name']}: {d['problem']}: {d['why']}", file=sys.stderr)
             result = ps_select(result, a.all, filters)
             if a.quiet and not as_json:  # with --json: a list of names, below
                 for c in result:

@@ -208,6 +208,8 @@ class Doctor:
             ("file-server", self.file_server),
             ("firewall", self.firewall),
             ("dns", self.dns),
+            ("podman-hooks", self.podman_hooks),
+            ("drift", self.drift),
         ]
 
     def run(self) -> list[Result]:
@@ -575,6 +577,53 @@ class Doctor:
             return Result("dns", FAIL, f"nothing listens on {gw}:53/udp: containers' resolv.conf points there", f"{START}; its log says why the responder did not start")
         who = f" ({', '.join(procs)})" if procs else ""
         return Result("dns", OK, f"listening on {gw}:53 {'+'.join(protos)}{who}")
+
+
+    # runtimes ------------------------------------------------------------------
+    def podman_hooks(self) -> Result:
+        """Will podman run tether's createRuntime hook? Read the directories
+        podman reads (its containers.conf), as podman does."""
+        from . import podman
+
+        name = "podman-hooks"
+        if shutil.which("podman") is None:
+            return Result(name, OK, "podman is not installed (runc only)")
+        dirs = podman.hooks_dirs()
+        fix = "run `tether oci hooks-dir`" + (f" --config {self.cfg.source}" if self.cfg.source else "")
+        found = [f for d in dirs for f in podman.find_hooks(d) if f.stage == "createRuntime"]
+        mine = [f for f in found if os.path.realpath(f.config or config_mod.DEFAULT_PATH)
+                == os.path.realpath(str(self.cfg.source or config_mod.DEFAULT_PATH))]
+        where = ", ".join(dirs) or "no directory (hooks_dir = [])"
+        if not mine:
+            elsewhere = [f for d in podman.OTHER_HOOKS_DIRS + podman.DEFAULT_HOOKS_DIRS if d not in dirs
+                         for f in podman.find_hooks(d) if f.stage == "createRuntime"]
+            if elsewhere:
+                return Result(name, FAIL, f"tether's hook is in {elsewhere[0].path}, but podman reads hooks only from {where}",
+                              f"{fix} (it writes into {dirs[0] if dirs else 'DIR'}), then remove {elsewhere[0].path}")
+            if found:
+                return Result(name, WARN, f"podman runs tether-hook with --config {found[0].config} ({found[0].path}), "
+                              "not this config", f"{fix} if podman containers should use this daemon")
+            return Result(name, WARN, f"podman will not run tether's hook: no tether hooks.d file in {where}",
+                          f"{fix} if you run containers with podman")
+        f = mine[0]
+        if not os.access(f.hook, os.X_OK):
+            return Result(name, FAIL, f"{f.path} runs {f.hook}, which is not an executable", f"reinstall tether, then {fix}")
+        return Result(name, OK, f"podman reads tether's hook from {f.path}")
+
+    def drift(self) -> Result:
+        """Containers the runtimes run that tether has stopped or never saw,
+        and the reverse (see fused/drift.py); asks the daemon."""
+        from hooks.protocol import DaemonError, Unreachable, request
+
+        try:
+            items = request(str(self.cfg.socket_path), "drift", timeout=CHECK_TIMEOUT - 1)
+        except (Unreachable, DaemonError) as e:
+            return Result("drift", WARN, f"not checked: the daemon did not answer ({first_line(str(e))})", "see the daemon line")
+        if not items:
+            return Result("drift", OK, "the runtimes and tether agree on every container")
+        first = items[0]
+        more = f" (and {len(items) - 1} more: `tether ps` lists them)" if len(items) > 1 else ""
+        return Result("drift", WARN, f"{first['name']}: {first['problem']}{more}", first["why"])
 
 
 def main(config: str | None, as_json: bool) -> int:

@@ -28,11 +28,16 @@ def _is_ours(entry: object) -> bool:
     return isinstance(entry, dict) and os.path.basename(str(entry.get("path", ""))) == "tether-hook"
 
 
-def _merge_annotation(ann: dict, key: str, values: list[str], parse) -> None:
-    """Add `values` to a comma-list annotation, validated, without duplicates."""
+def _merge_annotation(ann: dict, key: str, values: list[str], parse, replaces=None) -> None:
+    """Add `values` to a comma-list annotation, validated, without duplicates.
+    `replaces(old, new)`: an old item that a new one takes the place of."""
     if not values:
         return
-    items = [v for v in (ann.get(key, "").split(",") + values) if v.strip()]
+    parse(",".join(values), key)  # the new ones alone first: a clash among them is the user's
+    old = [v for v in ann.get(key, "").split(",") if v.strip()]
+    if replaces is not None:
+        old = [o for o in old if not any(replaces(o, v) for v in values)]
+    items = [v for v in (old + values) if v.strip()]
     merged: list[str] = []
     for v in items:
         if v not in merged:
@@ -41,8 +46,46 @@ def _merge_annotation(ann: dict, key: str, values: list[str], parse) -> None:
     ann[key] = ",".join(merged)
 
 
+def _same_container_port(old: str, new: str) -> bool:
+    """A second `--publish 9090:80` replaces the first `8080:80`."""
+    try:
+        (a,), (b,) = model.parse_publish(old), model.parse_publish(new)
+    except (model.InputError, ValueError):
+        return False
+    return (a.port, a.proto) == (b.port, b.proto)
+
+
 def _mount(dest: str, source: Path) -> dict:
     return {"destination": dest, "type": "bind", "source": str(source), "options": ["rbind", "ro", "nosuid", "nodev"]}
+
+
+def served_mounts(fs_dir: Path, name: str, dns: bool) -> list[tuple[str, Path]]:
+    """(destination in the container, source) of each served file."""
+    out = [("/etc/hosts", fs_dir / name / "hosts"), ("/etc/tether", fs_dir / name)]
+    if dns:
+        out.append(("/etc/resolv.conf", fs_dir / name / "resolv.conf"))
+    return out
+
+
+def missing_mounts(spec: dict, fs_dir: Path, name: str, dns: bool) -> list[tuple[str, Path]]:
+    """The served files that config.json does not already bind from `fs_dir`
+    (as `tether oci patch` writes them): the createRuntime hook mounts these."""
+    mounts = spec.get("mounts")
+    have = {
+        str(m.get("destination", "")).rstrip("/")
+        for m in (mounts if isinstance(mounts, list) else [])
+        if isinstance(m, dict) and str(m.get("source", "")).startswith(f"{fs_dir}/")
+    }
+    return [(dest, source) for dest, source in served_mounts(fs_dir, name, dns) if dest not in have]
+
+
+def rootfs(spec: dict, bundle: str) -> str | None:
+    """The container's root directory: root.path, relative to the bundle."""
+    root = spec.get("root")
+    path = root.get("path") if isinstance(root, dict) else None
+    if not isinstance(path, str) or not path:
+        return None
+    return os.path.normpath(os.path.join(bundle, path))
 
 
 def apply(
@@ -55,6 +98,7 @@ def apply(
     publish: list[str] = (),
     fs_dir: Path | None = None,
     dns: bool = False,
+    mounts: bool = True,
     env: dict[str, str] | None = None,
 ) -> dict:
     """Pure: the patched spec. `env`: DOCKER_LINK_PORT_* values known now."""
@@ -73,15 +117,13 @@ def apply(
     ann[model.ANN_NAME] = name
     _merge_annotation(ann, model.ANN_LINKS, list(links), model.parse_links)
     _merge_annotation(ann, model.ANN_EXPOSE, list(expose), model.parse_expose)
-    _merge_annotation(ann, model.ANN_PUBLISH, list(publish), model.parse_publish)
+    _merge_annotation(ann, model.ANN_PUBLISH, list(publish), model.parse_publish, _same_container_port)
     if fs_dir is not None:
         ours = {"/etc/hosts", "/etc/tether", "/etc/resolv.conf"}
-        mounts = [m for m in spec.get("mounts", []) if m.get("destination") not in ours]
-        mounts.append(_mount("/etc/hosts", fs_dir / name / "hosts"))
-        mounts.append(_mount("/etc/tether", fs_dir / name))
-        if dns:
-            mounts.append(_mount("/etc/resolv.conf", fs_dir / name / "resolv.conf"))
-        spec["mounts"] = mounts
+        kept = [m for m in spec.get("mounts", []) if m.get("destination") not in ours]
+        if mounts:  # else the createRuntime hook mounts them (hooks only)
+            kept += [_mount(dest, source) for dest, source in served_mounts(fs_dir, name, dns)]
+        spec["mounts"] = kept
     if env:
         process = spec.setdefault("process", {})
         current = [e for e in process.get("env", []) if e.split("=", 1)[0] not in env]

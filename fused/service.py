@@ -7,15 +7,18 @@ back and undoes the wiring, so a failed registration leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
+import shutil
 import time
 
 import trio
 
-from . import allocator, model, render, rules
+from . import allocator, drift, model, oci, render, rules
 from .allocator import Holder
+from . import config as config_mod
 from .config import Config
 from .graph import Edge, Node, Topology, resolve_edge
 from .model import InputError
@@ -44,9 +47,10 @@ MAX_STATE = 1 << 20
 MAX_BUSY_SKIPS = 256
 
 
-def hook_input(args: dict) -> tuple[dict, dict | None]:
-    """The OCI state a hook sent (unparsed, as `state_json`) and its annotations:
-    the state's own, else those of `bundle/config.json`."""
+def hook_input(args: dict) -> tuple[dict, dict | None, dict]:
+    """The OCI state a hook sent (unparsed, as `state_json`), its annotations
+    (the state's own, else those of `bundle/config.json`) and the bundle's
+    config.json ({} when it cannot be read)."""
     raw = args.get("state_json")
     if not isinstance(raw, str) or len(raw) > MAX_STATE:
         raise InputError("no OCI state received: run tether-hook from an OCI runtime, state JSON on stdin")
@@ -58,15 +62,17 @@ def hook_input(args: dict) -> tuple[dict, dict | None]:
         raise InputError("OCI state on stdin must be a JSON object: run tether-hook from an OCI runtime")
     ann = state.get("annotations")
     bundle = state.get("bundle")
-    if not ann and isinstance(bundle, str) and os.path.isabs(bundle):
+    spec: dict = {}
+    if isinstance(bundle, str) and os.path.isabs(bundle):
         try:
             with open(os.path.join(bundle, "config.json"), "rb") as f:
-                spec = json.loads(f.read(16 << 20))
-            if isinstance(spec, dict) and isinstance(spec.get("annotations"), dict):
-                ann = spec["annotations"]
+                loaded = json.loads(f.read(16 << 20))
+            spec = loaded if isinstance(loaded, dict) else {}
         except (OSError, ValueError, RecursionError):
             pass
-    return state, ann
+    if not ann and isinstance(spec.get("annotations"), dict):
+        ann = spec["annotations"]
+    return state, ann, spec
 
 
 class Service:
@@ -92,6 +98,9 @@ class Service:
         self.lock = trio.Lock()
         self.net = cfg.network.network
         self.last_commits = 0
+        # OCI id -> name of registrations that created their record, until
+        # the container stops: what an `abort` from the hook forgets
+        self._fresh: dict[str, str] = {}
 
     # --- kernel helpers ---------------------------------------------------
     def _endpoint(self, name: str, pid: int, ip: str, mac: str) -> Endpoint:
@@ -195,7 +204,8 @@ class Service:
     # --- hook operations --------------------------------------------------
     async def register(self, args: dict) -> dict:
         t0 = time.perf_counter()
-        reg = model.parse_registration(*hook_input(args))
+        state, ann, spec = hook_input(args)
+        reg = model.parse_registration(state, ann)
         ino = netns_inode(reg.pid)
         if ino is None:
             raise ServiceError(f"container {reg.id!r}: process {reg.pid} is gone: the container exited early")
@@ -209,10 +219,11 @@ class Service:
                 f"container {reg.id!r} shares the host's network namespace: "
                 'add {"type": "network"} to linux.namespaces in its config.json'
             )
+        runtime = drift.runtime_of(args.get("ppid"))
         async with self.lock:
             wired: list[str] = []
             try:
-                result = await self._register(reg, ino, wired)
+                result = await self._register(reg, ino, wired, runtime)
             except BaseException:
                 with trio.CancelScope(shield=True):
                     for veth in wired:  # nothing left behind
@@ -222,18 +233,31 @@ class Service:
             "registered %s (id %s, pid %d) at %s in %.1f ms",
             reg.name, reg.id, reg.pid, result["ip"], (time.perf_counter() - t0) * 1000,
         )
-        return result
+        # first in the answer: the files the hook binds into the container
+        # (those config.json does not mount already), for the hook to find
+        # without a json module
+        mounts = self._mounts(reg, spec) if result.pop("first_start", True) else ""
+        return {"mounts": mounts, **result}
 
-    async def _register(self, reg: model.Registration, ino: int, wired: list[str]) -> dict:
+    def _mounts(self, reg: model.Registration, spec: dict) -> str:
+        """"PID\0ROOTFS\0SOURCE\0DEST..." for the hook, or "" for nothing to mount."""
+        binds = oci.missing_mounts(spec, self.cfg.fs_dir, reg.name, self.cfg.dns.enabled)
+        root = oci.rootfs(spec, reg.bundle)
+        if not binds or root is None or any(c in root for c in "\0\n"):
+            return ""
+        return "\0".join([str(reg.pid), root, *(str(p) for b in binds for p in (b[1], b[0]))])
+
+    async def _register(self, reg: model.Registration, ino: int, wired: list[str], runtime: list[str]) -> dict:
         async with self._change():
             row = self.store.get(reg.name)
             if row and row.running:
                 if row.pid == reg.pid and row.netns_ino == ino:
-                    # the same start seen twice (prestart + createRuntime, or a retry)
+                    # the same start seen twice (prestart + createRuntime, or a
+                    # retry): its files are mounted already
                     ep = self._endpoint(reg.name, reg.pid, row.ip, row.mac)
                     if not await self.worker.run(self.wiring.veth_exists, ep.veth):
                         await self.worker.run(self.wiring.wire, ep)
-                    return self._summary(self.store.get(reg.name))
+                    return {**self._summary(self.store.get(reg.name)), "first_start": False}
                 if self._alive(row):
                     raise ServiceError(
                         f"name {reg.name!r} is already used by running container {row.id!r}: "
@@ -249,7 +273,10 @@ class Service:
                 reg.bundle,
                 [str(p) for p in reg.expose],
                 [str(p) for p in reg.publish],
+                runtime,
             )
+            if row is None:
+                self._fresh[reg.id] = reg.name
             self.store.set_ip_lease(reg.name, ip, mac)
             self.store.set_note(reg.name, "")
             self._lease_ports(reg.name, reg.publish)
@@ -357,8 +384,28 @@ class Service:
             n = await self.worker.run(self.wiring.cut, filters)
             log.info("conntrack: removed %d entries", n)
 
+    async def abort(self, args: dict) -> dict:
+        """The hook could not finish a start it registered (its mounts failed):
+        a name this start registered for the first time is forgotten (its
+        leases freed), any other is marked stopped, as by poststop."""
+        state, _, _ = hook_input(args)
+        name = self._fresh.pop(state.get("id"), None) if isinstance(state.get("id"), str) else None
+        if name is None:
+            return await self.poststop(args)
+        async with self.lock:
+            row = self.store.get(name)
+            if row is None or row.id != state.get("id"):
+                return {"known": False}
+            async with self._change():
+                self.store.delete(name)
+            self.worker.submit(self.wiring.unwire, veth_name(self.cfg.network.bridge, name))
+        log.info("start of %s (id %s) failed in its hook: forgotten", name, row.id)
+        return {"known": True, "name": name}
+
     async def poststop(self, args: dict) -> dict:
-        state, ann = hook_input(args)
+        state, ann, _ = hook_input(args)
+        if isinstance(state.get("id"), str):
+            self._fresh.pop(state["id"], None)
         name = ann.get(model.ANN_NAME) if isinstance(ann, dict) else None
         cid = state.get("id")
         async with self.lock:
@@ -575,8 +622,41 @@ class Service:
             "passthrough": f.passthrough if f is not None else None,
         }
 
+    async def drift(self, args: dict) -> list[dict]:
+        """Containers the runtimes run while tether has them stopped (or never
+        registered them), and the reverse: see fused/drift.py."""
+        async with self.lock:
+            rows = [
+                {"name": r.name, "id": r.id, "state": r.state, "runtime": r.runtime}
+                for r in self.store.containers()
+            ]
+        cmds = {tuple(r["runtime"]) for r in rows if r["runtime"]}
+        runc = shutil.which("runc")
+        if runc and os.path.isdir(drift.RUNTIMES["runc"]):  # where runc and podman's runc keep theirs
+            cmds.add((os.path.realpath(runc), "--root", drift.RUNTIMES["runc"]))
+        listings = {}
+        for cmd in sorted(cmds):
+            with trio.move_on_after(5):
+                p = await trio.run_process([*cmd, "list", "--format", "json"], capture_stdout=True, capture_stderr=True, check=False)
+                if p.returncode == 0:
+                    try:
+                        listings[cmd] = drift.parse_listing(p.stdout.decode(errors="replace"))
+                    except ValueError:
+                        log.warning("drift: %s list printed no JSON", cmd[0])
+
+        def ours(seen: drift.Seen) -> bool:
+            try:
+                with open(os.path.join(seen.bundle, "config.json"), "rb") as f:
+                    spec = json.loads(f.read(16 << 20))
+            except (OSError, ValueError, RecursionError):
+                return True
+            source = str(self.cfg.source) if self.cfg.source else None
+            return isinstance(spec, dict) and drift.claims(spec, source, config_mod.DEFAULT_PATH)
+
+        return [dataclasses.asdict(d) for d in drift.compare(rows, listings, ours)]
+
     OPS = (
-        "register", "poststop", "ps", "inspect", "leases", "rm", "reconcile", "health",
+        "register", "abort", "poststop", "ps", "inspect", "leases", "rm", "reconcile", "health", "drift",
         "link_add", "link_rm", "link_retarget", "link_ls", "move",
     )
 

@@ -4,7 +4,9 @@
 
 Sends the state, unparsed, in one request to tether-fused (which validates
 it and reads the bundle's annotations) and exits 0, or prints one line naming
-the cause and the fix and exits 1. It runs on every container start, so it
+the cause and the fix and exits 1. When config.json does not mount tether's
+files (podman, or a bundle patched with --no-mounts), the daemon's answer
+says what to mount and the hook binds them into the container (mounts.py). It runs on every container start, so it
 imports only the cheapest parts of the standard library: no json, re or enum
 unless something goes wrong.
 """
@@ -106,11 +108,49 @@ def _read_state(stream) -> str:
     return raw.decode("utf-8", "replace")
 
 
-def request_line(op: str, stage: str, state: str) -> bytes:
+def request_line(op: str, stage: str, state: str, ppid: int | None = None) -> bytes:
+    """One request; `ppid`, the hook's parent, is the runtime that runs it
+    (the daemon learns from it where the runtime lists its containers)."""
     enc = _json.encode_basestring_ascii
+    extra = f', "ppid": {int(ppid)}' if ppid is not None else ""
     return (
-        f'{{"v": {VERSION}, "op": {enc(op)}, "args": {{"stage": {enc(stage)}, "state_json": {enc(state)}}}}}\n'
+        f'{{"v": {VERSION}, "op": {enc(op)}, "args": {{"stage": {enc(stage)}, "state_json": {enc(state)}{extra}}}}}\n'
     ).encode()
+
+
+MOUNTS_PREFIX = OK_PREFIX + b'"v": %d, "result": {"mounts": "' % VERSION
+
+
+def mount_plan(answer: bytes) -> tuple[int, str, list[tuple[str, str]]] | None:
+    """What a registration's answer asks the hook to mount: (pid, rootfs,
+    [(source, destination)]), or None. The daemon puts it first in its answer
+    as one string, "PID\\0ROOTFS\\0SOURCE\\0DEST...", so that finding it needs
+    no json module."""
+    if not answer.startswith(MOUNTS_PREFIX):
+        return None
+    text, _ = _json.scanstring(answer.decode("utf-8", "replace"), len(MOUNTS_PREFIX))
+    if not text:
+        return None
+    pid, rootfs, *rest = text.split("\0")
+    return int(pid), rootfs, list(zip(rest[0::2], rest[1::2]))
+
+
+def _mount(sock: str, stage: str, state: str, answer: bytes) -> None:
+    """Bind the served files into the container; on failure, tell the daemon
+    to forget the registration (nothing left behind) and fail the start."""
+    plan = mount_plan(answer)
+    if plan is None:
+        return
+    from .mounts import MountError, bind_into
+
+    try:
+        bind_into(*plan)
+    except MountError as e:
+        try:
+            exchange(sock, request_line("abort", stage, state), timeout=TIMEOUT)
+        except Unreachable:
+            pass
+        raise HookError(str(e)) from None
 
 
 def run(argv: list[str], stdin=None) -> int:
@@ -118,12 +158,15 @@ def run(argv: list[str], stdin=None) -> int:
     try:
         config, stage = _parse_args(argv)
         op = STAGES[stage]
-        line = request_line(op, stage, _read_state(stdin))
+        state = _read_state(stdin)
+        line = request_line(op, stage, state, os.getppid())
         sock = os.path.join(run_dir(config), "fused.sock")
         try:
             answer = exchange(sock, line, timeout=TIMEOUT)
             if not answer.startswith(OK_PREFIX):
                 decode(answer)
+            if op == "register":
+                _mount(sock, stage, state, answer)
         except Unreachable as e:
             if op == "poststop":
                 # The daemon marks containers whose netns is gone as stopped

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -30,7 +30,8 @@ CREATE TABLE containers (
     created_at  REAL NOT NULL,
     started_at  REAL,
     stopped_at  REAL,
-    note        TEXT NOT NULL DEFAULT ''
+    note        TEXT NOT NULL DEFAULT '',
+    runtime     TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX containers_id ON containers (id);
 CREATE TABLE ip_leases (
@@ -79,6 +80,9 @@ class ContainerRow:
     mac: str | None = None
     expose: list[str] = field(default_factory=list)
     publish: list[str] = field(default_factory=list)
+    # the command that lists it: the runtime that started it and its state root,
+    # e.g. ["/usr/sbin/runc", "--root", "/run/runc"] ([] when unknown)
+    runtime: list[str] = field(default_factory=list)
 
     @property
     def running(self) -> bool:
@@ -87,13 +91,13 @@ class ContainerRow:
 
 _CONTAINER_SELECT = """
 SELECT c.name, c.id, c.state, c.pid, c.netns_ino, c.bundle, c.created_at, c.started_at,
-       c.stopped_at, c.note, l.ip, l.mac, c.expose, c.publish
+       c.stopped_at, c.note, l.ip, l.mac, c.expose, c.publish, c.runtime
 FROM containers c LEFT JOIN ip_leases l ON l.name = c.name
 """
 
 
 def _row(r: tuple) -> ContainerRow:
-    return ContainerRow(*r[:12], expose=json.loads(r[12]), publish=json.loads(r[13]))
+    return ContainerRow(*r[:12], expose=json.loads(r[12]), publish=json.loads(r[13]), runtime=json.loads(r[14]))
 
 
 class SqliteStore:
@@ -135,6 +139,9 @@ class SqliteStore:
                     f"store {self.path} has schema version {v}, newer than this tether ({SCHEMA_VERSION}): "
                     "upgrade tether"
                 )
+            if int(v) < 2:  # 1 -> 2: the runtime that started each container
+                self.db.execute("ALTER TABLE containers ADD COLUMN runtime TEXT NOT NULL DEFAULT '[]'")
+                self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -165,17 +172,26 @@ class SqliteStore:
         return [_row(r) for r in self.db.execute(_CONTAINER_SELECT + " ORDER BY c.name")]
 
     def upsert_running(
-        self, name: str, cid: str, pid: int, netns_ino: int, bundle: str, expose: list[str], publish: list[str]
+        self,
+        name: str,
+        cid: str,
+        pid: int,
+        netns_ino: int,
+        bundle: str,
+        expose: list[str],
+        publish: list[str],
+        runtime: list[str] = (),
     ) -> None:
         now = time.time()
         self.db.execute(
             """INSERT INTO containers (name, id, state, pid, netns_ino, bundle, expose, publish,
-                                       created_at, started_at)
-               VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?)
+                                       created_at, started_at, runtime)
+               VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (name) DO UPDATE SET id=excluded.id, state='running', pid=excluded.pid,
                    netns_ino=excluded.netns_ino, bundle=excluded.bundle, expose=excluded.expose,
-                   publish=excluded.publish, started_at=excluded.started_at, stopped_at=NULL""",
-            (name, cid, pid, netns_ino, bundle, json.dumps(expose), json.dumps(publish), now, now),
+                   publish=excluded.publish, started_at=excluded.started_at, stopped_at=NULL,
+                   runtime=excluded.runtime""",
+            (name, cid, pid, netns_ino, bundle, json.dumps(expose), json.dumps(publish), now, now, json.dumps(list(runtime))),
         )
 
     def mark_stopped(self, name: str, when: float | None = None) -> None:

@@ -1,12 +1,18 @@
 """Issue: podman — hooks.d files from `tether oci hooks-dir`; podman containers get
-addresses, links and served files exactly as with runc.
+addresses, links and served files exactly as with runc, with only
+`--network none` and annotations: no `--hooks-dir`, no `-v` (the hook mounts
+the files, issue 11).
 
 Every test has its own tether daemon and its own podman: storage, run root,
-tmp dir, network config dir, hooks dir, cgroup parent and containers.conf
-(CONTAINERS_CONF), runc as the runtime, cgroupfs, file events. The rootfs is
-a copy of the busybox one (podman writes mount points into it); no image is
-ever pulled. `Podman.close()` removes every container, process, mount,
-cgroup and directory it made, also when a test failed.
+tmp dir, network config dir, cgroup parent and containers.conf
+(CONTAINERS_CONF), runc as the runtime, cgroupfs, file events. The hooks.d
+files go where this podman reads them by default
+(/usr/share/containers/oci/hooks.d), under names of the test's own and with
+a `when` that matches only its containers (annotation io.tether.test=TAG).
+The rootfs is a copy of the busybox one (podman writes mount points into
+it); no image is ever pulled. `Podman.close()` removes every container,
+process, mount, cgroup, hooks file and directory it made, also when a test
+failed.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from fused import podman as tether_podman
 from harness import HOOK, TETHER, Daemon, address_in_hosts, bridge_ports, serve, sh, wait_for
 
 PODMAN = shutil.which("podman")
@@ -85,15 +92,28 @@ class Podman:
             "--cgroup-manager", "cgroupfs",
             "--runtime", "runc",
             "--events-backend", "file",
-            "--hooks-dir", str(self.hooks),
         ]
         self.ids: dict[str, str] = {}
+        self.installed: list[Path] = []
 
     def __call__(self, *args: str, check: bool = True, timeout: float = 60):
         return sh(PODMAN, *self.flags, *args, check=check, timeout=timeout, env=self.env)
 
-    def install_hooks(self) -> str:
-        return self.d.cli("oci", "hooks-dir", str(self.hooks)).stdout
+    def install_hooks(self) -> list[Path]:
+        """`tether oci hooks-dir` into a directory of the test's, then each
+        file into podman's default directory, named for this test and
+        matching only its containers."""
+        self.d.cli("oci", "hooks-dir", str(self.hooks))
+        (default,) = tether_podman.hooks_dirs(self.env)  # this containers.conf sets none
+        assert default == "/usr/share/containers/oci/hooks.d"
+        Path(default).mkdir(parents=True, exist_ok=True)
+        for f in sorted(self.hooks.iterdir()):
+            content = json.loads(f.read_text())
+            content["when"]["annotations"][r"^io\.tether\.test$"] = f"^{self.d.tag}$"
+            dest = Path(default) / f"tether-test-{self.d.tag}-{f.name}"
+            dest.write_text(json.dumps(content))
+            self.installed.append(dest)
+        return self.installed
 
     def run(
         self,
@@ -107,18 +127,12 @@ class Podman:
         """`podman run -d` as a user would for tether: network none, the
         annotations, and the served files bound read-only."""
         args = ["run", "-d", "--name", name, "--network", "none", "--cgroup-parent", self.cgroup_parent]
-        if tether:
-            fs = self.d.run_dir / "fs" / name
-            args += ["--annotation", f"io.tether.name={name}"]
+        if tether:  # annotations only: the hook mounts the files
+            args += ["--annotation", f"io.tether.name={name}", "--annotation", f"io.tether.test={self.d.tag}"]
             if links:
                 args += ["--annotation", f"io.tether.links={','.join(links)}"]
             if expose:
                 args += ["--annotation", f"io.tether.expose={','.join(expose)}"]
-            args += [
-                "-v", f"{fs}/hosts:/etc/hosts:ro",
-                "-v", f"{fs}:/etc/tether:ro",
-                "-v", f"{fs}/resolv.conf:/etc/resolv.conf:ro",
-            ]
         p = self(*args, "--rootfs", str(self.rootfs), *(cmd or serve(name)), check=False)
         cid = self("inspect", "--format", "{{.Id}}", name, check=False).stdout.strip()
         if cid:
@@ -191,6 +205,8 @@ class Podman:
                         os.rmdir(cg)
                     except OSError:
                         pass
+        for f in self.installed:
+            f.unlink(missing_ok=True)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -300,10 +316,22 @@ def test_links_resolve_through_served_hosts(pm):
     assert sorted(re.findall(r"^\d+: ([^:@]+)", links, re.M)) == ["eth0", "lo"]
     assert ask(p, "web", "database") == "db"
     assert ask(p, "web", "db") == "db"  # the target's name is on the link's line too
-    # the hooks came from the hooks dir, into the spec podman gave runc
+    # the hooks came from podman's default hooks dir, into the spec podman gave runc
     spec = p.spec("web")
     assert [h["args"][-1] for h in spec["hooks"]["createRuntime"]] == ["createRuntime"]
     assert "poststop" not in spec["hooks"]  # podman runs poststop itself
+    # no -v: podman bound its own /etc/hosts (with --network none, no resolv.conf);
+    # the hook mounted tether's over it
+    own = {m["destination"]: m["source"] for m in spec["mounts"]}
+    assert not any(str(d.run_dir) in src for src in own.values())
+    assert own["/etc/hosts"].endswith("/userdata/hosts")
+    points = [ln.split()[4] for ln in p.exec("web", "cat", "/proc/self/mountinfo").stdout.splitlines()]
+    assert points.count("/etc/hosts") == 2  # podman's, tether's on top
+    # tether's /etc/hosts: it changes on retarget
+    p.run("db2", expose=("5432",))
+    d.cli("link", "retarget", "web", "database", "db2")
+    assert hosts_of(p, "web") == LOCAL + f"{web['ip']}\tweb\n{facade}\tdatabase db2\n"
+    assert ask(p, "web", "database") == "db2"
 
 
 def test_stop_start_keeps_the_address(pm):
@@ -324,6 +352,24 @@ def test_stop_start_keeps_the_address(pm):
     assert inside_addr(p, "db") == first
     assert d.container("db")["id"] == p.ids["db"]
     assert wait_for(lambda: ask(p, "web", "database") == "db", timeout=10, what="web reaches db again")
+
+
+def test_podman_start_alone_gives_the_network_back(pm):
+    """A container that exited (podman-restart, systemd units) and is started
+    with a plain `podman start`: no flags, the default hooks dir."""
+    p, d = pm, pm.d
+    p.run("db", expose=("5432",))
+    p.run("brief", ["sh", "-c", "sleep 2; nc -ll -p 5432 -e echo brief"], links=("db:database",))
+    first = d.container("brief")
+    wait_for(lambda: state(p, "brief") == "running" and p.status("brief") == "running", what="brief running")
+    p("kill", "brief")
+    wait_for(lambda: state(p, "brief") == "stopped", timeout=20, what="brief stopped in tether")
+    p("start", "brief")
+    wait_for(lambda: state(p, "brief") == "running", timeout=15, what="brief running again in tether")
+    assert inside_addr(p, "brief") == (first["ip"], first["mac"])
+    assert hosts_of(p, "brief").endswith(f"\tdatabase db\n")
+    assert ask(p, "brief", "database") == "db"
+    assert not [x for x in d.cli_json("ps", "-a") if x["name"] == "brief" and x["state"] != "running"]
 
 
 def test_container_exiting_by_itself_is_marked_stopped(pm):

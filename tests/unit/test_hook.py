@@ -293,7 +293,7 @@ def test_request_line_carries_the_raw_state_text(data, cfg, run_dir, sent):
     assert decoded(line) == {
         "v": 1,
         "op": "register",
-        "args": {"stage": "createRuntime", "state_json": data.decode("utf-8")},
+        "args": {"stage": "createRuntime", "state_json": data.decode("utf-8"), "ppid": os.getppid()},
     }
 
 
@@ -429,7 +429,7 @@ def test_fake_daemon_ok(stage, chunks, cfg, daemon, capsys):
     assert capsys.readouterr() == ("", "")
     (line,) = d.lines
     req = decoded(line)
-    assert req["args"] == {"stage": stage, "state_json": data.decode()}
+    assert req["args"] == {"stage": stage, "state_json": data.decode(), "ppid": os.getppid()}
     assert req["op"] == hook.STAGES[stage]
 
 
@@ -712,7 +712,7 @@ def test_hook_against_the_real_control_server(cfg, run_dir, tmp_path, capsys):
     seen = []
 
     async def dispatch(op, args):
-        state, ann = hook_input(args)
+        state, ann, _ = hook_input(args)
         seen.append((op, args["stage"], state, ann))
         return {"name": ann["io.tether.name"]}
 

@@ -38,7 +38,7 @@ def bundle(tmp_path):
 
 def test_state_with_annotations():
     state = {**STATE, "annotations": ANN}
-    got_state, got_ann = hook_input(args_of(state))
+    got_state, got_ann, _ = hook_input(args_of(state))
     assert got_state == state
     assert got_ann == ANN
 
@@ -51,7 +51,7 @@ def test_state_annotations_win_over_the_bundle(bundle):
 @pytest.mark.parametrize("missing", [{}, {"annotations": None}, {"annotations": {}}])
 def test_annotations_are_read_from_an_absolute_bundle(bundle, missing):
     state = {**STATE, "bundle": str(bundle), **missing}
-    got_state, got_ann = hook_input(args_of(state))
+    got_state, got_ann, _ = hook_input(args_of(state))
     assert got_state == state
     assert got_ann == {"io.tether.name": "web", "x": "y"}
 
@@ -59,7 +59,7 @@ def test_annotations_are_read_from_an_absolute_bundle(bundle, missing):
 def test_a_pretty_printed_non_ascii_state_is_parsed(bundle):
     state = {**STATE, "bundle": str(bundle), "id": "caf\u00e9 \U0001f600"}
     raw = json.dumps(state, indent=2, ensure_ascii=False) + "\n"
-    assert hook_input(args_of(raw)) == (state, {"io.tether.name": "web", "x": "y"})
+    assert hook_input(args_of(raw))[:2] == (state, {"io.tether.name": "web", "x": "y"})
 
 
 @pytest.mark.parametrize("bundle_value", ["relative/bundle", "bundle", "", ".", 5, None, ["/"], {"a": 1}])
@@ -104,7 +104,7 @@ def test_a_missing_or_unreadable_bundle_config_is_ignored(tmp_path):
 
 
 def test_annotations_that_are_not_an_object_are_passed_on_for_parse_registration():
-    state, ann = hook_input(args_of({**STATE, "annotations": "io.tether.name=db"}))
+    state, ann, _ = hook_input(args_of({**STATE, "annotations": "io.tether.name=db"}))
     assert ann == "io.tether.name=db"
     with pytest.raises(InputError, match="annotations must be a JSON object"):
         model.parse_registration(state, ann)
@@ -121,7 +121,7 @@ def test_what_the_hook_sends_registers(bundle):
     # the hook's request line, as the control server hands it to the service
     raw = json.dumps({**STATE, "bundle": str(bundle), "id": "0123abc"}, indent=1)
     req = json.loads(request_line("register", "createRuntime", raw))
-    reg = model.parse_registration(*hook_input(req["args"]))
+    reg = model.parse_registration(*hook_input(req["args"])[:2])
     assert (reg.id, reg.name, reg.pid, reg.bundle) == ("0123abc", "web", 4242, str(bundle))
 
 

@@ -221,3 +221,50 @@ def test_patch_invalid_name_leaves_file_untouched(tmp_path):
     with pytest.raises(InputError):
         patch(tmp_path, "Bad Name", HOOK, None)
     assert p.read_bytes() == before
+
+
+# --- issue 11: publish replaced, hooks-only bundles, what the hook mounts --------
+
+
+def test_a_second_patch_replaces_the_published_port_of_the_same_container_port(tmp_path):
+    spec = apply(runc_spec(), "db", HOOK, None, publish=["8080:80"])
+    spec = apply(spec, "db", HOOK, None, publish=["9090:80", "53/udp"])
+    assert spec["annotations"]["io.tether.publish"] == "9090:80,53/udp"
+    spec = apply(spec, "db", HOOK, None, publish=["80"])  # now an automatic host port
+    assert spec["annotations"]["io.tether.publish"] == "53/udp,80"
+
+
+def test_one_patch_publishing_a_port_twice_is_refused_and_changes_nothing(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(runc_spec()))
+    before = (tmp_path / "config.json").read_text()
+    with pytest.raises(InputError, match="published twice"):
+        patch(tmp_path, "db", HOOK, None, publish=["8080:80", "9090:80"])
+    assert (tmp_path / "config.json").read_text() == before
+
+
+def test_no_mounts_removes_ours_and_the_hook_mounts_them(tmp_path):
+    fs = Path("/run/t/fs")
+    spec = apply(runc_spec(), "web", HOOK, None, fs_dir=fs, dns=True)
+    assert oci.missing_mounts(spec, fs, "web", True) == []
+    hooks_only = apply(copy.deepcopy(spec), "web", HOOK, None, fs_dir=fs, dns=True, mounts=False)
+    assert [m["destination"] for m in hooks_only["mounts"]] == [m["destination"] for m in runc_spec().get("mounts", [])]
+    assert oci.missing_mounts(hooks_only, fs, "web", True) == [
+        ("/etc/hosts", fs / "web" / "hosts"), ("/etc/tether", fs / "web"), ("/etc/resolv.conf", fs / "web" / "resolv.conf")]
+    assert oci.missing_mounts(hooks_only, fs, "web", False) == [("/etc/hosts", fs / "web" / "hosts"), ("/etc/tether", fs / "web")]
+
+
+def test_missing_mounts_counts_only_mounts_of_this_fs_dir():
+    fs = Path("/run/t/fs")
+    spec = {"mounts": [
+        {"destination": "/etc/hosts", "source": "/var/lib/podman/userdata/hosts"},  # podman's own: mounted over
+        {"destination": "/etc/tether/", "source": "/run/t/fs/web"},
+        {"destination": "/etc/resolv.conf", "source": "/run/other/fs/web/resolv.conf"},
+    ]}
+    assert [d for d, _ in oci.missing_mounts(spec, fs, "web", True)] == ["/etc/hosts", "/etc/resolv.conf"]
+    assert len(oci.missing_mounts({"mounts": "junk"}, fs, "web", True)) == 3
+
+
+def test_rootfs_is_relative_to_the_bundle():
+    assert oci.rootfs({"root": {"path": "rootfs"}}, "/b/web") == "/b/web/rootfs"
+    assert oci.rootfs({"root": {"path": "/abs/r/"}}, "/b/web") == "/abs/r"
+    assert oci.rootfs({}, "/b") is None and oci.rootfs({"root": {"path": ""}}, "/b") is None

@@ -59,7 +59,31 @@ def test_existing_file_is_tightened_to_0600(tmp_path):
 
 def test_schema_version_row(store):
     (v,) = store.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-    assert int(v) == SCHEMA_VERSION == 1
+    assert int(v) == SCHEMA_VERSION == 2
+
+
+def test_version_1_store_gains_the_runtime_column(tmp_path):
+    """A store written by the previous release keeps its rows; each container's
+    runtime is unknown ([]) until it starts again."""
+    p = tmp_path / "x.db"
+    db = sqlite3.connect(p)
+    from fused.store import sqlite as mod
+
+    v1 = mod._SCHEMA.replace(",\n    runtime     TEXT NOT NULL DEFAULT '[]'", "")
+    assert "runtime" not in v1
+    db.executescript(v1)
+    db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    db.execute("INSERT INTO containers (name, id, state, bundle, created_at) VALUES ('db', 'db', 'stopped', '', 1.0)")
+    db.commit()
+    db.close()
+    s = SqliteStore(p)
+    assert s.get("db").runtime == []
+    with s.transaction():
+        s.upsert_running("db", "db", 1, 2, "/b", [], [], ["runc", "--root", "/r"])
+    assert s.get("db").runtime == ["runc", "--root", "/r"]
+    (v,) = s.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    assert v == "2"
+    s.close()
 
 
 def test_wal_and_foreign_keys(store):
