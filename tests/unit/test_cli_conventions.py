@@ -91,7 +91,7 @@ def tether(monkeypatch, tmp_path, capsys):
     """`tether ARGS` against a fake daemon answering `tether.answers[op]`; its stdout."""
     cfg = tmp_path / "t.toml"
     cfg.write_text(f'run_dir = "{tmp_path}/run"\nstate_dir = "{tmp_path}/state"\n')
-    answers = {"health": {"files": "ok"}, "ps": ITEMS}
+    answers = {"health": {"files": "ok"}, "drift": [], "ps": ITEMS}
     monkeypatch.setattr(cli, "request", lambda sock, op, args, **kw: answers[op])
 
     def run(*argv: str) -> str:
