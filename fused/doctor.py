@@ -589,14 +589,15 @@ class Doctor:
         if shutil.which("podman") is None:
             return Result(name, OK, "podman is not installed (runc only)")
         dirs = podman.hooks_dirs()
-        fix = "run `tether oci hooks-dir`" + (f" --config {self.cfg.source}" if self.cfg.source else "")
+        fix = "run `tether oci hooks-dir" + (f" --config {self.cfg.source}" if self.cfg.source else "") + "`"
         found = [f for d in dirs for f in podman.find_hooks(d) if f.stage == "createRuntime"]
-        mine = [f for f in found if os.path.realpath(f.config or config_mod.DEFAULT_PATH)
-                == os.path.realpath(str(self.cfg.source or config_mod.DEFAULT_PATH))]
+        this = os.path.realpath(str(self.cfg.source or config_mod.DEFAULT_PATH))
+        mine = [f for f in found if os.path.realpath(f.config or config_mod.DEFAULT_PATH) == this]
         where = ", ".join(dirs) or "no directory (hooks_dir = [])"
         if not mine:
             elsewhere = [f for d in podman.OTHER_HOOKS_DIRS + podman.DEFAULT_HOOKS_DIRS if d not in dirs
-                         for f in podman.find_hooks(d) if f.stage == "createRuntime"]
+                         for f in podman.find_hooks(d)
+                         if f.stage == "createRuntime" and os.path.realpath(f.config or config_mod.DEFAULT_PATH) == this]
             if elsewhere:
                 return Result(name, FAIL, f"tether's hook is in {elsewhere[0].path}, but podman reads hooks only from {where}",
                               f"{fix} (it writes into {dirs[0] if dirs else 'DIR'}), then remove {elsewhere[0].path}")

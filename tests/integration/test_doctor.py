@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+
+import pytest
 
 from harness import TETHER, sh, wait_for
 
@@ -11,12 +14,12 @@ KEYS = {"name", "ok", "status", "detail", "fix"}
 NAMES = {
     "config", "user", "kernel-fuse", "dev-fuse", "fusermount3", "passthrough", "kernel-veth",
     "kernel-bridge", "kernel-nat", "iptables", "forwarding", "bridge", "daemon", "store", "mount", "file-server",
-    "firewall", "dns",
+    "firewall", "dns", "podman-hooks", "drift",
 }  # fmt: skip
 
 
-def doctor(d, *extra: str):
-    p = sh(TETHER, "--config", str(d.config), *extra, "doctor", check=False, timeout=30)
+def doctor(d, *extra: str, env: dict | None = None):
+    p = sh(TETHER, "--config", str(d.config), *extra, "doctor", check=False, timeout=30, env=env)
     return p
 
 
@@ -123,3 +126,31 @@ def test_stale_mount_of_a_killed_daemon_is_named_and_does_not_hang(daemon):
     finally:
         daemon.start()
     wait_for(lambda: doctor(daemon).returncode == 0, timeout=10, what="doctor ok after restart")
+
+
+def test_podman_hooks_is_checked_where_podman_reads_them(daemon, tmp_path):
+    """podman reads hooks.d files only from containers.conf's hooks_dir (else
+    /usr/share/containers/oci/hooks.d): doctor reads the same files, and
+    `tether oci hooks-dir` with no DIR writes there."""
+    if not shutil.which("podman"):
+        pytest.skip("podman is not installed: `make test` installs it")
+    reads = tmp_path / "reads"
+    conf = tmp_path / "containers.conf"
+    conf.write_text(f'[engine]\nhooks_dir = ["{reads}"]\n')
+    env = {**os.environ, "CONTAINERS_CONF": str(conf)}
+
+    def line() -> str:
+        return lines_of(doctor(daemon, env=env))["podman-hooks"]
+
+    assert line() == (
+        f"warn  podman-hooks  podman will not run tether's hook: no tether hooks.d file in {reads}: "
+        f"run `tether oci hooks-dir --config {daemon.config}` if you run containers with podman"
+    )
+    # another config's hooks: podman would run those, not this daemon's
+    other = tmp_path / "other.toml"
+    other.write_text("")
+    sh(TETHER, "--config", str(other), "oci", "hooks-dir", env=env)
+    assert line().startswith("warn") and f"--config {other}" in line() and "not this config" in line()
+    out = sh(TETHER, "--config", str(daemon.config), "oci", "hooks-dir", env=env).stdout
+    assert out.splitlines() == [f"wrote {reads}/tether-createruntime.json", f"wrote {reads}/tether-poststop.json"]
+    assert line() == f"ok    podman-hooks  podman reads tether's hook from {reads}/tether-createruntime.json"

@@ -106,6 +106,11 @@ class Podman:
         self.d.cli("oci", "hooks-dir", str(self.hooks))
         (default,) = tether_podman.hooks_dirs(self.env)  # this containers.conf sets none
         assert default == "/usr/share/containers/oci/hooks.d"
+        foreign = [f.path for f in tether_podman.find_hooks(default) if not f.path.name.startswith("tether-test-")]
+        assert not foreign, (
+            f"{foreign[0]} (another tether installation's) would run for the test's containers too: "
+            "remove it (packaging/install.sh --uninstall) before `make test`"
+        )
         Path(default).mkdir(parents=True, exist_ok=True)
         for f in sorted(self.hooks.iterdir()):
             content = json.loads(f.read_text())

@@ -147,3 +147,50 @@ def test_parsers():
     assert doctor.config_option(text, "CONFIG_FUSE_PASSTHROUGH") == "n"
     assert doctor.config_option(text, "CONFIG_VETH") == "m"
     assert doctor.config_option(text, "CONFIG_BRIDGE") is None
+
+
+# --- podman-hooks: read where podman reads -------------------------------------
+
+
+@pytest.fixture
+def podman_dirs(tmp_path, monkeypatch):
+    """podman reads `reads` only; `stale` is a place it does not read."""
+    from fused import config as config_mod
+    from fused import podman
+
+    reads, stale = tmp_path / "reads", tmp_path / "stale"
+    conf = tmp_path / "containers.conf"
+    conf.write_text(f'[engine]\nhooks_dir = ["{reads}"]\n')
+    monkeypatch.setenv("CONTAINERS_CONF", str(conf))
+    monkeypatch.setattr(podman, "OTHER_HOOKS_DIRS", [str(stale)])
+    monkeypatch.setattr(podman, "DEFAULT_HOOKS_DIRS", [str(tmp_path / "default")])
+    monkeypatch.setattr(doctor.shutil, "which", lambda name: "/usr/bin/podman" if name == "podman" else None)
+    cfg = config_mod.Config(source=tmp_path / "t.toml")
+    return doctor.Doctor(cfg), reads, stale, cfg
+
+
+def test_podman_hooks_in_a_directory_podman_does_not_read_fail_with_the_fix(podman_dirs, tmp_path):
+    from fused import podman
+
+    doc, reads, stale, cfg = podman_dirs
+    hook = tmp_path / "tether-hook"
+    hook.write_text("#!/bin/sh\n")
+    hook.chmod(0o755)
+    podman.write_hooks_dir(stale, str(hook), cfg.source)
+    r = doc.podman_hooks()
+    assert r.status == FAIL
+    assert r.detail == f"tether's hook is in {stale}/tether-createruntime.json, but podman reads hooks only from {reads}"
+    assert r.fix == f"run `tether oci hooks-dir --config {cfg.source}` (it writes into {reads}), then remove {stale}/tether-createruntime.json"
+    podman.write_hooks_dir(reads, str(hook), cfg.source)
+    assert doc.podman_hooks().status == OK
+    hook.chmod(0o644)  # a hook podman cannot run
+    r = doc.podman_hooks()
+    assert r.status == FAIL and "not an executable" in r.detail
+
+
+def test_podman_not_installed_is_fine(monkeypatch):
+    from fused import config as config_mod
+
+    monkeypatch.setattr(doctor.shutil, "which", lambda name: None)
+    r = doctor.Doctor(config_mod.Config()).podman_hooks()
+    assert r.status == OK and "not installed" in r.detail
