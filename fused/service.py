@@ -316,8 +316,16 @@ class Service:
         for spec in publish:
             mine = [hp for hp, proto, _, port in self.store.port_leases(name) if (port, proto) == (spec.port, spec.proto)]
             if spec.host_port is None and mine:
-                continue
-            if spec.host_port is not None and spec.host_port in mine:
+                if not host_ports.in_use(mine[0], spec.proto):
+                    continue
+                # a host process took the sticky port while the container was
+                # stopped: never taken over, so the container gets another one
+                self.store.drop_port_lease(mine[0], spec.proto)
+                log.info("%s: host port %s/%s is held by a host process now: choosing another", name, mine[0], spec.proto)
+                self.store.set_note(name, f"host port {mine[0]}/{spec.proto} was taken by a host process while {name} "
+                                    f"was stopped: it got another at {now}")
+                mine = []
+            if spec.host_port is not None and spec.host_port in mine and not host_ports.in_use(spec.host_port, spec.proto):
                 continue
             held = {hp: Holder(n, running, stopped_at) for hp, n, running, stopped_at in self.store.port_holders(spec.proto)}
             if spec.host_port is not None and host_ports.in_use(spec.host_port, spec.proto):

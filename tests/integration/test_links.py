@@ -260,3 +260,43 @@ def test_a_host_port_a_host_process_holds_is_refused_or_skipped(rootfs):
         finally:
             busy.close()
             udp.close()
+
+
+def test_a_sticky_host_port_a_host_process_took_while_stopped_is_not_taken_back(rootfs):
+    """A container's host ports are sticky, but never over a host process that
+    started listening on one while the container was stopped: an automatic
+    port is replaced (the note says so), an explicit one fails the start in
+    one line."""
+    import socket
+
+    with Daemon(rootfs, ports=10) as d:
+        d.start()
+        d.start_container("auto", ["sleep", "1000000"], "--expose", "80", "--publish", "80")
+        d.start_container("fixed", ["sleep", "1000000"], "--expose", "80", "--publish", f"{d.port_base + 5}:80")
+        assert d.container("auto")["published"] == [f"0.0.0.0:{d.port_base}->80/tcp"]
+        d.kill("auto")
+        d.kill("fixed")
+        squatters = []
+        for port in (d.port_base, d.port_base + 5):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))
+            s.listen(1)
+            squatters.append(s)
+        try:
+            d.run("auto", d.dir / "bundles" / "auto")
+            auto = d.container("auto")
+            assert auto["published"] == [f"0.0.0.0:{d.port_base + 1}->80/tcp"]
+            assert f"host port {d.port_base}/tcp was taken by a host process" in auto["note"]
+            before = d.container("fixed")
+            r = d.run("fixed", d.dir / "bundles" / "fixed", check=False)
+            (line,) = [ln for ln in r.stderr.splitlines() if "tether-hook" in ln]
+            assert r.returncode != 0 and f"listen tcp 0.0.0.0:{d.port_base + 5}: bind: address already in use" in line
+            after = d.container("fixed")
+            assert (after["state"], after["published"], after["ip"]) == ("stopped", before["published"], before["ip"])
+        finally:
+            for s in squatters:
+                s.close()
+        d.kill("fixed")
+        d.run("fixed", d.dir / "bundles" / "fixed")  # the port is free again: it is its own
+        assert d.container("fixed")["published"] == [f"0.0.0.0:{d.port_base + 5}->80/tcp"]
