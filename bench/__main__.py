@@ -121,7 +121,9 @@ def build_table(r: dict, quick: bool) -> Table:
             t.add("runc run of `true` with tether's hooks (ms)" if first else "", mp(tx) if first else "", k,
                   mp(rh["times"][k]), f"{med(tx) / med(rh['times'][k]):.2f}", "", None,
                   f"tether adds {med(tx) - med(rh['times']['runc, no hook']):.1f} ms; createRuntime only: "
-                  f"{mp(rh['times']['runc + tether createRuntime'])}" if first else "")
+                  f"{mp(rh['times']['runc + tether createRuntime'])}"
+                  + (f"; the hook mounting the files (podman's case): {mp(hm)}"
+                     if (hm := rh["times"].get(runc_hook.VARIANTS[-1])) else "") if first else "")
             first = False
     rd = r.get("read")
     if rd:

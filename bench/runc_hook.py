@@ -43,6 +43,7 @@ VARIANTS = (
     "runc + `python3 -I -c pass` hook",
     "runc + tether createRuntime",
     "runc + tether createRuntime+poststop",
+    "runc + tether createRuntime+poststop, the hook mounts the files",
 )
 
 
@@ -62,12 +63,16 @@ def measure(runs: int, tmp: Path | None = None, rootfs: Path | None = None) -> t
                 {"createRuntime": [{"path": python, "args": ["python3", "-I", "-c", "pass"]}]},
                 {"createRuntime": spec0["hooks"]["createRuntime"]},
                 spec0["hooks"],
+                spec0["hooks"],
             )))
+            # the last variant: no tether mounts in config.json (podman's case, oci patch --no-mounts)
+            hooks_only = [m for m in spec0["mounts"] if not m.get("source", "").startswith(str(d.run_dir))]
             variants = {}
             for i, (k, hooks) in enumerate(hook_sets.items()):
                 b = tmp / f"runc-hook-b{i}"
                 b.mkdir()
-                (b / "config.json").write_text(json.dumps(dict(spec0, hooks=hooks)))
+                mounts = hooks_only if k == VARIANTS[-1] else spec0["mounts"]
+                (b / "config.json").write_text(json.dumps(dict(spec0, hooks=hooks, mounts=mounts)))
                 variants[k] = b
             times: dict[str, list[float]] = {k: [] for k in variants}
             for i in range(runs):

@@ -85,6 +85,29 @@ def test_hooks_only_bundle_gets_the_files_from_the_hook(facade_daemon):
     assert r.returncode != 0 and "Read-only" in r.stderr
 
 
+def test_over_the_runtimes_own_hosts_and_resolv_conf(facade_daemon):
+    """A runtime's own binds of /etc/hosts and /etc/resolv.conf (podman's, with a
+    network) stay underneath: the container sees tether's."""
+    d = facade_daemon
+    theirs = d.dir / "userdata"
+    theirs.mkdir()
+    (theirs / "hosts").write_text("10.88.0.9\tpodman-wrote-this\n")
+    (theirs / "resolv.conf").write_text("nameserver 10.88.0.1\n")
+    b = d.bundle("web", SLEEP, "--no-mounts")
+    spec = json.loads((b / "config.json").read_text())
+    spec["mounts"] += [
+        {"destination": f"/etc/{f}", "type": "bind", "source": str(theirs / f), "options": ["rbind", "rw"]}
+        for f in ("hosts", "resolv.conf")
+    ]
+    (b / "config.json").write_text(json.dumps(spec))
+    d.run("web", b)
+    assert d.exec("web", "cat", "/etc/hosts").stdout == LOCAL + f"{d.container('web')['ip']}\tweb\n"
+    assert d.exec("web", "cat", "/etc/resolv.conf").stdout.startswith(f"nameserver {d.gateway}\n")
+    mounts = mounts_inside(d, "web")
+    assert [len(mounts["/etc/hosts"]), len(mounts["/etc/resolv.conf"])] == [2, 2]  # theirs, ours on top
+    assert (theirs / "hosts").read_text() == "10.88.0.9\tpodman-wrote-this\n"  # untouched
+
+
 def test_oci_patch_mounts_are_not_mounted_again(facade_daemon):
     d = facade_daemon
     b = d.start_container("web", SLEEP)
