@@ -45,6 +45,7 @@ def _host_netns() -> int:
 
 MAX_STATE = 1 << 20
 MAX_BUSY_SKIPS = 256
+MAX_FRESH = 4096
 
 
 def hook_input(args: dict) -> tuple[dict, dict | None, dict]:
@@ -277,6 +278,8 @@ class Service:
             )
             if row is None:
                 self._fresh[reg.id] = reg.name
+                while len(self._fresh) > MAX_FRESH:  # poststops that never came: forget the oldest
+                    self._fresh.pop(next(iter(self._fresh)))
             self.store.set_ip_lease(reg.name, ip, mac)
             self.store.set_note(reg.name, "")
             self._lease_ports(reg.name, reg.publish)
