@@ -377,6 +377,22 @@ def test_podman_start_alone_gives_the_network_back(pm):
     assert not [x for x in d.cli_json("ps", "-a") if x["name"] == "brief" and x["state"] != "running"]
 
 
+def test_a_podman_container_whose_hook_did_not_run_is_flagged(pm):
+    """tether's annotations, but a start without tether's hook (here: the test's
+    hooks.d files do not match it): runc runs it, tether never registered it,
+    and `tether ps` says so with the reason."""
+    p, d = pm, pm.d
+    p.run("seen", SLEEP)  # tether learns podman's runc root from this one
+    args = ["run", "-d", "--name", "unseen", "--network", "none", "--cgroup-parent", p.cgroup_parent,
+            "--annotation", "io.tether.name=unseen", "--rootfs", str(p.rootfs), *SLEEP]
+    p(*args)
+    p.ids["unseen"] = p("inspect", "--format", "{{.Id}}", "unseen").stdout.strip()
+    r = d.cli("ps")
+    (w,) = [ln for ln in r.stderr.splitlines() if ln.startswith("tether: warning: unseen:")]
+    assert "has it running, tether never registered it" in w and "createRuntime hook did not run" in w
+    assert [c["name"] for c in json.loads(d.cli("--json", "ps").stdout)] == ["seen"]
+
+
 def test_container_exiting_by_itself_is_marked_stopped(pm):
     """No `podman stop`: conmon's exit command (`podman container cleanup`) runs poststop."""
     p, d = pm, pm.d
