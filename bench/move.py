@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integ
 from bench import pct  # noqa: E402
 from harness import build_rootfs, serve  # noqa: E402
 from bench.track import Daemon, mkdtemp  # noqa: E402
-from hooks.protocol import request  # noqa: E402
+from fused.protocol import request  # noqa: E402
 
 CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integ
 from bench import pct, peers  # noqa: E402
 from harness import _TAKEN, HOOK, build_rootfs, free_subnet  # noqa: E402
 from bench.track import Daemon, mkdtemp  # noqa: E402
-from hooks.protocol import request  # noqa: E402
+from fused.protocol import request  # noqa: E402
 
 VARIANTS = ("tether", "netavark", "cni")
 

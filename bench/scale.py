@@ -29,7 +29,7 @@ from bench import pct  # noqa: E402
 from bench.read_hosts import per_read_us  # noqa: E402
 from harness import build_rootfs, sh  # noqa: E402
 from bench.track import Daemon, mkdtemp  # noqa: E402
-from hooks.protocol import request  # noqa: E402
+from fused.protocol import request  # noqa: E402
 
 
 def vm_kb(pid: int, key: str = "VmRSS") -> int:

@@ -8,10 +8,10 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from hooks.protocol import DaemonError, Unreachable, request
-
 from . import config as config_mod
 from . import model, oci, render
+from .errors import TetherError
+from .protocol import DaemonError, Unreachable, request
 
 
 class CliError(Exception):
@@ -343,7 +343,7 @@ def run(argv: list[str]) -> int:
     except UsageError as e:
         print(f"tether: {e}", file=sys.stderr)
         return 2
-    except (config_mod.ConfigError, model.InputError, CliError, oci.PatchError, DaemonError, Unreachable) as e:
+    except (TetherError, CliError, oci.PatchError, DaemonError, Unreachable) as e:
         print(f"tether: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2, sort_keys=True) if as_json else _printer(op)(result))

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .errors import ConfigError  # config.ConfigError: the same class
+
 DEFAULT_PATH = "/etc/tether/tether.toml"
 
 
@@ -166,10 +168,6 @@ class Config(_Strict):
     @property
     def db_path(self) -> Path:
         return self.state_dir / "tether.db"
-
-
-class ConfigError(Exception):
-    pass
 
 
 def config_path(explicit: str | None) -> Path | None:

@@ -1,4 +1,9 @@
-"""The control socket: versioned JSON lines over a Unix socket, root only."""
+"""The control socket: the server side of protocol.py, root only.
+
+`error_answer` is the one place where an error becomes an answer: a
+TetherError's message goes to the client as it is; anything else is a bug,
+logged with its traceback and answered as "internal error".
+"""
 from __future__ import annotations
 
 import json
@@ -6,13 +11,13 @@ import logging
 import os
 import socket
 import struct
+import sys
 from pathlib import Path
 
 import trio
 
-from hooks.protocol import MAX_LINE, VERSION
-
-from .model import InputError
+from .errors import InputError, TetherError
+from .protocol import MAX_LINE, VERSION, error_line, result_line
 
 log = logging.getLogger("tether.control")
 
@@ -52,48 +57,60 @@ async def _read_line(stream: trio.SocketStream) -> bytes | None:
     return bytes(buf[: buf.index(b"\n")])
 
 
-def _reply(ok: bool, payload) -> bytes:
-    # "ok" first: the hook recognises success by the prefix OK_PREFIX
-    body = {"ok": ok, "v": VERSION, ("result" if ok else "error"): payload}
-    return json.dumps(body).encode() + b"\n"
+def parse_request(line: bytes) -> tuple[str, dict]:
+    """The op and args of one request line, or InputError."""
+    try:
+        req = json.loads(line)
+    except ValueError:
+        raise InputError("request is not valid JSON: use the tether CLI or tether-hook") from None
+    if not isinstance(req, dict) or not isinstance(req.get("op"), str):
+        raise InputError("request must be a JSON object with an 'op'")
+    if req.get("v") != VERSION:
+        raise InputError(
+            f"protocol version {req.get('v')!r} is not supported (daemon speaks {VERSION}): "
+            "use the tether CLI and hook of the same installation"
+        )
+    args = req.get("args") or {}
+    if not isinstance(args, dict):
+        raise InputError("request 'args' must be a JSON object")
+    return req["op"], args
+
+
+def _legacy_error(e: Exception) -> bool:
+    """A service.ServiceError from before service.py raises errors.ServiceError.
+
+    Looked up, not imported: service pulls in the kernel modules, and an
+    error of a module that is not loaded cannot have been raised. Remove this
+    once service.py does `from .errors import ServiceError`."""
+    legacy = getattr(sys.modules.get(f"{__package__}.service"), "ServiceError", None)
+    return isinstance(legacy, type) and isinstance(e, legacy)
+
+
+def error_answer(e: Exception) -> bytes:
+    """The answer line for a request that ended in `e`."""
+    if isinstance(e, TetherError) or _legacy_error(e):
+        return error_line(str(e))
+    # a bug: log it, answer, keep serving
+    log.error("request failed", exc_info=e)
+    return error_line(f"internal error: {type(e).__name__}: {e}; see the tether-fused log")
 
 
 async def handle(stream: trio.SocketStream, dispatch) -> None:
-    from .net.wiring import WiringError  # local: these import heavy modules
-    from .service import ServiceError
-
     async with stream:
         if peer_uid(stream.socket) != 0:
-            await stream.send_all(_reply(False, "permission denied: the tether control socket is root only"))
+            await stream.send_all(error_line("permission denied: the tether control socket is root only"))
             return
         while True:
             try:
                 line = await _read_line(stream)
                 if line is None:
                     return
-                try:
-                    req = json.loads(line)
-                except ValueError:
-                    raise InputError("request is not valid JSON: use the tether CLI or tether-hook") from None
-                if not isinstance(req, dict) or not isinstance(req.get("op"), str):
-                    raise InputError("request must be a JSON object with an 'op'")
-                if req.get("v") != VERSION:
-                    raise InputError(
-                        f"protocol version {req.get('v')!r} is not supported (daemon speaks {VERSION}): "
-                        "use the tether CLI and hook of the same installation"
-                    )
-                args = req.get("args") or {}
-                if not isinstance(args, dict):
-                    raise InputError("request 'args' must be a JSON object")
-                result = await dispatch(req["op"], args)
-                out = _reply(True, result)
-            except (InputError, ServiceError, WiringError) as e:
-                out = _reply(False, str(e))
+                op, args = parse_request(line)
+                out = result_line(await dispatch(op, args))
             except trio.BrokenResourceError:
                 return
-            except Exception as e:  # a bug: answer, log, keep serving
-                log.exception("request failed")
-                out = _reply(False, f"internal error: {type(e).__name__}: {e}; see the tether-fused log")
+            except Exception as e:
+                out = error_answer(e)
             try:
                 await stream.send_all(out)
             except (trio.BrokenResourceError, trio.ClosedResourceError):

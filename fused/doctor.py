@@ -33,6 +33,7 @@ from pathlib import Path
 
 from . import config as config_mod
 from .fs.session import KEEPER_NAME, file_server_pid, keeper_pid, mounts_at, read_pid
+from .protocol import DaemonError, Unreachable, request
 
 OK, WARN, FAIL = "ok", "warn", "fail"
 LABELS = {OK: "ok", WARN: "warn", FAIL: "FAIL"}
@@ -413,8 +414,6 @@ class Doctor:
         return Result("bridge", OK, f"{br} is up with {want}")
 
     def daemon(self) -> Result:
-        from hooks.protocol import DaemonError, Unreachable, request
-
         sock = self.cfg.socket_path
         try:
             st = os.stat(sock)
@@ -614,8 +613,6 @@ class Doctor:
     def drift(self) -> Result:
         """Containers the runtimes run that tether has stopped or never saw,
         and the reverse (see fused/drift.py); asks the daemon."""
-        from hooks.protocol import DaemonError, Unreachable, request
-
         try:
             items = request(str(self.cfg.socket_path), "drift", timeout=CHECK_TIMEOUT - 1)
         except (Unreachable, DaemonError) as e:

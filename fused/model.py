@@ -10,6 +10,8 @@ import functools
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from .errors import InputError  # model.InputError: the same class
+
 LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 ANN_NAME = "io.tether.name"
@@ -21,10 +23,6 @@ RUNNING = "running"
 STOPPED = "stopped"
 
 PROTOS = ("tcp", "udp")
-
-
-class InputError(ValueError):
-    """Bad input from a user: the message names the cause and the fix."""
 
 
 def is_label(s: object) -> bool:

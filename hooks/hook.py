@@ -16,7 +16,7 @@ import _json
 import os
 import sys
 
-from .protocol import OK_PREFIX, VERSION, DaemonError, Unreachable, decode, exchange
+from fused.protocol import OK_PREFIX, VERSION, DaemonError, Unreachable, decode, exchange
 
 STAGES = {"createRuntime": "register", "prestart": "register", "poststop": "poststop"}
 MAX_STATE = 1 << 20
@@ -110,7 +110,8 @@ def _read_state(stream) -> str:
 
 def request_line(op: str, stage: str, state: str, ppid: int | None = None) -> bytes:
     """One request; `ppid`, the hook's parent, is the runtime that runs it
-    (the daemon learns from it where the runtime lists its containers)."""
+    (the daemon learns from it where the runtime lists its containers).
+    The same bytes as `protocol.request_line`, built without json."""
     enc = _json.encode_basestring_ascii
     extra = f', "ppid": {int(ppid)}' if ppid is not None else ""
     return (

@@ -19,14 +19,12 @@ import trio
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from ..errors import WiringError  # wiring.WiringError: the same class
+
 log = logging.getLogger("tether.net")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 CLONE_NEWNET = 0x40000000
-
-
-class WiringError(Exception):
-    pass
 
 
 class Worker:

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from harness import Daemon
-from hooks.protocol import request
+from fused.protocol import request
 
 SLEEP = ["sleep", "1000000"]
 LOCAL = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"

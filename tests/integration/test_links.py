@@ -7,7 +7,7 @@ import time
 import pytest
 
 from harness import FUSED, Daemon, address_in_hosts, host_port, iptables_dump, sh, tcp_get, wait_for
-from hooks.protocol import request
+from fused.protocol import request
 
 SLEEP = ["sleep", "1000000"]
 

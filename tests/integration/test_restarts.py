@@ -13,7 +13,7 @@ import time
 import pytest
 
 from harness import FUSED, Daemon, sh, wait_for
-from hooks.protocol import request
+from fused.protocol import request
 
 SLEEP = ["sleep", "1000000"]
 READS = 2000

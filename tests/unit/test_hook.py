@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from hooks import hook, protocol
-from hooks.protocol import OK_PREFIX
+from fused import protocol
+from fused.protocol import OK_PREFIX
+from hooks import hook
 
 ROOT = Path(__file__).parents[2]
 
@@ -672,15 +673,37 @@ def test_invalid_toml_config(tmp_path, capsys, no_daemon, stage):
 
 @pytest.mark.parametrize("result", [None, {}, {"name": "db"}, [1, 2], "x", {"known": False}])
 def test_control_server_success_answers_start_with_the_ok_prefix(result):
-    from fused.control import _reply
-
-    line = _reply(True, result)
+    line = protocol.result_line(result)
     assert line.startswith(OK_PREFIX)
     assert protocol.decode(line) == result
-    err = _reply(False, "boom")
+    err = protocol.error_line("boom")
     assert not err.startswith(OK_PREFIX)
     with pytest.raises(protocol.DaemonError, match="^boom$"):
         protocol.decode(err)
+
+
+def test_the_answer_lines_bytes():
+    # what every client of every version relies on
+    assert protocol.result_line({"name": "db"}) == b'{"ok": true, "v": 1, "result": {"name": "db"}}\n'
+    assert protocol.error_line("bad\nname") == b'{"ok": false, "v": 1, "error": "bad\\nname"}\n'
+
+
+@pytest.mark.parametrize("state", ["{}", json.dumps(STATE), 'x"\\\n\x00\u00e9\U0001f600'])
+@pytest.mark.parametrize("ppid", [None, 1, 4242])
+def test_the_hooks_request_line_is_the_protocols_request_line(state, ppid):
+    # the hook builds its line without json; it must be the bytes the protocol's encoder makes
+    args = {"stage": "createRuntime", "state_json": state, **({"ppid": ppid} if ppid is not None else {})}
+    assert hook.request_line("register", "createRuntime", state, ppid) == protocol.request_line("register", args)
+
+
+def test_a_request_line_parses_back_on_the_daemons_side():
+    from fused.control import parse_request
+
+    assert parse_request(protocol.request_line("ps")) == ("ps", {})
+    assert parse_request(hook.request_line("poststop", "poststop", "{}", 7)) == (
+        "poststop",
+        {"stage": "poststop", "state_json": "{}", "ppid": 7},
+    )
 
 
 def with_control_server(run_dir: Path, dispatch, fn):
@@ -761,17 +784,21 @@ def test_a_state_of_max_size_reaches_the_real_daemon(cfg, run_dir, capsys):
 
 # --- imports -----------------------------------------------------------------
 
-HEAVY = ("pydantic", "trio", "pyroute2", "iptc", "pyfuse3", "fused", "sqlite3")
+HEAVY = ("pydantic", "trio", "pyroute2", "iptc", "pyfuse3", "sqlite3")
 SLOW = ("json", "re", "enum", "socket", "tomllib")
+# of fused/, the hook imports the control protocol it shares with the daemon, and nothing else
+FUSED_OK = ("fused", "fused.protocol")
 
 
 def modules_after(code: str) -> tuple[object, list[str]]:
-    """Run `code` (which sets `rc`) in a fresh interpreter; return rc and the watched modules loaded."""
+    """Run `code` (which sets `rc`) in a fresh interpreter; return rc and the
+    watched modules loaded (top-level names; of fused/, every module but FUSED_OK)."""
     watch = HEAVY + SLOW
     prog = (
         "import sys\n"
         f"{code}\n"
-        f"print(repr((rc, sorted({{m.split('.')[0] for m in sys.modules}} & set({watch!r})))))\n"
+        f"fused = {{m for m in sys.modules if m.split('.')[0] == 'fused'}} - set({FUSED_OK!r})\n"
+        f"print(repr((rc, sorted({{m.split('.')[0] for m in sys.modules}} & set({watch!r}) | fused))))\n"
     )
     p = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert p.returncode == 0, p.stderr
@@ -805,4 +832,8 @@ def test_the_import_checker_sees_what_is_imported(tmp_path):
     rc, mods = modules_after(f"import hooks.hook; rc = hooks.hook.run_dir({p!r})")
     assert rc == "/x"
     assert "tomllib" in mods
-    assert "fused" not in mods
+    assert not [m for m in mods if m.startswith("fused")]
+
+
+def test_the_import_checker_sees_more_of_fused_than_the_protocol():
+    assert modules_after("import hooks.hook, fused.errors; rc = None") == (None, ["fused.errors"])

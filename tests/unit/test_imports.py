@@ -1,9 +1,11 @@
-"""The pure core imports no kernel, FUSE, database, socket or async library.
+"""The pure core imports no kernel, FUSE, database, socket or async library,
+and the hook's side (hooks/, fused.protocol) nothing but the standard library.
 
 Each check runs in a fresh interpreter so that other tests' imports do not count.
 """
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -54,3 +56,46 @@ def test_file_server_imports_only_the_standard_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert json.loads(out.stdout) == [], heavy
+
+
+# --- the hook's side: the standard library only --------------------------------
+
+# what tether-hook may load: hooks/ and, of fused/, only the control protocol
+HOOK_SIDE = "hooks.hook, hooks.mounts, fused.protocol"
+FUSED_OK = {"fused", "fused.protocol"}
+
+
+def not_stdlib_after(imports: str) -> list[str]:
+    """Modules that `import {imports}` loads, in a fresh interpreter, that are
+    neither the standard library nor hooks/ nor fused.protocol."""
+    code = f"import sys; before = set(sys.modules); import {imports}; print(sorted(set(sys.modules) - before))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    loaded = ast.literal_eval(out.stdout)
+    return [
+        m
+        for m in loaded
+        if not (m.split(".")[0] in sys.stdlib_module_names or m.split(".")[0] == "hooks" or m in FUSED_OK)
+    ]
+
+
+def test_the_hook_and_the_protocol_import_only_the_standard_library():
+    assert not_stdlib_after(HOOK_SIDE) == []
+
+
+def test_the_protocol_alone_loads_only_its_own_module_and_the_socket_primitive():
+    # the hook imports it on every container start: no json, no socket module until a line is coded
+    code = "import sys; before = set(sys.modules); import fused.protocol; print(sorted(set(sys.modules) - before))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert set(ast.literal_eval(out.stdout)) <= {"__future__", "fused", "fused.protocol", "_socket"}
+
+
+def test_the_errors_import_nothing():
+    code = "import sys; before = set(sys.modules); import fused.errors; print(sorted(set(sys.modules) - before))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert set(ast.literal_eval(out.stdout)) <= {"__future__", "fused", "fused.errors"}
+
+
+@pytest.mark.parametrize("extra", ["fused.errors", "fused.model", "trio"])
+def test_the_stdlib_checker_sees_what_is_not_the_standard_library(extra):
+    # the check above must be able to fail
+    assert extra in not_stdlib_after(f"{HOOK_SIDE}, {extra}")

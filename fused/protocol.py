@@ -1,11 +1,15 @@
-"""The control protocol's client side: versioned JSON lines over a Unix socket.
+"""The control protocol: versioned JSON lines over a Unix socket.
 
-Standard library only, and only its cheapest parts on the hook's path
-(`_socket`, no `json`/`re`/`enum` until an answer needs decoding): tether-hook
-imports this on every container start. The tether CLI uses `request`.
+One request line, one answer line:
 
-Request:  {"v": 1, "op": "register", "args": {...}}\\n
-Response: {"ok": true, "v": 1, "result": ...}\\n  or  {"ok": false, "v": 1, "error": "..."}\\n
+    {"v": 1, "op": "register", "args": {...}}\\n
+    {"ok": true, "v": 1, "result": ...}\\n   or   {"ok": false, "v": 1, "error": "..."}\\n
+
+Both sides import this: tether-fused (control.py) encodes answers with
+`result_line`/`error_line`; tether-hook and the tether CLI send requests with
+`exchange`/`request`. Standard library only, and only its cheapest parts at
+import (`_socket`, no `json` until a line is encoded or decoded): tether-hook
+imports it on every container start. Nothing from fused/ is imported here.
 """
 from __future__ import annotations
 
@@ -14,8 +18,31 @@ import _socket
 VERSION = 1
 # a request line: a 1 MiB state, JSON-escaped (up to 6 bytes per byte), and room
 MAX_LINE = 8 << 20
-# every successful answer starts with exactly this (the server writes "ok" first)
+# every successful answer starts with exactly this (`result_line` writes "ok" first)
 OK_PREFIX = b'{"ok": true, '
+
+
+def request_line(op: str, args: dict | None = None) -> bytes:
+    import json
+
+    return json.dumps({"v": VERSION, "op": op, "args": args or {}}).encode() + b"\n"
+
+
+def result_line(result) -> bytes:
+    """The answer to a request that was done."""
+    return _answer(True, result)
+
+
+def error_line(message: str) -> bytes:
+    """The answer to a request that was not done; `message` is for the user."""
+    return _answer(False, message)
+
+
+def _answer(ok: bool, payload) -> bytes:
+    import json
+
+    # "ok" first: clients recognise success by OK_PREFIX without decoding
+    return json.dumps({"ok": ok, "v": VERSION, ("result" if ok else "error"): payload}).encode() + b"\n"
 
 
 class DaemonError(Exception):
@@ -79,7 +106,5 @@ def decode(answer: bytes):
 
 
 def request(sock_path: str, op: str, args: dict | None = None, timeout: float = 10.0):
-    import json
-
-    line = json.dumps({"v": VERSION, "op": op, "args": args or {}}).encode() + b"\n"
-    return decode(exchange(sock_path, line, timeout))
+    """Send one request and return its result, or raise DaemonError/Unreachable."""
+    return decode(exchange(sock_path, request_line(op, args), timeout))
