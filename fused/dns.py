@@ -89,14 +89,16 @@ class Responder:
             link = links.get(alias)
             if link is None:
                 return self._unknown(resp)
-            if qtype in (dns.rdatatype.SRV, dns.rdatatype.ANY):
+            ports = sorted(p.port for p in link.ports if p.proto == proto)
+            # no port of that protocol: NOERROR with no data (an empty rrset
+            # would go on the wire as one record with no rdata: malformed)
+            if ports and qtype in (dns.rdatatype.SRV, dns.rdatatype.ANY):
                 target = dns.name.from_text(alias)
                 rrs = resp.find_rrset(resp.answer, qname, dns.rdataclass.IN, dns.rdatatype.SRV, create=True)
-                for p in sorted(p.port for p in link.ports if p.proto == proto):
+                for p in ports:
                     rrs.add(dns.rdata.from_text("IN", "SRV", f"0 0 {p} {target}"), TTL)
-                if rrs:
-                    add = resp.find_rrset(resp.additional, target, dns.rdataclass.IN, dns.rdatatype.A, create=True)
-                    add.add(dns.rdata.from_text("IN", "A", link.address), TTL)
+                add = resp.find_rrset(resp.additional, target, dns.rdataclass.IN, dns.rdatatype.A, create=True)
+                add.add(dns.rdata.from_text("IN", "A", link.address), TTL)
             return resp
         # PTR
         if qname.is_subdomain(dns.reversename.ipv4_reverse_domain) and qtype in (dns.rdatatype.PTR, dns.rdatatype.ANY):

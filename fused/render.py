@@ -132,8 +132,10 @@ def dns_data(topo: Topology) -> DnsData:
         names[v.name] = v.ip
         ptr[v.ip] = v.name
         links[v.ip] = {link.alias: link for link in v.links if link.address}
-        # in the order of the hosts file: own line, then links by alias
-        seen = hosts_names[v.ip] = {v.name: v.ip}
+        # in the order of the hosts file: localhost, own line, then links by
+        # alias (a container or an alias named localhost comes after 127.0.0.1)
+        seen = hosts_names[v.ip] = {"localhost": "127.0.0.1"}
+        seen.setdefault(v.name, v.ip)
         for link in v.links:
             if link.address:
                 seen.setdefault(link.alias, link.address)

@@ -1,4 +1,4 @@
-"""Pure: the firewall rules the daemon wants, computed from config and state.
+"""Pure: the firewall rules the daemon wants, computed from settings and state.
 
 nat <prefix>-PREROUTING   -d FACADE -j <prefix>-G<group>        one per link (facade strategy)
                           -p P --dport H (local dst) -j DNAT IP:PORT   one per published port
@@ -16,10 +16,31 @@ from __future__ import annotations
 import functools
 import hashlib
 from dataclasses import dataclass
+from typing import Protocol
 
-from .config import Config
 from .graph import Topology
 from .net.firewall.base import Rule, RuleSet
+
+
+class _NetworkSettings(Protocol):
+    bridge: str
+    subnet: str
+    facade_subnet: str
+
+
+@dataclass(frozen=True)
+class RuleSettings:
+    """The settings the rules depend on, and nothing else: no pydantic here,
+    and a test builds rules from three strings."""
+
+    bridge: str
+    subnet: str  # container addresses (masqueraded)
+    facade_subnet: str  # link addresses (rejected when dangling)
+
+    @classmethod
+    def of(cls, network: _NetworkSettings) -> RuleSettings:
+        """From the `[network]` settings (config.NetworkConfig)."""
+        return cls(network.bridge, network.subnet, network.facade_subnet)
 
 
 @dataclass(frozen=True, order=True)
@@ -32,7 +53,12 @@ class PortForward:
 
 @functools.lru_cache(maxsize=65536)
 def group_chain(group: str) -> str:
-    return "G" + hashlib.sha1(group.encode()).hexdigest()[:8]
+    """The chain suffix of a link group. 48 bits of hash: with 32, two groups
+    among a few tens of thousands share a chain (the groups "c59796" and
+    "c67177" do), and the first DNAT in it takes the links of both. A
+    12-character prefix, '-' and this make 26 of the 28 characters a chain
+    name can have."""
+    return "G" + hashlib.sha1(group.encode()).hexdigest()[:12]
 
 
 @functools.lru_cache(maxsize=65536)
@@ -45,8 +71,7 @@ def _link_rule(facade: str, group: str, bridge: str) -> Rule:
     return Rule("@" + group_chain(group), dst=f"{facade}/32", in_iface=bridge)
 
 
-def build(cfg: Config, topo: Topology | None = None, ports: list[PortForward] = ()) -> RuleSet:
-    net = cfg.network
+def build(settings: RuleSettings, topo: Topology | None = None, ports: list[PortForward] = ()) -> RuleSet:
     rs = RuleSet()
     topo = topo or Topology()
     # links (facade strategy): one jump per link into its group's chain
@@ -56,7 +81,7 @@ def build(cfg: Config, topo: Topology | None = None, ports: list[PortForward] = 
         if e.facade and t is not None and t.ip:
             group_ip[e.group] = t.ip
     for e in sorted((e for e in topo.edges if e.facade and e.group in group_ip), key=lambda e: _ip_key(e.facade)):
-        rs.add("nat", "PREROUTING", _link_rule(e.facade, e.group, net.bridge))
+        rs.add("nat", "PREROUTING", _link_rule(e.facade, e.group, settings.bridge))
     for g, ip in sorted(group_ip.items()):
         rs.add("nat", group_chain(g), Rule("DNAT", to=ip, comment=f"tether group {g}"))
     # published ports: from elsewhere (PREROUTING) and from the host (OUTPUT)
@@ -65,13 +90,13 @@ def build(cfg: Config, topo: Topology | None = None, ports: list[PortForward] = 
         rs.add("nat", "PREROUTING", dnat)
         rs.add("nat", "OUTPUT", dnat)
     # containers reach the outside through the host's address
-    rs.add("nat", "POSTROUTING", Rule("MASQUERADE", src=net.subnet, not_out_iface=net.bridge, comment="tether masquerade"))
+    rs.add("nat", "POSTROUTING", Rule("MASQUERADE", src=settings.subnet, not_out_iface=settings.bridge, comment="tether masquerade"))
     # DNAT'ed connections leaving on the bridge (consumer and target on the
     # same bridge; the host's own 127.0.0.1) come from the gateway, so replies
     # return through the host and its conntrack
-    rs.add("nat", "POSTROUTING", Rule("MASQUERADE", out_iface=net.bridge, ctstate="DNAT", comment="tether reply path"))
+    rs.add("nat", "POSTROUTING", Rule("MASQUERADE", out_iface=settings.bridge, ctstate="DNAT", comment="tether reply path"))
     # a facade address with no target must not leave the host
-    rs.add("filter", "FORWARD", Rule("REJECT", dst=net.facade_subnet, comment="tether dangling link"))
-    rs.add("filter", "FORWARD", Rule("ACCEPT", in_iface=net.bridge, comment="tether from bridge"))
-    rs.add("filter", "FORWARD", Rule("ACCEPT", out_iface=net.bridge, comment="tether to bridge"))
+    rs.add("filter", "FORWARD", Rule("REJECT", dst=settings.facade_subnet, comment="tether dangling link"))
+    rs.add("filter", "FORWARD", Rule("ACCEPT", in_iface=settings.bridge, comment="tether from bridge"))
+    rs.add("filter", "FORWARD", Rule("ACCEPT", out_iface=settings.bridge, comment="tether to bridge"))
     return rs

@@ -124,7 +124,7 @@ class Service:
 
     async def apply_firewall(self, topo: Topology | None = None, containers: list[ContainerRow] | None = None) -> int:
         """Make the firewall match the store; returns the commits it took."""
-        rs = rules.build(self.cfg, topo or self.topology(containers), self._forwards(containers))
+        rs = rules.build(rules.RuleSettings.of(self.cfg.network), topo or self.topology(containers), self._forwards(containers))
         return await self.worker.run(self.firewall.apply, rs)
 
     @contextlib.asynccontextmanager

@@ -31,9 +31,17 @@ def test_model_and_allocator_import_nothing_heavy_not_even_socket():
 
 
 def test_pure_core_with_rules_imports_no_kernel_fuse_db_or_trio():
-    # fused.rules -> fused.config -> pydantic, which pulls `socket` in through the
-    # standard library (importlib.metadata -> email.utils); only these are checked:
     assert loaded_after("fused.model, fused.allocator, fused.rules", HEAVY) == []
+
+
+def test_rules_graph_and_render_take_plain_settings_not_the_config():
+    # rules.build takes a RuleSettings: the pure core needs no pydantic
+    code = (
+        "import sys, json; import fused.rules, fused.graph, fused.render; "
+        "print(json.dumps(sorted(m for m in sys.modules if m == 'fused.config' or m.split('.')[0] == 'pydantic')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert json.loads(out.stdout) == []
 
 
 def test_the_checker_sees_what_is_imported():

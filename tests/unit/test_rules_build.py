@@ -1,0 +1,226 @@
+"""`rules.build` without a kernel: the exact records a topology asks for, and
+what a change does to them as the driver sees it (a diff of two RuleSets)."""
+from __future__ import annotations
+
+from fused import rules
+from fused.graph import Edge, Node, Topology
+from fused.model import PortSpec
+from fused.net.firewall.base import HOOKS, Rule, RuleSet
+from fused.rules import PortForward, RuleSettings, group_chain
+
+S = RuleSettings(bridge="tb0", subnet="10.213.0.0/16", facade_subnet="10.214.0.0/16")
+DB, DB2, CACHE = "10.213.0.3", "10.213.0.4", "10.213.0.5"
+
+
+def nodes(**ips: str | None) -> dict[str, Node]:
+    base = {"web": "10.213.0.2", "api": "10.213.0.6", "db": DB, "db2": DB2, "cache": CACHE} | ips
+    return {n: Node(n, ip, True, (PortSpec(5432, "tcp"),)) for n, ip in base.items()}
+
+
+def facade_topo(db_target: str = "db", **ips: str | None) -> Topology:
+    # edges in no particular order: build sorts the jumps by facade address
+    # (numerically: .10 after .9)
+    edges = (
+        Edge("web", "cache", "cache", "10.214.0.10", "cache"),
+        Edge("web", "database", db_target, "10.214.0.9", "db"),
+        Edge("api", "db", db_target, "10.214.0.2", "db"),
+    )
+    return Topology(nodes(**ips), edges, "facade")
+
+
+PORTS = [PortForward(40001, "udp", DB, 5353), PortForward(40000, "tcp", DB, 5432)]
+
+
+def jump(facade: str, group: str) -> Rule:
+    return Rule("@" + group_chain(group), dst=f"{facade}/32", in_iface="tb0")
+
+
+def dnat_port(host_port: int, proto: str, to: str) -> Rule:
+    return Rule("DNAT", proto=proto, dport=host_port, dst_local=True, to=to)
+
+
+POSTROUTING = [
+    Rule("MASQUERADE", src="10.213.0.0/16", not_out_iface="tb0", comment="tether masquerade"),
+    Rule("MASQUERADE", out_iface="tb0", ctstate="DNAT", comment="tether reply path"),
+]
+FORWARD = [
+    Rule("REJECT", dst="10.214.0.0/16", comment="tether dangling link"),
+    Rule("ACCEPT", in_iface="tb0", comment="tether from bridge"),
+    Rule("ACCEPT", out_iface="tb0", comment="tether to bridge"),
+]
+
+
+def diff(old: RuleSet, new: RuleSet) -> dict[tuple[str, str], tuple[list[Rule], list[Rule]]]:
+    """Per chain, the rules the iptables driver rewrites: the middle part that
+    differs once the common head and tail are taken off (its `_edit`)."""
+    out = {}
+    for key in dict.fromkeys([*old.chains, *new.chains]):
+        a, b = old.chains.get(key, []), new.chains.get(key, [])
+        if a == b:
+            continue
+        p = 0
+        while p < len(a) and p < len(b) and a[p] == b[p]:
+            p += 1
+        s = 0
+        while s < len(a) - p and s < len(b) - p and a[-1 - s] == b[-1 - s]:
+            s += 1
+        out[key] = (a[p : len(a) - s], b[p : len(b) - s])
+    return out
+
+
+def test_rule_settings_come_from_the_network_settings_and_nothing_else():
+    from fused.config import Config
+
+    net = Config().network
+    assert RuleSettings.of(net) == RuleSettings(net.bridge, net.subnet, net.facade_subnet)
+    assert rules.build(RuleSettings.of(net)).chains == rules.build(RuleSettings("tether0", "10.213.0.0/16", "10.214.0.0/16")).chains
+
+
+def test_the_exact_records_of_a_small_facade_topology():
+    rs = rules.build(S, facade_topo(), PORTS)
+    assert rs.chains == {
+        ("nat", "PREROUTING"): [
+            jump("10.214.0.2", "db"),
+            jump("10.214.0.9", "db"),
+            jump("10.214.0.10", "cache"),
+            dnat_port(40000, "tcp", f"{DB}:5432"),
+            dnat_port(40001, "udp", f"{DB}:5353"),
+        ],
+        ("nat", "OUTPUT"): [dnat_port(40000, "tcp", f"{DB}:5432"), dnat_port(40001, "udp", f"{DB}:5353")],
+        ("nat", "POSTROUTING"): POSTROUTING,
+        ("filter", "FORWARD"): FORWARD,
+        # one DNAT per group, however many links it holds
+        ("nat", group_chain("cache")): [Rule("DNAT", to=CACHE, comment="tether group cache")],
+        ("nat", group_chain("db")): [Rule("DNAT", to=DB, comment="tether group db")],
+    }
+    # hooks first, then the group chains by group name
+    assert list(rs.chains) == [*HOOKS, ("nat", group_chain("cache")), ("nat", group_chain("db"))]
+
+
+def test_group_chain_names_are_stable_and_fit_iptables():
+    # a pure function of the group name (no per-process hash seed): a restarted
+    # daemon finds its chains under the same names
+    assert group_chain("db") == "G0352a8acc949"
+    longest_prefix = "X" * 12  # config.FirewallConfig allows 12 characters
+    assert len(f"{longest_prefix}-{group_chain('db#123456')}") <= 28
+
+
+def test_two_groups_never_share_a_chain():
+    # their 8-hex-digit hashes were equal: both DNATs went into one chain and the
+    # first took the links of both groups
+    a, b = "c59796", "c67177"
+    assert group_chain(a) != group_chain(b)
+    topo = Topology(
+        {"web": Node("web", "10.213.0.2", True), a: Node(a, DB, True), b: Node(b, DB2, True)},
+        (Edge("web", a, a, "10.214.0.1", a), Edge("web", b, b, "10.214.0.2", b)),
+        "facade",
+    )
+    rs = rules.build(S, topo)
+    assert rs.chains[("nat", group_chain(a))] == [Rule("DNAT", to=DB, comment=f"tether group {a}")]
+    assert rs.chains[("nat", group_chain(b))] == [Rule("DNAT", to=DB2, comment=f"tether group {b}")]
+
+
+def test_build_is_deterministic_whatever_the_input_order():
+    topo = facade_topo()
+    shuffled = topo._replace(edges=topo.edges[::-1], nodes=dict(reversed(topo.nodes.items())))
+    a, b = rules.build(S, topo, PORTS), rules.build(S, shuffled, PORTS[::-1])
+    assert a.chains == b.chains and list(a.chains) == list(b.chains)
+
+
+def test_a_move_rewrites_one_group_dnat_rule_only():
+    # `tether move db db2`: every link to db now targets db2, in the same group
+    before = rules.build(S, facade_topo("db"), PORTS)
+    after = rules.build(S, facade_topo("db2"), PORTS)
+    assert diff(before, after) == {
+        ("nat", group_chain("db")): (
+            [Rule("DNAT", to=DB, comment="tether group db")],
+            [Rule("DNAT", to=DB2, comment="tether group db")],
+        )
+    }
+
+
+def test_a_move_of_1000_links_is_still_one_rule():
+    n = 1000
+    edges = tuple(Edge(f"c{i}", "db", "db", f"10.214.{i // 250}.{i % 250 + 1}", "db") for i in range(n))
+    topo = Topology(nodes() | {f"c{i}": Node(f"c{i}", None, True) for i in range(n)}, edges, "facade")
+    before = rules.build(S, topo)
+    moved = topo._replace(edges=tuple(e._replace(target="db2") for e in edges))
+    after = rules.build(S, moved)
+    assert len(before.chains[("nat", "PREROUTING")]) == n
+    assert diff(before, after) == {
+        ("nat", group_chain("db")): (
+            [Rule("DNAT", to=DB, comment="tether group db")],
+            [Rule("DNAT", to=DB2, comment="tether group db")],
+        )
+    }
+
+
+def test_a_retarget_moves_one_link_into_another_group():
+    # `tether link retarget web database db2`: the service gives that link a
+    # group whose links all go to db2; only its jump changes, and db2's group
+    # chain appears
+    before = rules.build(S, facade_topo())
+    topo = facade_topo()
+    edges = tuple(e._replace(target="db2", group="db2") if e.alias == "database" else e for e in topo.edges)
+    after = rules.build(S, topo._replace(edges=edges))
+    assert diff(before, after) == {
+        ("nat", "PREROUTING"): ([jump("10.214.0.9", "db")], [jump("10.214.0.9", "db2")]),
+        ("nat", group_chain("db2")): ([], [Rule("DNAT", to=DB2, comment="tether group db2")]),
+    }
+
+
+def test_a_group_whose_target_has_no_address_has_no_rules():
+    # db evicted (no address) or removed: its facades hit the REJECT in FORWARD
+    for topo in (facade_topo(db=None), facade_topo(db_target="gone")):
+        rs = rules.build(S, topo)
+        assert rs.chains[("nat", "PREROUTING")] == [jump("10.214.0.10", "cache")]
+        assert ("nat", group_chain("db")) not in rs.chains
+        assert rs.chains[("filter", "FORWARD")] == FORWARD
+
+
+def test_a_stopped_target_keeps_its_group_rule():
+    # its address is sticky: the DNAT waits for it to start again
+    topo = facade_topo()
+    topo = topo._replace(nodes=topo.nodes | {"db": topo.nodes["db"]._replace(running=False)})
+    assert rules.build(S, topo).chains[("nat", group_chain("db"))] == [Rule("DNAT", to=DB, comment="tether group db")]
+
+
+def test_direct_strategy_has_no_link_rules():
+    # links made under strategy direct have no facade address
+    topo = facade_topo()
+    direct = Topology(topo.nodes, tuple(e._replace(facade=None) for e in topo.edges), "direct")
+    rs = rules.build(S, direct, PORTS)
+    assert rs.chains == {
+        ("nat", "PREROUTING"): [dnat_port(40000, "tcp", f"{DB}:5432"), dnat_port(40001, "udp", f"{DB}:5353")],
+        ("nat", "OUTPUT"): [dnat_port(40000, "tcp", f"{DB}:5432"), dnat_port(40001, "udp", f"{DB}:5353")],
+        ("nat", "POSTROUTING"): POSTROUTING,
+        ("filter", "FORWARD"): FORWARD,
+    }
+
+
+def test_no_topology_still_owns_every_hook_chain():
+    rs = rules.build(S)
+    assert list(rs.chains) == list(HOOKS)
+    assert rs.chains[("nat", "PREROUTING")] == [] and rs.chains[("nat", "OUTPUT")] == []
+
+
+def test_a_moved_published_port_rewrites_its_two_dnat_rules():
+    # `tether move db db2` also hands db's host ports to db2
+    before = rules.build(S, None, PORTS)
+    after = rules.build(S, None, [PortForward(f.host_port, f.proto, DB2, f.port) for f in PORTS])
+    d = diff(before, after)
+    assert set(d) == {("nat", "PREROUTING"), ("nat", "OUTPUT")}
+    for old, new in d.values():
+        assert [r.to for r in old] == [f"{DB}:5432", f"{DB}:5353"]
+        assert [r.to for r in new] == [f"{DB2}:5432", f"{DB2}:5353"]
+
+
+def test_the_diff_helper_can_fail():
+    # the checks above rely on `diff` seeing a change in the middle of a chain
+    a, b = RuleSet(), RuleSet()
+    for r in (Rule("A"), Rule("B"), Rule("C")):
+        a.add("nat", "X", r)
+    for r in (Rule("A"), Rule("Z"), Rule("C")):
+        b.add("nat", "X", r)
+    assert diff(a, b) == {("nat", "X"): ([Rule("B")], [Rule("Z")])}
+    assert diff(a, a) == {}
