@@ -22,9 +22,13 @@ class UsageError(CliError):
     """A command typed wrong (exit 2, as argparse's own)."""
 
 
-def _when(ts: str | None) -> str:
-    """An RFC 3339 time from the daemon, in local time."""
-    return datetime.fromisoformat(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S") if ts else "-"
+def _when(ts: str | float | None) -> str:
+    """An RFC 3339 time from the daemon (epoch seconds from a daemon of before
+    RFC 3339), in local time."""
+    if not ts:
+        return "-"
+    when = datetime.fromtimestamp(ts) if isinstance(ts, (int, float)) else datetime.fromisoformat(ts).astimezone()
+    return when.strftime("%Y-%m-%d %H:%M:%S")
 
 
 # `ps --filter KEY=VALUE`, as podman's: the values of one key OR, keys AND
@@ -328,8 +332,8 @@ def run(argv: list[str]) -> int:
                 print(f"tether: warning: served files are broken: {health['files']}; "
                       "running containers keep theirs, new ones cannot start: restart tether-fused", file=sys.stderr)
             try:  # what the runtimes run and tether does not (or the reverse): whatever the selection
-                drifted = request(str(cfg.socket_path), "drift", {})
-            except DaemonError:  # a daemon from before `drift`
+                drifted = request(str(cfg.socket_path), "drift", {}, timeout=5.0)
+            except (DaemonError, Unreachable):  # a daemon from before `drift`, or a runtime that hangs
                 drifted = []
             for d in drifted:
                 print(f"tether: warning: {d['name']}: {d['problem']}: {d['why']}", file=sys.stderr)

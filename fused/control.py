@@ -11,7 +11,6 @@ import logging
 import os
 import socket
 import struct
-import sys
 from pathlib import Path
 
 import trio
@@ -76,19 +75,9 @@ def parse_request(line: bytes) -> tuple[str, dict]:
     return req["op"], args
 
 
-def _legacy_error(e: Exception) -> bool:
-    """A service.ServiceError from before service.py raises errors.ServiceError.
-
-    Looked up, not imported: service pulls in the kernel modules, and an
-    error of a module that is not loaded cannot have been raised. Remove this
-    once service.py does `from .errors import ServiceError`."""
-    legacy = getattr(sys.modules.get(f"{__package__}.service"), "ServiceError", None)
-    return isinstance(legacy, type) and isinstance(e, legacy)
-
-
 def error_answer(e: Exception) -> bytes:
     """The answer line for a request that ended in `e`."""
-    if isinstance(e, TetherError) or _legacy_error(e):
+    if isinstance(e, TetherError):
         return error_line(str(e))
     # a bug: log it, answer, keep serving
     log.error("request failed", exc_info=e)

@@ -21,14 +21,16 @@ from dataclasses import dataclass
 
 RUNTIMES = {"runc": "/run/runc", "crun": "/run/crun"}  # name: default state root for root
 LIVE = ("created", "running", "paused")
-VALUE_OPTIONS = {"--log", "--log-format", "--criu", "--rootless"}  # runc's global options with a separate value
+# global options that take a separate value (runc's, crun's)
+VALUE_OPTIONS = {"--log", "--log-format", "--criu", "--rootless", "--cgroup-manager", "--log-level"}
 
 
 def runtime_command(argv: list[str], exe: str) -> list[str]:
     """[exe, "--root", ROOT]: the command whose `list` shows a container that
     the runtime running as `argv` (its /proc cmdline) started; [] when it is
     no runtime we know."""
-    name = os.path.basename(exe).removesuffix(" (deleted)")
+    exe = exe.removesuffix(" (deleted)")  # upgraded while it ran: the new binary has the path
+    name = os.path.basename(exe)
     if name not in RUNTIMES:
         return []
     root = RUNTIMES[name]
@@ -101,12 +103,21 @@ HOOK_DID_NOT_RUN = (
 )
 
 
-def compare(containers: list[dict], listings: dict[tuple[str, ...], list[Seen]], ours=lambda seen: True) -> list[Drift]:
+def compare(
+    containers: list[dict], listings: dict[tuple[str, ...], list[Seen]], ours=lambda seen: True, since: float | None = None
+) -> list[Drift]:
     """Drift between tether's containers (records with name, id, state,
-    runtime) and each runtime's listing (keyed by its command). `ours(seen)`
-    tells whether an unknown container with io.tether.* annotations belongs
-    to this tether (its hooks name this config)."""
-    by_id = {c["id"]: c for c in containers}
+    runtime, and changed: the time of their last start or stop) and each
+    runtime's listing (keyed by its command). `ours(seen)` tells whether an
+    unknown container with io.tether.* annotations belongs to this tether
+    (its hooks name this config). A record that changed after `since` (when
+    the listings began) is left out: it was starting or stopping meanwhile."""
+    if since is not None:
+        containers = [c for c in containers if (c.get("changed") or 0) <= since]
+    by_id: dict[str, dict] = {}
+    for c in containers:  # an id runc reused: the running record is the one it lists
+        if c["id"] not in by_id or c["state"] == "running":
+            by_id[c["id"]] = c
     out: list[Drift] = []
     for cmd, seen in sorted(listings.items()):
         shown = _shown(list(cmd))
@@ -157,3 +168,48 @@ def claims(spec: dict, config: str | None, default: str) -> bool:
         if os.path.realpath(named or default) == os.path.realpath(config or default):
             return True
     return False
+
+
+def claimed_by(config: str | None, default: str):
+    """`ours` for compare: an unregistered container is this tether's to
+    report when its config.json (read from its bundle) `claims` says so."""
+    from .oci import read_spec
+
+    def ours(seen: Seen) -> bool:
+        spec = read_spec(seen.bundle)
+        return not spec or claims(spec, config, default)
+
+    return ours
+
+
+async def listings(cmds: set[tuple[str, ...]], timeout: float = 2.5) -> dict[tuple[str, ...], list[Seen]]:
+    """Each runtime's `list`, for the roots tether has seen and runc's default
+    (where plain runc and podman's runc keep theirs); a runtime that fails or
+    hangs is left out (its containers are not judged)."""
+    import shutil
+
+    import trio
+
+    cmds = {c for c in cmds if os.access(c[0], os.X_OK)}  # a runtime removed since: nothing to ask
+    for name, root in RUNTIMES.items():
+        found = shutil.which(name)
+        if found and os.path.isdir(root):
+            cmds.add((os.path.realpath(found), "--root", root))
+    out: dict[tuple[str, ...], list[Seen]] = {}
+
+    async def one(cmd: tuple[str, ...]) -> None:
+        try:
+            p = await trio.run_process([*cmd, "list", "--format", "json"], capture_stdout=True, capture_stderr=True, check=False)
+        except OSError:
+            return
+        if p.returncode == 0:
+            try:
+                out[cmd] = parse_listing(p.stdout.decode(errors="replace"))
+            except ValueError:
+                pass
+
+    with trio.move_on_after(timeout):  # one deadline for all: `tether ps` waits on it
+        async with trio.open_nursery() as nursery:
+            for cmd in sorted(cmds):
+                nursery.start_soon(one, cmd)
+    return out

@@ -29,7 +29,14 @@ def is_label(s: object) -> bool:
     return isinstance(s, str) and LABEL_RE.fullmatch(s) is not None
 
 
+# names a hosts file already gives 127.0.0.1 and ::1: a container or alias
+# of that name would shadow them (and DNS would answer it elsewhere)
+RESERVED = frozenset({"localhost", "ip6-localhost", "ip6-loopback"})
+
+
 def check_label(s: object, what: str = "name") -> str:
+    if isinstance(s, str) and s in RESERVED:
+        raise InputError(f"invalid {what} {s!r}: it is reserved (the hosts file gives it 127.0.0.1 and ::1); choose another")
     if not is_label(s):
         shown = repr(s)
         if len(shown) > 80:
@@ -195,6 +202,11 @@ def parse_registration(state: object, annotations: object) -> Registration:
         raise InputError(
             "OCI state has no container 'pid': configure tether-hook as a createRuntime or prestart hook"
         )
+    if pid == 1:
+        raise InputError(
+            "OCI state names pid 1, the host's init, not a container's process: "
+            "run tether-hook from an OCI runtime, which passes the container's pid"
+        )
     bundle = state.get("bundle", "")
     if not isinstance(bundle, str):
         raise InputError("OCI state 'bundle' must be a string")
@@ -217,3 +229,63 @@ def parse_registration(state: object, annotations: object) -> Registration:
     expose = parse_expose(ann.get(ANN_EXPOSE, ""))
     publish = parse_publish(ann.get(ANN_PUBLISH, ""))
     return Registration(cid, name, pid, bundle, links, expose, publish)
+
+
+# --- what the store holds (see store/base.py) -----------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Container:
+    """A registered name: its last start, or its stop."""
+
+    name: str
+    id: str
+    state: str  # RUNNING | STOPPED
+    pid: int | None = None
+    netns_ino: int | None = None
+    bundle: str = ""
+    created_at: float = 0.0
+    started_at: float | None = None
+    stopped_at: float | None = None
+    note: str = ""
+    expose: tuple[str, ...] = ()
+    publish: tuple[str, ...] = ()
+    # the command that lists it: the runtime that started it and its state
+    # root, e.g. ("/usr/sbin/runc", "--root", "/run/runc"); () when unknown
+    runtime: tuple[str, ...] = ()
+
+    @property
+    def running(self) -> bool:
+        return self.state == RUNNING
+
+
+@dataclass(frozen=True, slots=True)
+class IpLease:
+    ip: str
+    name: str
+    mac: str
+    since: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class PortLease:
+    host_port: int
+    proto: str
+    name: str
+    port: int
+    since: float = 0.0
+
+    @property
+    def key(self) -> tuple[int, str]:
+        return (self.host_port, self.proto)
+
+
+class Link(NamedTuple):
+    """consumer --alias--> target; `facade` its stable address (strategy
+    facade), `group` the links a move retargets together."""
+
+    consumer: str
+    alias: str
+    target: str
+    facade: str | None = None
+    group: str = ""

@@ -79,6 +79,18 @@ def missing_mounts(spec: dict, fs_dir: Path, name: str, dns: bool) -> list[tuple
     return [(dest, source) for dest, source in served_mounts(fs_dir, name, dns) if dest not in have]
 
 
+def read_spec(bundle: object) -> dict:
+    """A bundle's config.json, or {} when it cannot be read."""
+    if not isinstance(bundle, str) or not os.path.isabs(bundle):
+        return {}
+    try:
+        with open(os.path.join(bundle, "config.json"), "rb") as f:
+            spec = json.loads(f.read(16 << 20))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return spec if isinstance(spec, dict) else {}
+
+
 def rootfs(spec: dict, bundle: str) -> str | None:
     """The container's root directory: root.path, relative to the bundle."""
     root = spec.get("root")

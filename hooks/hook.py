@@ -15,12 +15,14 @@ from __future__ import annotations
 import _json
 import os
 import sys
+import time
 
 from fused.protocol import OK_PREFIX, VERSION, DaemonError, Unreachable, decode, exchange
 
 STAGES = {"createRuntime": "register", "prestart": "register", "poststop": "poststop"}
 MAX_STATE = 1 << 20
 TIMEOUT = 10.0
+HOOK_BUDGET = 14.0  # s: the runtime kills the hook at its timeout (15 s in the hook entries tether writes)
 DEFAULT_CONFIG = "/etc/tether/tether.toml"
 DEFAULT_RUN_DIR = "/run/tether"
 USAGE = "usage: tether-hook [--config FILE] createRuntime|prestart|poststop  (OCI state JSON on stdin)"
@@ -136,26 +138,28 @@ def mount_plan(answer: bytes) -> tuple[int, str, list[tuple[str, str]]] | None:
     return int(pid), rootfs, list(zip(rest[0::2], rest[1::2]))
 
 
-def _mount(sock: str, stage: str, state: str, answer: bytes) -> None:
+def _mount(sock: str, stage: str, state: str, answer: bytes, deadline: float) -> None:
     """Bind the served files into the container; on failure, tell the daemon
-    to forget the registration (nothing left behind) and fail the start."""
-    plan = mount_plan(answer)
-    if plan is None:
-        return
-    from .mounts import MountError, bind_into
-
+    to undo the registration (nothing left behind) and fail the start."""
     try:
+        plan = mount_plan(answer)
+        if plan is None:
+            return
+        from .mounts import MountError, bind_into
+
         bind_into(*plan)
-    except MountError as e:
-        try:
-            exchange(sock, request_line("abort", stage, state), timeout=TIMEOUT)
+    except Exception as e:  # noqa: BLE001 - whatever it was, the start must not go on half done
+        message = str(e) if type(e).__name__ == "MountError" else f"cannot mount tether's files: {type(e).__name__}: {e}"
+        try:  # within what the runtime gives the hook (the hooks' timeout is 15 s)
+            exchange(sock, request_line("abort", stage, state), timeout=max(0.5, deadline - time.monotonic()))
         except Unreachable:
             pass
-        raise HookError(str(e)) from None
+        raise HookError(message) from None
 
 
 def run(argv: list[str], stdin=None) -> int:
     stdin = stdin if stdin is not None else sys.stdin.buffer
+    started = time.monotonic()
     try:
         config, stage = _parse_args(argv)
         op = STAGES[stage]
@@ -167,7 +171,7 @@ def run(argv: list[str], stdin=None) -> int:
             if not answer.startswith(OK_PREFIX):
                 decode(answer)
             if op == "register":
-                _mount(sock, stage, state, answer)
+                _mount(sock, stage, state, answer, started + HOOK_BUDGET)
         except Unreachable as e:
             if op == "poststop":
                 # The daemon marks containers whose netns is gone as stopped

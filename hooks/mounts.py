@@ -35,6 +35,9 @@ MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC = 0x1,
 RESOLVE_NO_MAGICLINKS, RESOLVE_IN_ROOT = 0x02, 0x10
 CLONE_NEWNS = 0x00020000
 MS_PRIVATE = 1 << 18
+# filesystems a target must never be on: an image's /etc/hosts that is a
+# symlink into the container's /proc or /sys (CVE-2019-16884's way)
+PROC_SUPER_MAGIC, SYSFS_MAGIC = 0x9FA0, 0x62656572
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -103,13 +106,26 @@ def _create(root: int, rel: str, is_dir: bool) -> None:
             os.close(parent)
 
 
+def _fs_type(fd: int) -> int:
+    buf = ctypes.create_string_buffer(256)  # struct statfs: f_type comes first, a long
+    _check(_libc.fstatfs(fd, buf))
+    return ctypes.c_long.from_buffer(buf).value
+
+
 def _target(root: int, rel: str, is_dir: bool) -> int:
     flags = os.O_PATH | (os.O_DIRECTORY if is_dir else 0)
     try:
-        return _openat2(root, rel, flags)
+        fd = _openat2(root, rel, flags)
     except FileNotFoundError:
         _create(root, rel, is_dir)
-        return _openat2(root, rel, flags)
+        fd = _openat2(root, rel, flags)
+    if _fs_type(fd) in (PROC_SUPER_MAGIC, SYSFS_MAGIC):
+        os.close(fd)
+        raise MountError(
+            f"/{rel} in the container's image leads into /proc or /sys (a symbolic link): tether does not mount "
+            f"there; make /{rel} a plain {'directory' if is_dir else 'file'} in the image"
+        )
+    return fd
 
 
 def bind_into(pid: int, rootfs: str, binds: list[tuple[str, str]]) -> None:
@@ -126,13 +142,18 @@ def bind_into(pid: int, rootfs: str, binds: list[tuple[str, str]]) -> None:
                 raise MountError(
                     f"cannot bind {source} ({e.strerror}): is tether-fused's mount there? see `tether doctor`"
                 ) from None
-            clones.append((fd, stat.S_ISDIR(os.fstat(fd).st_mode), dest))
+            clones.append((fd, None, dest))  # closed in `finally` whatever follows
+            try:
+                clones[-1] = (fd, stat.S_ISDIR(os.fstat(fd).st_mode), dest)
+            except OSError as e:
+                raise MountError(f"cannot stat {source} ({e.strerror}): is tether's file server answering? see `tether doctor`") from None
         try:
             ns = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise MountError(f"cannot open the mount namespace of process {pid} ({e.strerror}): the container exited early") from None
         try:
-            if os.stat(f"/proc/{pid}/ns/mnt").st_ino == os.stat("/proc/self/ns/mnt").st_ino:
+            theirs, mine = os.fstat(ns), os.stat("/proc/self/ns/mnt")
+            if (theirs.st_dev, theirs.st_ino) == (mine.st_dev, mine.st_ino):
                 raise MountError(
                     f"process {pid} shares the runtime's mount namespace: tether mounts its files only into a "
                     'container of its own (add {"type": "mount"} to linux.namespaces)'

@@ -1,20 +1,28 @@
-"""SQLite lease store: WAL, BEGIN IMMEDIATE, a schema version, mode 0600.
+"""SQLite lease store (the Store protocol of base.py): WAL, BEGIN IMMEDIATE,
+a schema version, mode 0600.
 
-Only tether-fused opens it for writing. Every change happens inside
-`transaction()`; a failure anywhere inside rolls everything back.
+Only tether-fused writes it. `snapshot()` reads every table in one read
+transaction into model's records, and is cached: tether-fused is the one
+writer, so after a commit the next snapshot is the last one with the change
+applied (base.apply), and the file is read again only when another
+connection wrote to it (`PRAGMA data_version`). `commit()` writes a change
+set in one `BEGIN IMMEDIATE` transaction, if the revision is still the one
+it was planned on.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import StoreError
+from ..model import Container, IpLease, Link, PortLease
+from .base import ChangeSet, Conflict, StoreSnapshot, apply
+
 SCHEMA_VERSION = 2
+BUSY_TIMEOUT_MS = 2000  # well inside the hook's 10 s: a locked store is one clear line
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -60,44 +68,13 @@ CREATE TABLE links (
 """
 
 
-class StoreError(Exception):
-    pass
 
 
-@dataclass
-class ContainerRow:
-    name: str
-    id: str
-    state: str
-    pid: int | None
-    netns_ino: int | None
-    bundle: str
-    created_at: float
-    started_at: float | None
-    stopped_at: float | None
-    note: str
-    ip: str | None = None
-    mac: str | None = None
-    expose: list[str] = field(default_factory=list)
-    publish: list[str] = field(default_factory=list)
-    # the command that lists it: the runtime that started it and its state root,
-    # e.g. ["/usr/sbin/runc", "--root", "/run/runc"] ([] when unknown)
-    runtime: list[str] = field(default_factory=list)
-
-    @property
-    def running(self) -> bool:
-        return self.state == "running"
-
-
-_CONTAINER_SELECT = """
-SELECT c.name, c.id, c.state, c.pid, c.netns_ino, c.bundle, c.created_at, c.started_at,
-       c.stopped_at, c.note, l.ip, l.mac, c.expose, c.publish, c.runtime
-FROM containers c LEFT JOIN ip_leases l ON l.name = c.name
-"""
-
-
-def _row(r: tuple) -> ContainerRow:
-    return ContainerRow(*r[:12], expose=json.loads(r[12]), publish=json.loads(r[13]), runtime=json.loads(r[14]))
+def _json_tuple(text: str) -> tuple[str, ...]:
+    value = json.loads(text)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"expected a list of strings, got {text[:40]!r}")
+    return tuple(value)
 
 
 class SqliteStore:
@@ -111,9 +88,10 @@ class SqliteStore:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.execute("PRAGMA busy_timeout=5000")
-        self._in_txn = False
-        self._migrate()
+        self.db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        self._snap: StoreSnapshot | None = None
+        self._data_version: int | None = None
+        self._locked(self._migrate)
         for suffix in ("-wal", "-shm"):
             p = Path(str(self.path) + suffix)
             if p.exists():
@@ -122,192 +100,155 @@ class SqliteStore:
     def close(self) -> None:
         self.db.close()
 
+    def _locked(self, fn, *args):
+        """fn(*args), with SQLite's lock errors as one line naming the file."""
+        try:
+            return fn(*args)
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e) or "busy" in str(e):
+                raise StoreError(
+                    f"the store {self.path} is locked by another process (waited {BUSY_TIMEOUT_MS / 1000:g} s): "
+                    f"find it with `fuser -v {self.path}` and stop it; only tether-fused may write the store"
+                ) from None
+            raise
+
     def _migrate(self) -> None:
-        with self.transaction():
-            has_meta = self.db.execute(
-                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'"
-            ).fetchone()
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            has_meta = self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='meta'").fetchone()
             if not has_meta:
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         self.db.execute(stmt)
                 self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-                return
-            (v,) = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-            if int(v) > SCHEMA_VERSION:
-                raise StoreError(
-                    f"store {self.path} has schema version {v}, newer than this tether ({SCHEMA_VERSION}): "
-                    "upgrade tether"
-                )
-            if int(v) < 2:  # 1 -> 2: the runtime that started each container
-                self.db.execute("ALTER TABLE containers ADD COLUMN runtime TEXT NOT NULL DEFAULT '[]'")
-                self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        if self._in_txn:
-            raise StoreError("nested transaction")
-        self.db.execute("BEGIN IMMEDIATE")
-        self._in_txn = True
-        try:
-            yield
+            else:
+                (v,) = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                if int(v) > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"store {self.path} has schema version {v}, newer than this tether ({SCHEMA_VERSION}): "
+                        "upgrade tether"
+                    )
+                if int(v) < 2:  # 1 -> 2: the runtime that started each container
+                    self.db.execute("ALTER TABLE containers ADD COLUMN runtime TEXT NOT NULL DEFAULT '[]'")
+                    self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
+            self.db.execute("INSERT OR IGNORE INTO meta VALUES ('revision', '0')")
         except BaseException:
             self.db.execute("ROLLBACK")
             raise
-        else:
-            self.db.execute("COMMIT")
+        self.db.execute("COMMIT")
+
+    # --- reading ----------------------------------------------------------------
+    def snapshot(self) -> StoreSnapshot:
+        return self._locked(self._snapshot)
+
+    def _snapshot(self) -> StoreSnapshot:
+        (version,) = self.db.execute("PRAGMA data_version").fetchone()
+        if self._snap is not None and version == self._data_version:
+            return self._snap
+        self.db.execute("BEGIN")
+        try:
+            snap = self._read()
+            (self._data_version,) = self.db.execute("PRAGMA data_version").fetchone()
         finally:
-            self._in_txn = False
+            self.db.execute("COMMIT")
+        self._snap = snap
+        return snap
 
-    # --- containers -------------------------------------------------------
-    def get(self, name: str) -> ContainerRow | None:
-        r = self.db.execute(_CONTAINER_SELECT + " WHERE c.name = ?", (name,)).fetchone()
-        return _row(r) if r else None
-
-    def find_running_by_id(self, cid: str) -> ContainerRow | None:
-        r = self.db.execute(_CONTAINER_SELECT + " WHERE c.id = ? AND c.state = 'running'", (cid,)).fetchone()
-        return _row(r) if r else None
-
-    def containers(self) -> list[ContainerRow]:
-        return [_row(r) for r in self.db.execute(_CONTAINER_SELECT + " ORDER BY c.name")]
-
-    def upsert_running(
-        self,
-        name: str,
-        cid: str,
-        pid: int,
-        netns_ino: int,
-        bundle: str,
-        expose: list[str],
-        publish: list[str],
-        runtime: list[str] = (),
-    ) -> None:
-        now = time.time()
-        self.db.execute(
-            """INSERT INTO containers (name, id, state, pid, netns_ino, bundle, expose, publish,
-                                       created_at, started_at, runtime)
-               VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?, ?, ?)
-               ON CONFLICT (name) DO UPDATE SET id=excluded.id, state='running', pid=excluded.pid,
-                   netns_ino=excluded.netns_ino, bundle=excluded.bundle, expose=excluded.expose,
-                   publish=excluded.publish, started_at=excluded.started_at, stopped_at=NULL,
-                   runtime=excluded.runtime""",
-            (name, cid, pid, netns_ino, bundle, json.dumps(expose), json.dumps(publish), now, now, json.dumps(list(runtime))),
-        )
-
-    def mark_stopped(self, name: str, when: float | None = None) -> None:
-        self.db.execute(
-            "UPDATE containers SET state='stopped', pid=NULL, netns_ino=NULL, stopped_at=? WHERE name=?",
-            (when if when is not None else time.time(), name),
-        )
-
-    def set_note(self, name: str, note: str) -> None:
-        self.db.execute("UPDATE containers SET note=? WHERE name=?", (note, name))
-
-    def delete(self, name: str) -> None:
-        self.db.execute("DELETE FROM containers WHERE name=?", (name,))
-
-    # --- ip leases --------------------------------------------------------
-    def ip_holders(self) -> list[tuple[str, str, bool, float | None]]:
-        """(ip, name, running, stopped_at) for every address lease."""
-        return [
-            (ip, name, state == "running", stopped_at)
-            for ip, name, state, stopped_at in self.db.execute(
-                "SELECT l.ip, l.name, c.state, c.stopped_at FROM ip_leases l JOIN containers c USING (name)"
+    def _read(self) -> StoreSnapshot:
+        (rev,) = self.db.execute("SELECT value FROM meta WHERE key='revision'").fetchone()
+        containers = {
+            r[0]: Container(
+                r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9],
+                _json_tuple(r[10]), _json_tuple(r[11]), _json_tuple(r[12]),
             )
-        ]
-
-    def set_ip_lease(self, name: str, ip: str, mac: str) -> None:
-        holder = self.db.execute("SELECT name FROM ip_leases WHERE ip=?", (ip,)).fetchone()
-        if holder and holder[0] != name:
-            raise StoreError(f"address {ip} is leased to {holder[0]!r}: evict it first")
-        self.db.execute("DELETE FROM ip_leases WHERE name=? AND ip<>?", (name, ip))
-        if not holder:
-            self.db.execute("INSERT INTO ip_leases (ip, name, mac, since) VALUES (?, ?, ?, ?)", (ip, name, mac, time.time()))
-
-    def drop_ip_lease(self, name: str) -> None:
-        self.db.execute("DELETE FROM ip_leases WHERE name=?", (name,))
-
-    # --- links --------------------------------------------------------------
-    _LINK_COLS = "consumer, alias, target, facade, grp"
-
-    def links(self, consumer: str | None = None) -> list[tuple[str, str, str, str | None, str]]:
-        """(consumer, alias, target, facade, group), sorted."""
-        q = f"SELECT {self._LINK_COLS} FROM links"
-        if consumer:
-            return list(self.db.execute(q + " WHERE consumer=? ORDER BY 1, 2", (consumer,)))
-        return list(self.db.execute(q + " ORDER BY 1, 2"))
-
-    def get_link(self, consumer: str, alias: str) -> tuple[str, str, str, str | None, str] | None:
-        return self.db.execute(
-            f"SELECT {self._LINK_COLS} FROM links WHERE consumer=? AND alias=?", (consumer, alias)
-        ).fetchone()
-
-    def add_link(self, consumer: str, alias: str, target: str, facade: str | None, grp: str) -> None:
-        self.db.execute(
-            "INSERT INTO links (consumer, alias, target, facade, grp) VALUES (?, ?, ?, ?, ?)",
-            (consumer, alias, target, facade, grp),
-        )
-
-    def set_link_target(self, consumer: str, alias: str, target: str, grp: str) -> None:
-        self.db.execute("UPDATE links SET target=?, grp=? WHERE consumer=? AND alias=?", (target, grp, consumer, alias))
-
-    def move_links(self, old: str, new: str) -> int:
-        """Every link targeting `old` now targets `new` (groups unchanged)."""
-        return self.db.execute("UPDATE links SET target=? WHERE target=?", (new, old)).rowcount
-
-    def delete_link(self, consumer: str, alias: str) -> None:
-        self.db.execute("DELETE FROM links WHERE consumer=? AND alias=?", (consumer, alias))
-
-    def facades(self) -> set[str]:
-        return {f for (f,) in self.db.execute("SELECT facade FROM links WHERE facade IS NOT NULL")}
-
-    def group_targets(self, grp: str) -> set[str]:
-        return {t for (t,) in self.db.execute("SELECT DISTINCT target FROM links WHERE grp=?", (grp,))}
-
-    # --- port leases ----------------------------------------------------------
-    def port_leases(self, name: str | None = None) -> list[tuple[int, str, str, int]]:
-        """(host_port, proto, name, port), by host port."""
-        q = "SELECT host_port, proto, name, port FROM port_leases"
-        if name:
-            return list(self.db.execute(q + " WHERE name=? ORDER BY 1, 2", (name,)))
-        return list(self.db.execute(q + " ORDER BY 1, 2"))
-
-    def port_holders(self, proto: str) -> list[tuple[int, str, bool, float | None]]:
-        """(host_port, name, running, stopped_at) for `proto`."""
-        return [
-            (hp, n, state == "running", stopped_at)
-            for hp, n, state, stopped_at in self.db.execute(
-                "SELECT p.host_port, p.name, c.state, c.stopped_at FROM port_leases p "
-                "JOIN containers c USING (name) WHERE p.proto=?",
-                (proto,),
+            for r in self.db.execute(
+                "SELECT name, id, state, pid, netns_ino, bundle, created_at, started_at, stopped_at, note, "
+                "expose, publish, runtime FROM containers"
             )
-        ]
+        }
+        ips = {r[1]: IpLease(*r) for r in self.db.execute("SELECT ip, name, mac, since FROM ip_leases")}
+        ports = {
+            (r[0], r[1]): PortLease(*r)
+            for r in self.db.execute("SELECT host_port, proto, name, port, since FROM port_leases")
+        }
+        links = {
+            (r[0], r[1]): Link(*r) for r in self.db.execute("SELECT consumer, alias, target, facade, grp FROM links")
+        }
+        return StoreSnapshot(int(rev), containers, ips, ports, links)
 
-    def set_port_lease(self, host_port: int, proto: str, name: str, port: int) -> None:
-        """Lease host_port/proto to name (replacing whoever held it)."""
-        self.db.execute(
-            "INSERT INTO port_leases (host_port, proto, name, port, since) VALUES (?, ?, ?, ?, ?) "
-            "ON CONFLICT (host_port, proto) DO UPDATE SET name=excluded.name, port=excluded.port, "
-            "since=excluded.since",
-            (host_port, proto, name, port, time.time()),
-        )
+    # --- writing ----------------------------------------------------------------
+    def commit(self, change: ChangeSet, revision: int) -> StoreSnapshot:
+        return self._locked(self._commit, change, revision)
 
-    def drop_port_lease(self, host_port: int, proto: str) -> None:
-        self.db.execute("DELETE FROM port_leases WHERE host_port=? AND proto=?", (host_port, proto))
+    def _commit(self, change: ChangeSet, revision: int) -> StoreSnapshot:
+        before = self._snapshot()
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            (rev,) = self.db.execute("SELECT value FROM meta WHERE key='revision'").fetchone()
+            if int(rev) != revision:
+                raise Conflict(f"the store is at revision {rev}, not {revision}: plan again")
+            self._write(change)
+            self.db.execute("UPDATE meta SET value=? WHERE key='revision'", (str(revision + 1),))
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+        if before.revision == revision:
+            self._snap = apply(before, change, revision + 1)
+            (self._data_version,) = self.db.execute("PRAGMA data_version").fetchone()
+            return self._snap
+        return self._snapshot()
 
-    def move_port_leases(self, old: str, new: str) -> int:
-        return self.db.execute("UPDATE port_leases SET name=? WHERE name=?", (new, old)).rowcount
-
-    def leases(self) -> list[dict]:
-        rows = self.db.execute(
-            """SELECT 'ip', l.ip, NULL, l.name, c.state, c.stopped_at, l.since FROM ip_leases l
-               JOIN containers c USING (name)
-               UNION ALL
-               SELECT 'port', p.host_port, p.proto || ':' || p.port, p.name, c.state, c.stopped_at, p.since
-               FROM port_leases p JOIN containers c USING (name)
-               ORDER BY 1, 4"""
-        )
-        return [
-            {"kind": k, "lease": str(v), "maps": m, "name": n, "state": s, "stopped_at": st, "since": since}
-            for k, v, m, n, s, st, since in rows
-        ]
+    def _write(self, ch: ChangeSet) -> None:
+        """Containers first (leases and links refer to them), deletes before
+        puts (an address or facade can change hands in one change set),
+        removed containers last (their leases and links go with them)."""
+        x = self.db.execute
+        for name, c in ch.containers.items():
+            if c is not None:
+                x(
+                    """INSERT INTO containers (name, id, state, pid, netns_ino, bundle, created_at, started_at,
+                                               stopped_at, note, expose, publish, runtime)
+                       VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                       ON CONFLICT (name) DO UPDATE SET id=excluded.id, state=excluded.state, pid=excluded.pid,
+                           netns_ino=excluded.netns_ino, bundle=excluded.bundle, started_at=excluded.started_at,
+                           stopped_at=excluded.stopped_at, note=excluded.note, expose=excluded.expose,
+                           publish=excluded.publish, runtime=excluded.runtime""",
+                    (c.name, c.id, c.state, c.pid, c.netns_ino, c.bundle, c.created_at, c.started_at, c.stopped_at,
+                     c.note, json.dumps(list(c.expose)), json.dumps(list(c.publish)), json.dumps(list(c.runtime))),
+                )
+        for (consumer, alias), link in ch.links.items():
+            if link is None:
+                x("DELETE FROM links WHERE consumer=? AND alias=?", (consumer, alias))
+        for (hp, proto), lease in ch.port_leases.items():
+            if lease is None:
+                x("DELETE FROM port_leases WHERE host_port=? AND proto=?", (hp, proto))
+        for name, lease in ch.ip_leases.items():
+            if lease is None:
+                x("DELETE FROM ip_leases WHERE name=?", (name,))
+        for lease in ch.ip_leases.values():
+            if lease is not None:
+                x(
+                    "INSERT INTO ip_leases (ip, name, mac, since) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (name) DO UPDATE SET ip=excluded.ip, mac=excluded.mac, since=excluded.since",
+                    (lease.ip, lease.name, lease.mac, lease.since),
+                )
+        for lease in ch.port_leases.values():
+            if lease is not None:
+                x(
+                    "INSERT INTO port_leases (host_port, proto, name, port, since) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (host_port, proto) DO UPDATE SET name=excluded.name, port=excluded.port, "
+                    "since=excluded.since",
+                    (lease.host_port, lease.proto, lease.name, lease.port, lease.since),
+                )
+        for link in ch.links.values():
+            if link is not None:
+                x(
+                    "INSERT INTO links (consumer, alias, target, facade, grp) VALUES (?, ?, ?, ?, ?) "
+                    "ON CONFLICT (consumer, alias) DO UPDATE SET target=excluded.target, facade=excluded.facade, "
+                    "grp=excluded.grp",
+                    (link.consumer, link.alias, link.target, link.facade, link.group),
+                )
+        for name, c in ch.containers.items():
+            if c is None:
+                x("DELETE FROM containers WHERE name=?", (name,))

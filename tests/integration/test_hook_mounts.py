@@ -151,3 +151,22 @@ def test_a_mount_point_that_cannot_be_made_fails_in_one_line_leaving_nothing(rea
         assert "forgotten" in d.log.read_text()
     finally:
         d.close()
+
+
+def test_a_target_that_leads_into_proc_is_refused(readonly_rootfs, tmp_path):
+    """An image's /etc/hosts that is a symbolic link into the container's /proc
+    (CVE-2019-16884's way) gets no mount: one line, nothing left."""
+    rw, _ = readonly_rootfs
+    (rw / "etc" / "hosts").unlink()
+    (rw / "etc" / "hosts").symlink_to("/proc/sys/kernel/hostname")
+    (rw / "etc" / "tether").mkdir()
+    d = Daemon(rw)
+    try:
+        d.start()
+        r = d.run("web", d.bundle("web", serve("web"), "--no-mounts"), check=False)
+        assert r.returncode != 0
+        (line,) = [ln for ln in r.stderr.splitlines() if "tether-hook:" in ln]
+        assert "/etc/hosts in the container's image leads into /proc or /sys" in line, line
+        assert d.cli_json("ps", "-a") == [] and bridge_ports(d.bridge) == []
+    finally:
+        d.close()

@@ -159,15 +159,19 @@ STOPPED_AT = 1796283600.25  # 2026-12-03T07:40:00.25Z
 @pytest.fixture
 def service(tmp_path):
     """A Service over a real store, with no kernel parts: only its read side is used."""
+    from fused.model import Container, IpLease, Link, PortLease
+    from fused.store.base import Draft
+
     store = SqliteStore(tmp_path / "x.db")
-    with store.transaction():
-        store.upsert_running("db", "id-db", 100, 4026531100, "/b/db", ["5432/tcp"], ["5432"])
-        store.set_ip_lease("db", "10.213.0.2", "02:74:0a:d5:00:02")
-        store.set_port_lease(40000, "tcp", "db", 5432)
-        store.upsert_running("web", "id-web", 101, 4026531101, "/b/web", [], [])
-        store.set_ip_lease("web", "10.213.0.3", "02:74:0a:d5:00:03")
-        store.add_link("web", "database", "db", None, "db")
-        store.mark_stopped("web", STOPPED_AT)
+    d = Draft(store.snapshot())
+    now = 1796280000.5
+    d.put(Container("db", "id-db", "running", 100, 4026531100, "/b/db", now, now, None, "", ("5432/tcp",), ("5432",)))
+    d.put_ip_lease(IpLease("10.213.0.2", "db", "02:74:0a:d5:00:02", now))
+    d.put_port_lease(PortLease(40000, "tcp", "db", 5432, now))
+    d.put(Container("web", "id-web", "stopped", None, None, "/b/web", now, now, STOPPED_AT))
+    d.put_ip_lease(IpLease("10.213.0.3", "web", "02:74:0a:d5:00:03", now))
+    d.put_link(Link("web", "database", "db", None, "db"))
+    store.commit(d.change, d.snap.revision)
     yield Service(Config(), store, None, None, None)
     store.close()
 
@@ -181,13 +185,14 @@ def floats(x) -> list:
 
 
 def test_summaries_write_ports_links_and_times_one_way(service):
-    db = service._summary(service.store.get("db"))
-    web = service._summary(service.store.get("web"))
+    snap = service.store.snapshot()
+    db = service._summary(snap, "db")
+    web = service._summary(snap, "web")
     assert db["published"] == ["0.0.0.0:40000->5432/tcp"] and db["publish"] == ["5432"]  # the input stays as typed
     assert web["links"] == ["database->db"]
     assert web["stopped_at"] == "2026-12-03T07:40:00Z" and db["stopped_at"] is None
     assert datetime.fromisoformat(db["started_at"]).tzinfo is not None
-    leases = service._leases()
+    leases = service._leases(snap)
     assert [(l["kind"], l["lease"], l["maps"], l["name"]) for l in leases] == [
         ("ip", "10.213.0.2", None, "db"), ("ip", "10.213.0.3", None, "web"),
         ("port", "40000", "0.0.0.0:40000->5432/tcp", "db"),

@@ -51,27 +51,14 @@ def test_a_plain_value_error_is_a_bug_not_input(caplog):
         assert answered(control.error_answer(ValueError("x"))).startswith("internal error: ValueError: x")
 
 
-def test_the_legacy_service_error_is_still_answered_as_an_error(monkeypatch, caplog):
-    # until service.py raises errors.ServiceError, its own class is recognised
-    class ServiceError(Exception):
-        pass
-
-    monkeypatch.setitem(sys.modules, "fused.service", types.SimpleNamespace(ServiceError=ServiceError))
-    with caplog.at_level(logging.ERROR, logger="tether.control"):
-        assert answered(control.error_answer(ServiceError("pool exhausted"))) == "pool exhausted"
-    assert caplog.records == []
-
-
-def test_without_service_loaded_other_errors_stay_bugs(monkeypatch, caplog):
-    monkeypatch.delitem(sys.modules, "fused.service", raising=False)
-    with caplog.at_level(logging.ERROR, logger="tether.control"):
-        assert answered(control.error_answer(RuntimeError("boom"))).startswith("internal error: RuntimeError")
-
-
 def test_the_layers_raise_the_one_hierarchy():
     assert model.InputError is errors.InputError
     assert config.ConfigError is errors.ConfigError
     assert wiring.WiringError is errors.WiringError
+    from fused import service
+    from fused.store import sqlite
+
+    assert service.ServiceError is errors.ServiceError and sqlite.StoreError is errors.StoreError
     assert issubclass(errors.InputError, ValueError)  # parsers catch it as one
     for cls in (errors.InputError, errors.ConfigError, errors.StoreError, errors.WiringError, errors.ServiceError):
         assert issubclass(cls, errors.TetherError)

@@ -96,3 +96,20 @@ def test_claims_by_the_config_the_hook_names(tmp_path):
     assert not drift.claims(hook_spec("--config", str(other), "createRuntime"), str(mine), default)
     assert drift.claims(hook_spec("createRuntime"), None, default)
     assert not drift.claims(hook_spec("createRuntime"), str(mine), default)
+
+
+def test_an_id_runc_reused_is_judged_by_its_running_record():
+    rows = [rec("alpha", cid="x"), rec("zeta", "stopped", cid="x")]
+    assert drift.compare(rows, {RUNC: [seen("x")]}) == []
+
+
+def test_records_that_changed_while_the_lists_were_read_are_left_out():
+    rows = [dict(rec("db", "stopped"), changed=10.0), dict(rec("gone"), changed=20.0)]
+    assert [d.name for d in drift.compare(rows, {RUNC: [seen("db")]}, since=15.0)] == ["db"]
+    assert drift.compare(rows, {RUNC: [seen("db")]}, since=5.0) == []
+
+
+def test_an_upgraded_runtime_and_crun_options_with_values():
+    assert drift.runtime_command(["runc", "create"], "/usr/sbin/runc (deleted)") == ["/usr/sbin/runc", "--root", "/run/runc"]
+    argv = ["crun", "--cgroup-manager", "systemd", "--log-level", "debug", "--root", "/x", "create"]
+    assert drift.runtime_command(argv, "/usr/bin/crun") == ["/usr/bin/crun", "--root", "/x"]

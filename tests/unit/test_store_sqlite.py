@@ -1,34 +1,162 @@
-"""fused.store.sqlite: the lease store on a temporary file."""
+"""The Store protocol (fused/store/base.py), one contract for both backends:
+SQLite on a temporary file and the in-memory twin; then what only SQLite has
+(file mode, schema, pragmas, a second connection, a locked file)."""
 from __future__ import annotations
 
 import os
 import sqlite3
 import stat
+import threading
+import time
 
 import pytest
 
-from fused.store.sqlite import SCHEMA_VERSION, ContainerRow, SqliteStore, StoreError
+from fused.model import Container, IpLease, Link, PortLease
+from fused.store.base import ChangeSet, Conflict, Draft, StoreSnapshot, apply
+from fused.store.memory import MemoryStore
+from fused.store.sqlite import SCHEMA_VERSION, SqliteStore, StoreError
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = SqliteStore(tmp_path / "x.db")
+@pytest.fixture(params=["sqlite", "memory"])
+def store(request, tmp_path):
+    s = SqliteStore(tmp_path / "x.db") if request.param == "sqlite" else MemoryStore()
     yield s
     s.close()
 
 
-def add(s: SqliteStore, name: str, cid: str | None = None, pid: int = 100, ip: str | None = None) -> None:
-    with s.transaction():
-        s.upsert_running(name, cid or f"id-{name}", pid, 4026531000 + pid, f"/b/{name}", ["80/tcp"], [])
-        if ip:
-            s.set_ip_lease(name, ip, f"02:74:{ip}")
+def running(name: str, pid: int = 100, **kw) -> Container:
+    return Container(name, kw.pop("cid", f"id-{name}"), "running", pid, 4026531000 + pid, f"/b/{name}", 1.0, 2.0,
+                     None, "", ("80/tcp",), (), **kw)
+
+
+def add(s, name: str, ip: str | None = None, **kw) -> StoreSnapshot:
+    d = Draft(s.snapshot())
+    d.put(running(name, **kw))
+    if ip:
+        d.put_ip_lease(IpLease(ip, name, f"02:74:{ip}", 3.0))
+    return s.commit(d.change, d.snap.revision)
 
 
 def mode(p) -> int:
     return stat.S_IMODE(os.stat(p).st_mode)
 
 
-# --- file, schema, pragmas ---------------------------------------------------
+# --- the contract ------------------------------------------------------------------
+
+
+def test_an_empty_store_is_an_empty_snapshot(store):
+    snap = store.snapshot()
+    assert (snap.containers, snap.ip_leases, snap.port_leases, snap.links) == ({}, {}, {}, {})
+
+
+def test_commit_returns_and_keeps_the_snapshot_after_it(store):
+    before = store.snapshot()
+    after = add(store, "db", ip="10.0.0.2", runtime=("runc", "--root", "/r"))
+    assert after.revision == before.revision + 1
+    assert store.snapshot() == after
+    assert after.containers["db"] == running("db", runtime=("runc", "--root", "/r"))
+    assert after.ip_leases == {"db": IpLease("10.0.0.2", "db", "02:74:10.0.0.2", 3.0)}
+    assert before.containers == {}  # snapshots are values: the old one is unchanged
+
+
+def test_a_commit_planned_on_an_older_revision_is_a_conflict_and_writes_nothing(store):
+    snap = store.snapshot()
+    add(store, "db")
+    d = Draft(snap)
+    d.put(running("web"))
+    with pytest.raises(Conflict, match="plan again"):
+        store.commit(d.change, snap.revision)
+    assert set(store.snapshot().containers) == {"db"}
+
+
+def test_every_record_kind_round_trips_and_deletes(store):
+    add(store, "db", ip="10.0.0.2")
+    add(store, "web", ip="10.0.0.3")
+    d = Draft(store.snapshot())
+    d.put_port_lease(PortLease(40000, "tcp", "db", 5432, 4.0))
+    d.put_port_lease(PortLease(40000, "udp", "db", 53, 4.0))
+    d.put_link(Link("web", "database", "db", "10.214.0.1", "db"))
+    snap = store.commit(d.change, d.snap.revision)
+    assert snap.port_leases == {
+        (40000, "tcp"): PortLease(40000, "tcp", "db", 5432, 4.0),
+        (40000, "udp"): PortLease(40000, "udp", "db", 53, 4.0),
+    }
+    assert snap.links == {("web", "database"): Link("web", "database", "db", "10.214.0.1", "db")}
+    d = Draft(snap)
+    d.drop_port_lease(40000, "udp")
+    d.put_link(Link("web", "database", "db2", "10.214.0.1", "db2"))  # an update in place
+    snap = store.commit(d.change, d.snap.revision)
+    assert list(snap.port_leases) == [(40000, "tcp")]
+    assert snap.links[("web", "database")].target == "db2"
+
+
+def test_an_address_changes_hands_in_one_change_set(store):
+    add(store, "old", ip="10.0.0.2")
+    add(store, "new")
+    d = Draft(store.snapshot())
+    d.drop_ip_lease("old")
+    d.put_ip_lease(IpLease("10.0.0.2", "new", "02:74:x", 5.0))
+    snap = store.commit(d.change, d.snap.revision)
+    assert snap.ip_leases == {"new": IpLease("10.0.0.2", "new", "02:74:x", 5.0)}
+
+
+def test_the_draft_refuses_two_names_on_one_address(store):
+    add(store, "a", ip="10.0.0.2")
+    add(store, "b")
+    d = Draft(store.snapshot())
+    with pytest.raises(StoreError, match="leased to 'a'"):
+        d.put_ip_lease(IpLease("10.0.0.2", "b", "m", 1.0))
+
+
+def test_deleting_a_container_takes_its_leases_and_links_with_it(store):
+    add(store, "db", ip="10.0.0.2")
+    add(store, "web", ip="10.0.0.3")
+    d = Draft(store.snapshot())
+    d.put_port_lease(PortLease(40000, "tcp", "db", 5432))
+    d.put_link(Link("db", "x", "web"))
+    d.put_link(Link("web", "database", "db"))
+    store.commit(d.change, d.snap.revision)
+    d = Draft(store.snapshot())
+    d.delete("db")
+    snap = store.commit(d.change, d.snap.revision)
+    assert set(snap.containers) == {"web"} and set(snap.ip_leases) == {"web"} and snap.port_leases == {}
+    assert list(snap.links) == [("web", "database")]  # a link *to* db stays: dangling
+
+
+def test_the_draft_sees_its_own_changes():
+    base = StoreSnapshot(7, {"a": running("a")}, {}, {}, {})
+    d = Draft(base)
+    d.put(running("b"))
+    d.update("a", note="x")
+    d.put_link(Link("b", "a", "a"))
+    assert [c.name for c in d.containers()] == ["a", "b"]
+    assert d.container("a").note == "x" and d.links("b") == [Link("b", "a", "a")]
+    assert base.containers == {"a": running("a")}  # the snapshot is untouched
+    after = d.after()
+    assert after.revision == 8 and after.containers["a"].note == "x"
+    assert d.change.names() == {"a", "b"}
+
+
+def test_apply_shares_untouched_tables():
+    base = StoreSnapshot(1, {"a": running("a")}, {}, {(1, "tcp"): PortLease(1, "tcp", "a", 2)}, {})
+    after = apply(base, ChangeSet(containers={"b": running("b")}))
+    assert after.port_leases is base.port_leases and after.containers is not base.containers
+
+
+def test_find_running_by_id(store):
+    add(store, "db", cid="abc")
+    d = Draft(store.snapshot())
+    assert d.find_running_by_id("abc").name == "db" and d.find_running_by_id("zzz") is None
+
+
+# --- SQLite only ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def sqlite_store(tmp_path):
+    s = SqliteStore(tmp_path / "x.db")
+    yield s
+    s.close()
 
 
 def test_file_mode_is_0600_even_with_a_lax_umask(tmp_path):
@@ -52,19 +180,18 @@ def test_existing_file_is_tightened_to_0600(tmp_path):
     p = tmp_path / "x.db"
     p.touch(mode=0o644)
     os.chmod(p, 0o644)
-    s = SqliteStore(p)
-    s.close()
+    SqliteStore(p).close()
     assert mode(p) == 0o600
 
 
-def test_schema_version_row(store):
-    (v,) = store.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+def test_schema_version_row(sqlite_store):
+    (v,) = sqlite_store.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     assert int(v) == SCHEMA_VERSION == 2
 
 
 def test_version_1_store_gains_the_runtime_column(tmp_path):
     """A store written by the previous release keeps its rows; each container's
-    runtime is unknown ([]) until it starts again."""
+    runtime is unknown (()) until it starts again."""
     p = tmp_path / "x.db"
     db = sqlite3.connect(p)
     from fused.store import sqlite as mod
@@ -77,18 +204,21 @@ def test_version_1_store_gains_the_runtime_column(tmp_path):
     db.commit()
     db.close()
     s = SqliteStore(p)
-    assert s.get("db").runtime == []
-    with s.transaction():
-        s.upsert_running("db", "db", 1, 2, "/b", [], [], ["runc", "--root", "/r"])
-    assert s.get("db").runtime == ["runc", "--root", "/r"]
+    assert s.snapshot().containers["db"].runtime == ()
+    d = Draft(s.snapshot())
+    d.update("db", runtime=("runc", "--root", "/r"))
+    s.commit(d.change, d.snap.revision)
+    s.close()
+    s = SqliteStore(p)
+    assert s.snapshot().containers["db"].runtime == ("runc", "--root", "/r")
     (v,) = s.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
     assert v == "2"
     s.close()
 
 
-def test_wal_and_foreign_keys(store):
-    assert store.db.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
-    assert store.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+def test_wal_and_foreign_keys(sqlite_store):
+    assert sqlite_store.db.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
+    assert sqlite_store.db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
 
 
 def test_newer_schema_version_is_refused(tmp_path):
@@ -104,246 +234,90 @@ def test_newer_schema_version_is_refused(tmp_path):
     assert "upgrade tether" in str(ei.value)
 
 
-def test_reopen_keeps_data_and_does_not_recreate_schema(tmp_path):
+def test_reopen_keeps_data(tmp_path):
     p = tmp_path / "x.db"
     s = SqliteStore(p)
-    add(s, "db", ip="10.0.0.2")
-    with s.transaction():
-        s.mark_stopped("db", when=1234.5)
+    snap = add(s, "db", ip="10.0.0.2")
     s.close()
     s2 = SqliteStore(p)
     try:
-        row = s2.get("db")
-        assert row is not None
-        assert (row.state, row.ip, row.stopped_at, row.expose) == ("stopped", "10.0.0.2", 1234.5, ["80/tcp"])
-        assert s2.db.execute("SELECT count(*) FROM meta").fetchone()[0] == 1
+        assert s2.snapshot() == snap
     finally:
         s2.close()
 
 
-# --- transactions ------------------------------------------------------------
-
-
-def test_rollback_on_exception_leaves_nothing(store):
-    with pytest.raises(RuntimeError, match="boom"):
-        with store.transaction():
-            store.upsert_running("db", "id1", 10, 1, "/b", [], [])
-            store.set_ip_lease("db", "10.0.0.2", "m")
-            assert store.get("db") is not None  # visible inside
-            raise RuntimeError("boom")
-    assert store.get("db") is None
-    assert store.containers() == []
-    assert store.ip_holders() == []
-    assert store.leases() == []
-    # the store is usable afterwards
-    add(store, "db")
-    assert store.get("db").state == "running"
-
-
-def test_rollback_keeps_earlier_commits(store):
-    add(store, "a", ip="10.0.0.2")
-    with pytest.raises(KeyError):
-        with store.transaction():
-            store.mark_stopped("a", when=1.0)
-            store.drop_ip_lease("a")
-            raise KeyError("x")
-    row = store.get("a")
-    assert row.state == "running" and row.ip == "10.0.0.2"
-
-
-def test_nested_transaction_is_refused_and_rolls_back_the_outer(store):
-    with pytest.raises(StoreError, match="nested"):
-        with store.transaction():
-            store.upsert_running("db", "id1", 10, 1, "/b", [], [])
-            with store.transaction():
-                pass
-    assert store.get("db") is None
-    with store.transaction():  # not stuck in "in transaction"
-        store.upsert_running("db", "id1", 10, 1, "/b", [], [])
-    assert store.get("db") is not None
-
-
-def test_changes_are_visible_to_a_second_connection_after_commit(tmp_path):
+def test_a_write_by_another_connection_is_read_again(tmp_path):
     p = tmp_path / "x.db"
     s = SqliteStore(p)
+    add(s, "db")
+    cached = s.snapshot()
+    assert s.snapshot() is cached  # nothing changed: no read
+    other = SqliteStore(p)
+    add(other, "web")
+    other.close()
+    assert set(s.snapshot().containers) == {"db", "web"}
+    s.close()
+
+
+def test_a_bad_row_rolls_back_the_whole_change(sqlite_store):
+    add(sqlite_store, "db")
+    d = Draft(sqlite_store.snapshot())
+    d.put(running("web"))
+    d.put_port_lease(PortLease(1, "tcp", "nobody", 2))  # no such container: the foreign key refuses it
+    with pytest.raises(sqlite3.IntegrityError):
+        sqlite_store.commit(d.change, d.snap.revision)
+    assert set(sqlite_store.snapshot().containers) == {"db"}
+    assert set(SqliteStore(sqlite_store.path).snapshot().containers) == {"db"}
+
+
+def test_state_is_checked(sqlite_store):
+    d = Draft(sqlite_store.snapshot())
+    d.put(Container("db", "id", "paused"))
+    with pytest.raises(sqlite3.IntegrityError):
+        sqlite_store.commit(d.change, d.snap.revision)
+
+
+def test_a_locked_store_is_one_line_naming_the_file(tmp_path):
+    p = tmp_path / "x.db"
+    s = SqliteStore(p)
+    holder = sqlite3.connect(p, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
     try:
-        add(s, "db", ip="10.0.0.2")
-        other = sqlite3.connect(p)
-        assert other.execute("SELECT ip, name FROM ip_leases").fetchall() == [("10.0.0.2", "db")]
-        other.close()
+        d = Draft(s.snapshot())
+        d.put(running("db"))
+        with pytest.raises(StoreError) as ei:
+            s.commit(d.change, d.snap.revision)
+        msg = str(ei.value)
+        assert "\n" not in msg and str(p) in msg and "locked by another process" in msg and "fuser" in msg
     finally:
-        s.close()
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert s.commit(d.change, d.snap.revision).containers["db"].name == "db"  # and it works once free
+    s.close()
 
 
-# --- containers and leases ---------------------------------------------------
+def test_concurrent_readers_see_whole_commits(tmp_path):
+    p = tmp_path / "x.db"
+    s = SqliteStore(p)
+    r = SqliteStore(p)
+    stop = threading.Event()
+    seen = []
 
+    def read():
+        while not stop.is_set() or not seen:
+            snap = r.snapshot()
+            seen.append(len(snap.containers) == len(snap.ip_leases))
 
-def test_upsert_running_then_get(store):
-    add(store, "db", cid="abc", pid=77, ip="10.0.0.9")
-    row = store.get("db")
-    assert isinstance(row, ContainerRow)
-    assert row.running
-    assert (row.name, row.id, row.pid, row.netns_ino, row.bundle) == ("db", "abc", 77, 4026531077, "/b/db")
-    assert (row.ip, row.mac) == ("10.0.0.9", "02:74:10.0.0.9")
-    assert row.expose == ["80/tcp"] and row.publish == []
-    assert row.stopped_at is None and row.started_at is not None
-    assert row.created_at <= row.started_at
-    assert store.get("nope") is None
-
-
-def test_mark_stopped_keeps_leases_and_records_time(store):
-    add(store, "db", ip="10.0.0.2")
-    with store.transaction():
-        store.mark_stopped("db", when=42.0)
-    row = store.get("db")
-    assert (row.state, row.pid, row.netns_ino, row.stopped_at, row.ip) == ("stopped", None, None, 42.0, "10.0.0.2")
-    assert not row.running
-    assert store.ip_holders() == [("10.0.0.2", "db", False, 42.0)]
-
-
-def test_restart_clears_stopped_at_and_keeps_created_at(store):
-    add(store, "db", cid="one", pid=1, ip="10.0.0.2")
-    created = store.get("db").created_at
-    with store.transaction():
-        store.mark_stopped("db", when=5.0)
-    add(store, "db", cid="two", pid=2)
-    row = store.get("db")
-    assert (row.state, row.id, row.pid, row.stopped_at, row.ip) == ("running", "two", 2, None, "10.0.0.2")
-    assert row.created_at == created
-    assert len(store.containers()) == 1
-
-
-def test_set_ip_lease_moves_a_name_to_a_new_address(store):
-    add(store, "db", ip="10.0.0.2")
-    with store.transaction():
-        store.set_ip_lease("db", "10.0.0.3", "m3")
-    assert store.ip_holders() == [("10.0.0.3", "db", True, None)]
-    assert store.get("db").mac == "m3"
-
-
-def test_set_ip_lease_same_address_is_idempotent(store):
-    add(store, "db", ip="10.0.0.2")
-    since = store.db.execute("SELECT since FROM ip_leases").fetchone()[0]
-    with store.transaction():
-        store.set_ip_lease("db", "10.0.0.2", "02:74:10.0.0.2")
-    assert store.db.execute("SELECT ip, name, since FROM ip_leases").fetchall() == [("10.0.0.2", "db", since)]
-
-
-def test_never_two_names_on_one_address(store):
-    add(store, "a", ip="10.0.0.2")
-    add(store, "b")
-    with pytest.raises(StoreError) as ei:
-        with store.transaction():
-            store.set_ip_lease("b", "10.0.0.2", "mb")
-    assert "10.0.0.2" in str(ei.value) and "'a'" in str(ei.value)
-    # the holder keeps it: the caller must evict first
-    assert store.ip_holders() == [("10.0.0.2", "a", True, None)]
-    assert store.get("b").ip is None
-
-
-def test_refused_lease_rolls_back_the_whole_transaction(store):
-    add(store, "a", ip="10.0.0.2")
-    add(store, "b", ip="10.0.0.3")
-    with pytest.raises(StoreError):
-        with store.transaction():
-            store.set_note("b", "moving")
-            store.set_ip_lease("b", "10.0.0.2", "mb")
-    # b keeps its old address and note: nothing of the failed move remains
-    assert sorted(store.ip_holders()) == [("10.0.0.2", "a", True, None), ("10.0.0.3", "b", True, None)]
-    assert store.get("b").note in ("", None)
-
-
-def test_refused_lease_to_a_stopped_holder_too(store):
-    add(store, "a", ip="10.0.0.2")
-    add(store, "b")
-    with store.transaction():
-        store.mark_stopped("a", when=1.0)
-    with pytest.raises(StoreError):
-        with store.transaction():
-            store.set_ip_lease("b", "10.0.0.2", "mb")
-    assert store.ip_holders() == [("10.0.0.2", "a", False, 1.0)]
-
-
-def test_drop_ip_lease_then_reassign(store):
-    add(store, "a", ip="10.0.0.2")
-    add(store, "b")
-    with store.transaction():
-        store.mark_stopped("a", when=1.0)
-        store.drop_ip_lease("a")
-        store.set_ip_lease("b", "10.0.0.2", "mb")
-        store.set_note("a", "evicted")
-    assert store.ip_holders() == [("10.0.0.2", "b", True, None)]
-    a = store.get("a")
-    assert (a.ip, a.note, a.state) == (None, "evicted", "stopped")
-
-
-def test_delete_cascades_to_ip_and_port_leases_and_links(store):
-    add(store, "db", ip="10.0.0.2")
-    add(store, "web", ip="10.0.0.3")
-    with store.transaction():
-        store.db.execute("INSERT INTO port_leases VALUES (30000, 'tcp', 'db', 5432, 1.0)")
-        store.db.execute("INSERT INTO links VALUES ('db', 'x', 'web', NULL, 'web')")
-    with store.transaction():
-        store.delete("db")
-    assert store.get("db") is None
-    assert store.ip_holders() == [("10.0.0.3", "web", True, None)]
-    assert store.db.execute("SELECT count(*) FROM port_leases").fetchone()[0] == 0
-    assert store.db.execute("SELECT count(*) FROM links").fetchone()[0] == 0
-    assert [c.name for c in store.containers()] == ["web"]
-
-
-def test_lease_for_unknown_container_is_refused(store):
-    with pytest.raises(sqlite3.IntegrityError):
-        with store.transaction():
-            store.set_ip_lease("ghost", "10.0.0.2", "m")
-    assert store.ip_holders() == []
-
-
-def test_ip_holders_lists_every_lease(store):
-    add(store, "a", ip="10.0.0.2")
-    add(store, "b", ip="10.0.0.3")
-    add(store, "c")  # no lease
-    with store.transaction():
-        store.mark_stopped("b", when=9.5)
-    assert sorted(store.ip_holders()) == [("10.0.0.2", "a", True, None), ("10.0.0.3", "b", False, 9.5)]
-
-
-def test_leases_listing(store):
-    add(store, "web", ip="10.0.0.3")
-    add(store, "db", ip="10.0.0.2")
-    with store.transaction():
-        store.db.execute("INSERT INTO port_leases VALUES (30001, 'udp', 'db', 53, 7.0)")
-        store.mark_stopped("db", when=8.0)
-    got = store.leases()
-    assert [(x["kind"], x["lease"], x["maps"], x["name"], x["state"], x["stopped_at"]) for x in got] == [
-        ("ip", "10.0.0.2", None, "db", "stopped", 8.0),
-        ("ip", "10.0.0.3", None, "web", "running", None),
-        ("port", "30001", "udp:53", "db", "stopped", 8.0),
-    ]
-    assert all(isinstance(x["since"], float) for x in got)
-
-
-def test_find_running_by_id(store):
-    add(store, "a", cid="same")
-    add(store, "b", cid="other")
-    assert store.find_running_by_id("same").name == "a"
-    assert store.find_running_by_id("missing") is None
-    with store.transaction():
-        store.mark_stopped("a", when=1.0)
-    assert store.find_running_by_id("same") is None
-    assert store.find_running_by_id("other").name == "b"
-
-
-def test_containers_sorted_by_name(store):
-    for n in ("web", "db", "cache"):
-        add(store, n)
-    assert [c.name for c in store.containers()] == ["cache", "db", "web"]
-
-
-def test_state_is_checked(store):
-    with pytest.raises(sqlite3.IntegrityError):
-        with store.transaction():
-            store.db.execute(
-                "INSERT INTO containers (name, id, state, created_at) VALUES ('x', 'x', 'paused', 0)"
-            )
-    assert store.get("x") is None
+    t = threading.Thread(target=read)
+    t.start()
+    try:
+        for i in range(30):
+            add(s, f"c{i}", ip=f"10.0.0.{i + 2}")
+            time.sleep(0.001)
+    finally:
+        stop.set()
+        t.join()
+    assert seen and all(seen)
+    assert len(r.snapshot().containers) == 30
+    r.close()
+    s.close()

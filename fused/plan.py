@@ -1,0 +1,370 @@
+"""Pure: from one store snapshot and a request, the change to commit.
+
+Every request is planned on a `Draft` (a snapshot with changes on top,
+store/base.py): the functions here read it, write the leases, links and
+containers the request changes into it, and return what the service needs
+to touch the kernel. The service then commits `draft.change` and applies the
+kernel steps; nothing here does I/O. What would need I/O is passed in as a
+predicate: `alive(container)` (is its process still the one that
+registered?) and `port_busy(port, proto)` (does a host process hold it?).
+
+The allocation rules are DESIGN's "Leases": sticky first, then free, then
+the least recently stopped; never a running holder's, where a holder whose
+process is gone counts as stopped.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from . import allocator, model, rules
+from .allocator import Holder
+from .errors import ServiceError
+from .graph import Node, Topology
+from .model import Container, IpLease, Link, PortLease
+from .store.base import Draft, StoreSnapshot
+
+if TYPE_CHECKING:
+    from .config import NetworkConfig
+
+MAX_BUSY_SKIPS = 256
+
+Alive = Callable[[Container], bool]
+PortBusy = Callable[[int, str], bool]
+
+
+def stamp(now: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+
+
+# --- views of a snapshot ----------------------------------------------------------
+def topology(snap: StoreSnapshot, strategy: str) -> Topology:
+    nodes = {}
+    for name, c in snap.containers.items():
+        lease = snap.ip_leases.get(name)
+        nodes[name] = Node(name, lease.ip if lease else None, c.running, model.exposed(c.expose))
+    return Topology(nodes, tuple(sorted(snap.links.values())), strategy)
+
+
+def forwards(snap: StoreSnapshot) -> list[rules.PortForward]:
+    out = []
+    for lease in snap.port_leases.values():
+        c = snap.containers.get(lease.name)
+        ip = snap.ip_leases.get(lease.name)
+        if c is not None and c.running and ip is not None:
+            out.append(rules.PortForward(lease.host_port, lease.proto, ip.ip, lease.port))
+    return out
+
+
+# --- registration -------------------------------------------------------------------
+@dataclass(frozen=True)
+class Registered:
+    name: str
+    ip: str
+    mac: str
+    same_start: bool = False  # this very start was registered already (prestart + createRuntime, a retry)
+    fresh: bool = False  # the name had no record before
+    evicted: tuple[str, ...] = ()
+
+
+def register(
+    d: Draft,
+    reg: model.Registration,
+    ino: int,
+    runtime: tuple[str, ...],
+    net: NetworkConfig,
+    now: float,
+    alive: Alive,
+    port_busy: PortBusy,
+) -> Registered:
+    row = d.container(reg.name)
+    if row is not None and row.running:
+        lease = d.ip_lease(reg.name)
+        if row.pid == reg.pid and row.netns_ino == ino and lease is not None:
+            return Registered(reg.name, lease.ip, lease.mac, same_start=True)
+        if alive(row):
+            raise ServiceError(
+                f"name {reg.name!r} is already used by running container {row.id!r}: "
+                f"stop it first or choose another {model.ANN_NAME}"
+            )
+    evicted: list[str] = []
+    ip = lease_address(d, reg.name, net, now, alive, evicted)
+    mac = model.mac_for(ip)
+    d.put(Container(
+        reg.name, reg.id, model.RUNNING, reg.pid, ino, reg.bundle,
+        row.created_at if row else now, now, None, "",
+        tuple(str(p) for p in reg.expose), tuple(str(p) for p in reg.publish), tuple(runtime),
+    ))
+    d.put_ip_lease(IpLease(ip, reg.name, mac, now))
+    lease_ports(d, reg.name, reg.publish, net, now, alive, port_busy, evicted)
+    for link in reg.links:
+        # links changed at run time (retarget) win over the annotation
+        if d.link(reg.name, link.alias) is None:
+            add_link(d, reg.name, link.alias, link.target, net)
+    return Registered(reg.name, ip, mac, fresh=row is None, evicted=tuple(evicted))
+
+
+def _holders(d: Draft, alive: Alive | None) -> dict[str, Holder]:
+    """address -> who holds it; with `alive`, a running holder whose process is
+    gone counts as stopped (its poststop never came)."""
+    held = {}
+    for lease in d.ip_leases():
+        c = d.container(lease.name)
+        held[lease.ip] = Holder(lease.name, c.running and (alive is None or alive(c)), c.stopped_at)
+    return held
+
+
+def _mark_dead_stopped(d: Draft, alive: Alive, now: float) -> list[str]:
+    dead = [c for c in d.containers() if c.running and not alive(c)]
+    for c in dead:
+        d.put(_stopped(c, now))
+    return [c.name for c in dead]
+
+
+def lease_address(d: Draft, name: str, net: NetworkConfig, now: float, alive: Alive, evicted: list[str]) -> str:
+    current = d.ip_lease(name)
+    pool = allocator.address_pool(net.network)
+    try:
+        choice = allocator.choose(pool, _holders(d, None), name, current.ip if current else None)
+    except allocator.Exhausted:
+        # the pool looks full: holders whose process died without a poststop are stopped
+        if not _mark_dead_stopped(d, alive, now):
+            raise ServiceError(
+                f"address pool exhausted: every address of {net.network} is held by a running container; "
+                "stop one, or enlarge network.subnet in the config"
+            ) from None
+        return lease_address(d, name, net, now, alive, evicted)
+    if choice.evict:
+        d.drop_ip_lease(choice.evict)
+        d.update(choice.evict, note=(
+            f"evicted: address {choice.key} given to {name} at {stamp(now)}; it gets a new address on its next start"
+        ))
+        evicted.append(choice.evict)
+    return choice.key
+
+
+def _port_holders(d: Draft, proto: str) -> dict[int, Holder]:
+    held = {}
+    for lease in d.port_leases():
+        if lease.proto != proto:
+            continue
+        c = d.container(lease.name)
+        held[lease.host_port] = Holder(lease.name, c.running, c.stopped_at)
+    return held
+
+
+def lease_ports(
+    d: Draft,
+    name: str,
+    publish: list[model.PublishSpec],
+    net: NetworkConfig,
+    now: float,
+    alive: Alive,
+    port_busy: PortBusy,
+    evicted: list[str],
+) -> None:
+    """Sticky host ports per (name, port, proto): explicit ones claimed (taken
+    over from a stopped holder), others chosen like addresses; a port a host
+    process holds is never taken."""
+    for spec in publish:
+        mine = [l.host_port for l in d.port_leases(name) if (l.port, l.proto) == (spec.port, spec.proto)]
+        if spec.host_port is None and mine:
+            if not port_busy(mine[0], spec.proto):
+                continue
+            # a host process took the sticky port while the container was
+            # stopped: never taken over, so the container gets another one
+            d.drop_port_lease(mine[0], spec.proto)
+            d.update(name, note=(
+                f"host port {mine[0]}/{spec.proto} was taken by a host process while {name} "
+                f"was stopped: it got another at {stamp(now)}"
+            ))
+            mine = []
+        if spec.host_port is not None and spec.host_port in mine and not port_busy(spec.host_port, spec.proto):
+            continue
+        if spec.host_port is not None and port_busy(spec.host_port, spec.proto):
+            raise ServiceError(
+                f"host port {spec.host_port}/{spec.proto}: listen {spec.proto} 0.0.0.0:{spec.host_port}: bind: "
+                "address already in use (a host process holds it): publish another host port, "
+                "or leave the host port out for a free one"
+            )
+        held = _port_holders(d, spec.proto)
+        try:
+            if spec.host_port is not None:
+                holder = held.get(spec.host_port)
+                if holder is not None and holder.running and holder.name != name:
+                    c = d.container(holder.name)
+                    if c is not None and not alive(c):  # its poststop never came
+                        d.put(_stopped(c, now))
+                        held = _port_holders(d, spec.proto)
+                choice = allocator.claim(spec.host_port, held, name)
+            else:
+                choice = allocator.choose(net.ports, held, name)
+                for _ in range(MAX_BUSY_SKIPS):  # a port a host process uses is skipped like a running holder's
+                    if not port_busy(choice.key, spec.proto):
+                        break
+                    held[choice.key] = Holder("(a host process)", True, None)
+                    choice = allocator.choose(net.ports, held, name)
+        except allocator.HeldByRunning as e:
+            raise ServiceError(
+                f"host port {spec.host_port}/{spec.proto} is held by running container {e.holder!r}: "
+                "stop it, publish another host port, or leave the host port out for a free one"
+            ) from None
+        except allocator.Exhausted:
+            raise ServiceError(
+                f"host port pool exhausted: every {spec.proto} port of {net.port_range} is held "
+                "by a running container; stop one, or enlarge network.port_range"
+            ) from None
+        if choice.evict:
+            d.update(choice.evict, note=f"evicted: host port {choice.key}/{spec.proto} given to {name} at {stamp(now)}")
+            evicted.append(choice.evict)
+        if spec.host_port is not None:
+            for hp in mine:  # the spec changed from an automatic port to this one
+                d.drop_port_lease(hp, spec.proto)
+        d.put_port_lease(PortLease(choice.key, spec.proto, name, spec.port, now))
+
+
+# --- links ---------------------------------------------------------------------------
+def facade(d: Draft, net: NetworkConfig) -> str | None:
+    if net.strategy != "facade":
+        return None
+    used = {l.facade for l in d.links() if l.facade}
+    for addr in net.facade_network.hosts():  # no gateway here: from .1
+        if (ip := str(addr)) not in used:
+            return ip
+    raise ServiceError(
+        f"facade pool exhausted: every address of {net.facade_subnet} belongs to a link; "
+        "remove links or enlarge network.facade_subnet"
+    )
+
+
+def group(d: Draft, target: str) -> str:
+    """A link group for a link to `target`: one whose links all go to it."""
+    targets: dict[str, set[str]] = {}
+    for l in d.links():
+        targets.setdefault(l.group, set()).add(l.target)
+    n = 0
+    while True:
+        g = target if n == 0 else f"{target}#{n}"
+        if targets.get(g, set()) <= {target}:
+            return g
+        n += 1
+
+
+def add_link(d: Draft, consumer: str, alias: str, target: str, net: NetworkConfig) -> Link:
+    link = Link(consumer, alias, target, facade(d, net), group(d, target))
+    d.put_link(link)
+    return link
+
+
+def existing_link(d: Draft, consumer: str, alias: str) -> Link:
+    link = d.link(consumer, alias)
+    if link is None:
+        raise ServiceError(f"{consumer!r} has no link with alias {alias!r}: see `tether link ls`")
+    return link
+
+
+def consumer(d: Draft, name: str) -> Container:
+    c = d.container(name)
+    if c is None:
+        raise ServiceError(f"no container named {name!r}: a link's consumer must be registered (see `tether ps`)")
+    return c
+
+
+def link_add(d: Draft, consumer_name: str, target: str, alias: str, net: NetworkConfig) -> Link:
+    consumer(d, consumer_name)
+    if (old := d.link(consumer_name, alias)) is not None:
+        raise ServiceError(
+            f"{consumer_name!r} already has a link {alias!r} to {old.target!r}: "
+            "use `tether link retarget` or another --alias"
+        )
+    return add_link(d, consumer_name, alias, target, net)
+
+
+def link_retarget(d: Draft, consumer_name: str, alias: str, target: str, allow_dangling: bool) -> tuple[Link, Link]:
+    """(before, after)."""
+    consumer(d, consumer_name)
+    old = existing_link(d, consumer_name, alias)
+    if target != old.target and d.container(target) is None and not allow_dangling:
+        # a typo here would take the link's hosts line away: an outage
+        raise ServiceError(
+            f"no container named {target!r}: check the name (`tether ps`), or pass --allow-dangling "
+            f"to point {consumer_name!r}'s {alias!r} at a name that registers later"
+        )
+    if target == old.target:
+        return old, old
+    new = old._replace(target=target, group=group(d, target))
+    d.put_link(new)
+    return old, new
+
+
+@dataclass(frozen=True)
+class Moved:
+    links: tuple[Link, ...]  # after the move
+    ports: tuple[PortLease, ...]  # OLD's, before the move
+
+
+def move(d: Draft, old: str, new: str) -> Moved:
+    """Failover: every link to OLD now goes to NEW (groups unchanged: one rule
+    per group), and OLD's published host ports forward to NEW."""
+    if old == new:
+        raise ServiceError(f"cannot move {old!r} onto itself: name two different containers")
+    if d.container(old) is None:
+        raise ServiceError(f"no container named {old!r}: see `tether ps`")
+    new_row = d.container(new)
+    if new_row is None:
+        raise ServiceError(f"no container named {new!r}: register it (start it) before moving to it")
+    offered = set(new_row.expose) | {str(model.PortSpec(p.port, p.proto)) for p in model.parse_publish(",".join(new_row.publish))}
+    ports = tuple(d.port_leases(old))
+    missing = sorted({f"{l.port}/{l.proto}" for l in ports} - offered)
+    if missing:
+        raise ServiceError(
+            f"{new!r} does not expose {', '.join(missing)}, which {old!r} publishes: "
+            f"start {new!r} with --expose {missing[0]}"
+        )
+    moved = []
+    for link in d.links():
+        if link.target == old:
+            moved.append(link._replace(target=new))
+            d.put_link(moved[-1])
+    for lease in ports:
+        d.put_port_lease(PortLease(lease.host_port, lease.proto, new, lease.port, lease.since))
+    return Moved(tuple(moved), ports)
+
+
+# --- stops and removals -----------------------------------------------------------------
+def _stopped(c: Container, now: float) -> Container:
+    return Container(
+        c.name, c.id, model.STOPPED, None, None, c.bundle, c.created_at, c.started_at, now, c.note,
+        c.expose, c.publish, c.runtime,
+    )
+
+
+def stop(d: Draft, name: str, now: float) -> Container:
+    return d.put(_stopped(d.container(name), now))
+
+
+def stop_dead(d: Draft, alive: Alive, now: float) -> list[str]:
+    """Mark stopped every running container whose process is gone."""
+    return _mark_dead_stopped(d, alive, now)
+
+
+def remove(d: Draft, name: str) -> Container:
+    c = d.container(name)
+    d.delete(name)
+    return c
+
+
+def lease_rows(snap: StoreSnapshot) -> list[dict]:
+    """Address and port leases with their holder's state, by kind then name."""
+    rows = []
+    for lease in snap.ip_leases.values():
+        c = snap.containers[lease.name]
+        rows.append({"kind": "ip", "lease": lease.ip, "maps": None, "name": lease.name, "state": c.state,
+                     "stopped_at": c.stopped_at, "since": lease.since})
+    for lease in snap.port_leases.values():
+        c = snap.containers[lease.name]
+        rows.append({"kind": "port", "lease": str(lease.host_port), "maps": f"{lease.proto}:{lease.port}",
+                     "name": lease.name, "state": c.state, "stopped_at": c.stopped_at, "since": lease.since})
+    return sorted(rows, key=lambda r: (r["kind"], r["name"]))
