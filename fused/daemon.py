@@ -19,7 +19,7 @@ from .fs.server import log_format
 from .net import firewall as fw
 from .net.wiring import Wiring, Worker
 from .service import Service
-from .store.sqlite import SqliteStore, StoreError
+from .store.sqlite import SqliteStore, StoreDamaged, StoreError, quarantine
 
 log = logging.getLogger("tether")
 
@@ -67,6 +67,36 @@ def _parts(cfg: config_mod.Config) -> tuple[Wiring, fw.Firewall]:
     return Wiring(net.bridge, str(net.gateway), net.network.prefixlen), fw.make(cfg.firewall.driver, cfg.firewall.chain_prefix)
 
 
+async def open_store(cfg: config_mod.Config, wiring: Wiring, worker: Worker) -> SqliteStore:
+    """The store, or a one-line refusal: a damaged one is moved aside, and a
+    missing or empty one is not taken for "no containers" while some are
+    wired on the bridge (their addresses would be handed out again)."""
+    try:
+        store = SqliteStore(cfg.db_path)
+    except StoreDamaged as e:
+        moved = quarantine(cfg.db_path)
+        raise StoreError(
+            f"{e}: moved it aside to {moved}; running containers keep their network and files; "
+            "rebuild the store from them with `tether-fused --rebuild-store`"
+        ) from None
+    if store.created:
+        wired = await worker.run(wiring.bridge_ports)
+        if wired:
+            store.close()
+            for suffix in ("", "-wal", "-shm"):  # the empty file this start made: the next one must see none
+                try:
+                    os.unlink(f"{cfg.db_path}{suffix}")
+                except FileNotFoundError:
+                    pass
+            raise StoreError(
+                f"the store {cfg.db_path} is missing or empty, while {len(wired)} container(s) are wired on "
+                f"{cfg.network.bridge}: an empty store would hand their addresses out again; rebuild it from the "
+                "running containers with `tether-fused --rebuild-store` (if none runs any more: "
+                "`tether-fused --cleanup` first)"
+            )
+    return store
+
+
 async def run(cfg: config_mod.Config, log_level: str = "info") -> None:
     _prepare_run_dir(cfg)
     lock = _lock(cfg)
@@ -75,9 +105,9 @@ async def run(cfg: config_mod.Config, log_level: str = "info") -> None:
     try:
         how = files.start()
         log.info("served files: %s at %s (file server pid %s)", how, cfg.fs_dir, files.pid)
-        store = SqliteStore(cfg.db_path)
         wiring, firewall = _parts(cfg)
         worker = Worker("tether-kernel")
+        store = await open_store(cfg, wiring, worker)
         responder = None
         if cfg.dns.enabled:
             upstreams = cfg.dns.upstream_servers()
@@ -93,6 +123,7 @@ async def run(cfg: config_mod.Config, log_level: str = "info") -> None:
                 await nursery.start(responder.serve_udp)
                 await nursery.start(responder.serve_tcp)
             await nursery.start(control.serve, cfg.socket_path, service.dispatch)
+            await nursery.start(service.watch_liveness)
             log.info("tether-fused ready: socket %s, bridge %s, subnet %s", cfg.socket_path, cfg.network.bridge, cfg.network.subnet)
             sd_notify("READY=1")
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:

@@ -77,25 +77,102 @@ def _json_tuple(text: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _container(r: tuple) -> Container:
+    name, cid, state, pid, ino = r[:5]
+    if not isinstance(name, str) or not isinstance(cid, str) or state not in ("running", "stopped"):
+        raise ValueError(f"container row {str(name)[:40]!r} is not a container")
+    if not all(v is None or isinstance(v, int) for v in (pid, ino)):
+        raise ValueError(f"container {name!r}: pid or netns not a number")
+    try:
+        lists = [_json_tuple(t) for t in r[10:13]]
+    except ValueError as e:
+        raise ValueError(f"container {name!r}: expose, publish or runtime: {e}") from None
+    return Container(*r[:10], *lists)
+
+
+HEADER = b"SQLite format 3\x00"
+TABLES = {"meta", "containers", "ip_leases", "port_leases", "links"}
+
+
+class StoreDamaged(StoreError):
+    """The file is there but is no readable tether store."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"the store {path} is damaged ({reason})")
+        self.path = path
+        self.reason = reason
+
+
+def quarantine(path: Path, now: float | None = None) -> Path:
+    """Move a damaged store (and its -wal and -shm) aside, named with the
+    time: it is kept for a post-mortem, never read again."""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
+    dest = path.with_name(f"{path.name}.damaged-{stamp}")
+    n = 1
+    while dest.exists():
+        dest = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+        n += 1
+    for suffix in ("", "-wal", "-shm"):
+        src = Path(str(path) + suffix)
+        if src.exists():
+            os.replace(src, Path(str(dest) + suffix))
+    return dest
+
+
 class SqliteStore:
+    """`created`: the file was absent or empty (a new store), which the
+    daemon must not take for "no containers" while some are wired."""
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            size = 0
+        self.created = size == 0
+        if size:
+            with open(self.path, "rb") as f:
+                head = f.read(100)
+            if len(head) < 100 or not head.startswith(HEADER):
+                raise StoreDamaged(self.path, "it is not an SQLite database: its header is wrong or cut short")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
         os.chmod(self.path, 0o600)
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA foreign_keys=ON")
-        self.db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         self._snap: StoreSnapshot | None = None
         self._data_version: int | None = None
-        self._locked(self._migrate)
+        try:
+            self.db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            self._locked(self._migrate)
+            self._check()
+        except sqlite3.DatabaseError as e:
+            self.db.close()
+            raise StoreDamaged(self.path, f"SQLite: {e}") from None
+        except StoreDamaged:
+            self.db.close()
+            raise
         for suffix in ("-wal", "-shm"):
             p = Path(str(self.path) + suffix)
             if p.exists():
                 os.chmod(p, 0o600)
+
+    def _check(self) -> None:
+        """Integrity, schema and every row, once at open: a damaged store is
+        found here, never halfway through a request."""
+        problems = [r[0] for r in self.db.execute("PRAGMA integrity_check(5)")]
+        if problems != ["ok"]:
+            raise StoreDamaged(self.path, f"integrity check: {'; '.join(problems)[:200]}")
+        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if missing := TABLES - tables:
+            raise StoreDamaged(self.path, f"tables missing: {', '.join(sorted(missing))}")
+        try:
+            self._snapshot()
+        except (ValueError, TypeError) as e:
+            raise StoreDamaged(self.path, f"a row does not parse: {e}") from None
 
     def close(self) -> None:
         self.db.close()
@@ -157,10 +234,7 @@ class SqliteStore:
     def _read(self) -> StoreSnapshot:
         (rev,) = self.db.execute("SELECT value FROM meta WHERE key='revision'").fetchone()
         containers = {
-            r[0]: Container(
-                r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9],
-                _json_tuple(r[10]), _json_tuple(r[11]), _json_tuple(r[12]),
-            )
+            r[0]: _container(r)
             for r in self.db.execute(
                 "SELECT name, id, state, pid, netns_ino, bundle, created_at, started_at, stopped_at, note, "
                 "expose, publish, runtime FROM containers"

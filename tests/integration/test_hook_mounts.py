@@ -148,7 +148,7 @@ def test_a_mount_point_that_cannot_be_made_fails_in_one_line_leaving_nothing(rea
         assert "Read-only file system" in line and "tether oci patch" in line
         assert d.cli_json("ps", "-a") == []  # forgotten: no record, no lease
         assert bridge_ports(d.bridge) == []
-        assert "forgotten" in d.log.read_text()
+        assert "start of web (id web) failed in its hook: undone" in d.log.read_text()
     finally:
         d.close()
 

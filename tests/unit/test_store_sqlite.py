@@ -321,3 +321,78 @@ def test_concurrent_readers_see_whole_commits(tmp_path):
     assert len(r.snapshot().containers) == 30
     r.close()
     s.close()
+
+
+# --- damage: found at open, one line, quarantined ---------------------------------------
+
+from fused.store.sqlite import StoreDamaged, quarantine  # noqa: E402
+
+
+def _filled(p):
+    s = SqliteStore(p)
+    for i in range(40):  # a few pages, so that a cut file really lacks some
+        add(s, f"c{i}", ip=f"10.0.{i // 200}.{i % 200 + 2}")
+    s.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    s.close()
+    return p
+
+
+def _truncated(p):
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+
+
+def _garbage(p):
+    p.write_bytes(os.urandom(8192))
+
+
+def _zero_header(p):
+    data = bytearray(p.read_bytes())
+    data[:100] = bytes(100)
+    p.write_bytes(bytes(data))
+
+
+def _bad_row(p):
+    db = sqlite3.connect(p)
+    db.execute("UPDATE containers SET expose='{' WHERE name='c3'")
+    db.commit()
+    db.close()
+
+
+def _bad_state_type(p):
+    db = sqlite3.connect(p)
+    db.execute("PRAGMA ignore_check_constraints=ON")
+    db.execute("UPDATE containers SET pid='many' WHERE name='c4'")
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("damage", [_truncated, _garbage, _zero_header, _bad_row, _bad_state_type],
+                         ids=["truncated", "garbage", "zeroed-header", "bad-json-row", "bad-typed-row"])
+def test_a_damaged_store_is_one_line_at_open(tmp_path, damage):
+    p = _filled(tmp_path / "x.db")
+    damage(p)
+    with pytest.raises(StoreDamaged) as ei:
+        SqliteStore(p)
+    msg = str(ei.value)
+    assert msg.startswith(f"the store {p} is damaged (") and "\n" not in msg and "Traceback" not in msg
+
+
+def test_a_missing_or_empty_store_is_a_new_one(tmp_path):
+    p = tmp_path / "x.db"
+    assert SqliteStore(p).created
+    p2 = tmp_path / "y.db"
+    p2.write_bytes(b"")
+    assert SqliteStore(p2).created
+    assert not SqliteStore(_filled(tmp_path / "z.db")).created
+
+
+def test_quarantine_moves_the_store_and_its_wal_aside(tmp_path):
+    p = _filled(tmp_path / "x.db")
+    (tmp_path / "x.db-wal").write_bytes(b"w")
+    dest = quarantine(p, now=1796283600)
+    assert dest == tmp_path / "x.db.damaged-20261203T074000Z"
+    assert dest.exists() and (tmp_path / "x.db.damaged-20261203T074000Z-wal").read_bytes() == b"w"
+    assert not p.exists() and not (tmp_path / "x.db-wal").exists()
+    p.write_bytes(b"again")
+    assert quarantine(p, now=1796283600) == tmp_path / "x.db.damaged-20261203T074000Z-1"
