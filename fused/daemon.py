@@ -67,18 +67,31 @@ def _parts(cfg: config_mod.Config) -> tuple[Wiring, fw.Firewall]:
     return Wiring(net.bridge, str(net.gateway), net.network.prefixlen), fw.make(cfg.firewall.driver, cfg.firewall.chain_prefix)
 
 
-async def open_store(cfg: config_mod.Config, wiring: Wiring, worker: Worker) -> SqliteStore:
+async def open_store(cfg: config_mod.Config, wiring: Wiring, worker: Worker, rebuild: bool = False) -> SqliteStore:
     """The store, or a one-line refusal: a damaged one is moved aside, and a
     missing or empty one is not taken for "no containers" while some are
-    wired on the bridge (their addresses would be handed out again)."""
+    wired on the bridge (their addresses would be handed out again). With
+    `rebuild`, a new one (see rebuild.py), but never over a good one."""
     try:
         store = SqliteStore(cfg.db_path)
     except StoreDamaged as e:
         moved = quarantine(cfg.db_path)
-        raise StoreError(
-            f"{e}: moved it aside to {moved}; running containers keep their network and files; "
-            "rebuild the store from them with `tether-fused --rebuild-store`"
-        ) from None
+        if not rebuild:
+            raise StoreError(
+                f"{e}: moved it aside to {moved}; running containers keep their network and files; "
+                "rebuild the store from them with `tether-fused --rebuild-store`"
+            ) from None
+        log.warning("%s: moved it aside to %s; rebuilding", e, moved)
+        store = SqliteStore(cfg.db_path)
+    if rebuild:
+        if not store.created:
+            n = len(store.snapshot().containers)
+            store.close()
+            raise StoreError(
+                f"the store {cfg.db_path} is readable ({n} container(s)): --rebuild-store is for a missing or "
+                "damaged one, and replaces nothing; start tether-fused without it"
+            )
+        return store
     if store.created:
         wired = await worker.run(wiring.bridge_ports)
         if wired:
@@ -97,7 +110,9 @@ async def open_store(cfg: config_mod.Config, wiring: Wiring, worker: Worker) -> 
     return store
 
 
-async def run(cfg: config_mod.Config, log_level: str = "info") -> None:
+async def run(cfg: config_mod.Config, log_level: str = "info", rebuild_from: list[str] | None = None) -> None:
+    """`rebuild_from`: rebuild a lost store first (--rebuild-store), looking
+    in these runc roots besides runc's default for the containers' ids."""
     _prepare_run_dir(cfg)
     lock = _lock(cfg)
     files = session.FileService(cfg.run_dir, cfg.fs_dir, log_level)
@@ -107,7 +122,14 @@ async def run(cfg: config_mod.Config, log_level: str = "info") -> None:
         log.info("served files: %s at %s (file server pid %s)", how, cfg.fs_dir, files.pid)
         wiring, firewall = _parts(cfg)
         worker = Worker("tether-kernel")
-        store = await open_store(cfg, wiring, worker)
+        store = await open_store(cfg, wiring, worker, rebuild=rebuild_from is not None)
+        if rebuild_from is not None:  # before the first publish: the file server still serves the last snapshot
+            from . import rebuild
+            from .net.wiring import netns_inode
+
+            done = await rebuild.rebuild(store, cfg, wiring, worker, rebuild_from, netns_inode)
+            for line in done or ["nothing: no running container mounts this daemon's files"]:
+                log.info("rebuilt the store: %s", line)
         responder = None
         if cfg.dns.enabled:
             upstreams = cfg.dns.upstream_servers()
@@ -195,6 +217,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", help="TOML config (default: $TETHER_CONFIG, else /etc/tether/tether.toml)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--cleanup", action="store_true", help="stop the file server, unmount, remove the bridge and chains this config made, then exit")
+    p.add_argument("--rebuild-store", action="store_true",
+                   help="the store is missing or damaged while containers run: rebuild it from them, then run")
+    p.add_argument("--runc-root", action="append", default=[], metavar="DIR",
+                   help="with --rebuild-store: a runc root to find the containers' ids in, besides /run/runc")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), format=log_format(), stream=sys.stderr)
     try:
@@ -210,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         if a.cleanup:
             cleanup(cfg)
             return
-        trio.run(run, cfg, a.log_level)
+        trio.run(run, cfg, a.log_level, a.runc_root if a.rebuild_store else None)
     except (StoreError, AlreadyRunning, session.MountError) as e:
         print(f"tether-fused: {e}", file=sys.stderr)
         sys.exit(1)

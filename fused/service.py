@@ -172,8 +172,9 @@ class Service:
     async def reconcile(self) -> dict:
         """The store is the truth: running containers whose netns is gone become
         stopped; live ones get their veth back if it went missing; veths on our
-        bridge that belong to no running container are removed; the firewall
-        chains are rebuilt and the files published (at start and on SIGHUP)."""
+        bridge that belong to no running container are reported, never removed;
+        the firewall chains are rebuilt and the files published (at start and
+        on SIGHUP)."""
         rewired = []
         async with self.lock:
             d = Draft(self.store.snapshot())
@@ -188,9 +189,11 @@ class Service:
                 if not await self.worker.run(self.wiring.veth_exists, ep.veth):
                     await self.worker.run(self.wiring.wire, ep)
                     rewired.append(c.name)
-            for veth in await self.worker.run(self.wiring.bridge_ports):
-                if veth not in keep:
-                    await self.worker.run(self.wiring.unwire, veth)
+            # A veth lives as long as the netns of its other end: one on our
+            # bridge that no running container of the store has is a live
+            # container's all the same (a store rebuilt without it, a netns
+            # pinned by a mount). Removing it would cut that container off.
+            unknown = [v for v in await self.worker.run(self.wiring.bridge_ports) if v not in keep]
             self.last_commits = await self.apply_firewall(d.after())
             snap = self.store.commit(d.change, d.snap.revision) if d.change else d.snap
             self._publish(snap)
@@ -198,7 +201,10 @@ class Service:
             log.info("reconcile: %s: netns gone, marked stopped", n)
         for n in rewired:
             log.info("reconcile: %s: veth was missing, rewired", n)
-        return {"stopped": stopped, "rewired": rewired}
+        for v in unknown:
+            log.warning("reconcile: %s on %s belongs to no running container of the store: kept, its other end "
+                        "is in a live network namespace", v, self.cfg.network.bridge)
+        return {"stopped": stopped, "rewired": rewired, "unknown_veths": unknown}
 
     async def stop_dead(self) -> list[str]:
         """Mark stopped every running container whose process is gone: a

@@ -158,6 +158,36 @@ class Wiring:
             self.unwire(ep.veth)
             raise
 
+    def _inside(self, pid: int) -> IPRoute:
+        """A netlink socket opened in the netns of `pid` (this thread goes back to its own)."""
+        ns = _open_netns(pid)
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            if _libc.setns(ns, CLONE_NEWNET) != 0:
+                err = ctypes.get_errno()
+                raise WiringError(f"cannot enter the netns of pid {pid}: {os.strerror(err)}")
+            try:
+                return IPRoute()
+            finally:
+                if _libc.setns(own, CLONE_NEWNET) != 0:  # pragma: no cover - would be fatal
+                    os.abort()
+        finally:
+            os.close(ns)
+            os.close(own)
+
+    def eth0_of(self, pid: int) -> tuple[str, str] | None:
+        """(address, MAC) of eth0 in the netns of `pid`, as tether configured it; None without one."""
+        inner = self._inside(pid)
+        try:
+            idx = _index_of(inner, "eth0")
+            if idx is None:
+                return None
+            mac = inner.get_links(idx)[0].get_attr("IFLA_ADDRESS")
+            addrs = [a.get_attr("IFA_ADDRESS") for a in inner.get_addr(family=2, index=idx)]
+            return (addrs[0], mac) if addrs and mac else None
+        finally:
+            inner.close()
+
     def _configure_inside(self, ep: Endpoint, peer: str) -> None:
         ns = _open_netns(ep.pid)
         own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)

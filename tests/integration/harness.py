@@ -133,11 +133,11 @@ upstreams = {json.dumps(list(upstreams))}
         return self.run_dir / "fused.sock"
 
     # --- daemon -----------------------------------------------------------
-    def start(self, timeout: float = 15) -> None:
+    def start(self, timeout: float = 15, args: tuple[str, ...] = ()) -> None:
         assert self.proc is None or self.proc.poll() is not None
         logf = open(self.log, "a")
         self.proc = subprocess.Popen(
-            [FUSED, "--config", str(self.config), "--log-level", os.environ.get("TETHER_TEST_LOG", "info")],
+            [FUSED, "--config", str(self.config), "--log-level", os.environ.get("TETHER_TEST_LOG", "info"), *args],
             stdout=logf,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,

@@ -128,3 +128,43 @@ def test_after_the_refusals_the_good_store_starts_as_before(wired):
         still_working(d)
     finally:
         d.stop()
+
+
+def test_rebuild_store_brings_back_the_running_containers_as_they_were(wired):
+    """Deleted while both run: --rebuild-store finds them by their mounts of
+    tether's files, reads address and MAC from their eth0, ids from runc, and
+    the links (facade included) from the hosts files still served."""
+    d = wired
+    d.start()
+    before = {c["name"]: c for c in d.cli_json("ps")}
+    web_hosts = d.exec("web", "cat", "/etc/hosts").stdout
+    d.stop()
+    d.sqlite.unlink()
+    assert "missing or empty" in start_fails(d)
+    try:
+        d.start(args=("--rebuild-store", "--runc-root", str(d.runc_root)))
+        after = {c["name"]: c for c in d.cli_json("ps")}
+        for name in ("db", "web"):
+            keep = ("id", "state", "ip", "mac", "pid", "links")
+            assert {k: after[name][k] for k in keep} == {k: before[name][k] for k in keep}, name
+            assert after[name]["note"].startswith("rebuilt from the running container at")
+        assert d.exec("web", "cat", "/etc/hosts").stdout == web_hosts  # the same facade, the same lines
+        assert d.container("db")["expose"] == ["5432/tcp"]
+        still_working(d)
+        log = d.log.read_text()
+        assert "rebuilt the store: link web:database->db at " in log
+        # and it refuses to rebuild over a good store
+        d.stop()
+        line = start_fails_with(d, "--rebuild-store")
+        assert line.startswith(f"tether-fused: the store {d.sqlite} is readable (2 container(s))")
+    finally:
+        d.stop()
+        restore(d)
+
+
+def start_fails_with(d: Daemon, *args: str) -> str:
+    p = subprocess.run([FUSED, "--config", str(d.config), *args], capture_output=True, text=True, timeout=30,
+                       stdin=subprocess.DEVNULL)
+    assert p.returncode == 1, (p.returncode, p.stderr)
+    (line,) = [ln for ln in p.stderr.splitlines() if ln.startswith("tether-fused: ")]
+    return line
