@@ -209,6 +209,7 @@ class Doctor:
             ("file-server", self.file_server),
             ("firewall", self.firewall),
             ("dns", self.dns),
+            ("conntrack", self.conntrack),
             ("podman-hooks", self.podman_hooks),
             ("drift", self.drift),
         ]
@@ -577,6 +578,14 @@ class Doctor:
         who = f" ({', '.join(procs)})" if procs else ""
         return Result("dns", OK, f"listening on {gw}:53 {'+'.join(protos)}{who}")
 
+
+    def conntrack(self) -> Result:
+        from .net.wiring import Wiring
+
+        if Wiring.cut_problem() is not None:
+            return Result("conntrack", FAIL, "conntrack(8) is not installed: retargets and moves are refused "
+                          "(they cut the old target's connections)", "apt-get install conntrack")
+        return Result("conntrack", OK, f"{shutil.which('conntrack')}: a retarget cuts the old target's connections")
 
     # runtimes ------------------------------------------------------------------
     def podman_hooks(self) -> Result:

@@ -98,7 +98,7 @@ def register(
         tuple(str(p) for p in reg.expose), tuple(str(p) for p in reg.publish), tuple(runtime),
     ))
     d.put_ip_lease(IpLease(ip, reg.name, mac, now))
-    lease_ports(d, reg.name, reg.publish, net, now, alive, port_busy, evicted)
+    lease_ports(d, reg.name, reg.publish, net, now, alive, port_busy, evicted, row.publish if row else ())
     for link in reg.links:
         # links changed at run time (retarget) win over the annotation
         if d.link(reg.name, link.alias) is None:
@@ -164,10 +164,18 @@ def lease_ports(
     alive: Alive,
     port_busy: PortBusy,
     evicted: list[str],
+    previous: tuple[str, ...] = (),
 ) -> None:
     """Sticky host ports per (name, port, proto): explicit ones claimed (taken
     over from a stopped holder), others chosen like addresses; a port a host
-    process holds is never taken."""
+    process holds is never taken. A port the container published at its last
+    start (`previous`) and publishes no more is freed; one a move gave it
+    (never in its own --publish) stays."""
+    wanted = {(spec.port, spec.proto) for spec in publish}
+    dropped = {(p.port, p.proto) for p in model.parse_publish(",".join(previous))} - wanted
+    for lease in d.port_leases(name):
+        if (lease.port, lease.proto) in dropped:
+            d.drop_port_lease(lease.host_port, lease.proto)
     for spec in publish:
         mine = [l.host_port for l in d.port_leases(name) if (l.port, l.proto) == (spec.port, spec.proto)]
         if spec.host_port is None and mine:

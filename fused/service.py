@@ -70,6 +70,16 @@ def hook_input(args: dict) -> tuple[dict, dict | None, dict]:
     return state, ann, spec
 
 
+@dataclasses.dataclass(frozen=True)
+class Undo:
+    """A registration the hook may still abort: undone exactly while the
+    store is at the revision it committed."""
+
+    pid: int
+    change: ChangeSet
+    revision: int
+
+
 class Service:
     def __init__(
         self,
@@ -93,9 +103,8 @@ class Service:
         self.lock = trio.Lock()
         self.rule_settings = rules.RuleSettings.of(cfg.network)
         self.last_commits = 0
-        # OCI id -> (pid, the change undoing its registration, the revision
-        # that registration committed): what an `abort` from the hook undoes
-        self._undo: dict[str, tuple[int, ChangeSet, int]] = {}
+        # OCI id -> how to undo its registration: what an `abort` from the hook undoes
+        self._undo: dict[str, Undo] = {}
 
     # --- kernel helpers ---------------------------------------------------
     def _endpoint(self, name: str, pid: int, ip: str, mac: str) -> Endpoint:
@@ -267,7 +276,7 @@ class Service:
                 await self.worker.run(self.wiring.unwire, ep.veth)
 
             snap = await self._commit(d, undo=unwire)
-            self._undo[reg.id] = (reg.pid, inverse(d.snap, d.change), snap.revision)
+            self._undo[reg.id] = Undo(reg.pid, inverse(d.snap, d.change), snap.revision)
             while len(self._undo) > MAX_UNDO:  # poststops that never came: forget the oldest
                 self._undo.pop(next(iter(self._undo)))
         for name in done.evicted:
@@ -308,8 +317,8 @@ class Service:
             c = d.find_running_by_id(cid) if isinstance(cid, str) else None
             if c is None or c.pid != pid:
                 return {"known": False}
-            if undo is not None and undo[0] == pid and d.snap.revision == undo[2]:
-                d.change = undo[1]
+            if undo is not None and undo.pid == pid and d.snap.revision == undo.revision:
+                d.change = undo.change
                 how = "undone"
             elif c.created_at == c.started_at:  # its first start: nothing of it is worth keeping
                 plan.remove(d, c.name)
@@ -445,6 +454,11 @@ class Service:
             "ports": [str(p) for p in r.ports],
         }
 
+    def _can_cut(self) -> None:
+        """Refuse, before the commit, a change whose old connections could not be cut."""
+        if (problem := self.wiring.cut_problem()) is not None:
+            raise ServiceError(problem)
+
     async def _cut(self, filters: list[list[str]]) -> list[str]:
         """Cut the connections that went to the old targets (after the commit)."""
         if not filters:
@@ -474,6 +488,8 @@ class Service:
             d = Draft(self.store.snapshot())
             plan.consumer(d, consumer)
             link = plan.existing_link(d, consumer, alias)
+            if link.facade:
+                self._can_cut()
             d.delete_link(consumer, alias)
             await self._commit(d)
             warnings = await self._cut([["-d", link.facade]] if link.facade else [])
@@ -489,6 +505,8 @@ class Service:
             target = model.check_label(args.get("target"), "target name")
             d = Draft(self.store.snapshot())
             before, after = plan.link_retarget(d, consumer, alias, target, bool(args.get("allow_dangling")))
+            if after != before and before.facade:
+                self._can_cut()
             snap = await self._commit(d)
             warnings = await self._cut([["-d", before.facade]]) if after != before and before.facade else []
             out = self._link_row(self.topology(snap), after)
@@ -507,6 +525,8 @@ class Service:
             d = Draft(self.store.snapshot())
             moved = plan.move(d, old, new)
             old_lease = d.snap.ip_leases.get(old)
+            if old_lease is not None and (moved.links or moved.ports):
+                self._can_cut()
             await self._commit(d)
             warnings = []
             if old_lease is not None:

@@ -11,6 +11,7 @@ import errno
 import hashlib
 import logging
 import os
+import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -230,6 +231,17 @@ class Wiring:
             raise WiringError(f"cannot configure eth0 in the netns of pid {ep.pid}: {os.strerror(e.code)}") from e
         finally:
             inner.close()
+
+    @staticmethod
+    def cut_problem() -> str | None:
+        """Why `cut` cannot work here (None: it can), checked before a change
+        that will need it is committed."""
+        if shutil.which("conntrack") is None:
+            return (
+                "conntrack(8) is not installed, so the connections of the old target could not be cut: "
+                "install it (`apt-get install conntrack`), then do this again"
+            )
+        return None
 
     def cut(self, filters: list[list[str]]) -> int:
         """Delete conntrack entries matching each filter (conntrack(8) options,

@@ -1,0 +1,211 @@
+"""fused.service on the in-memory store, with a kernel that records what it is
+asked (no root): the straight path snapshot -> plan -> kernel -> commit ->
+publish, its undo on failure, and its warnings after a commit."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+
+from fused import service as service_mod
+from fused.config import Config
+from fused.errors import ServiceError
+from fused.net.firewall.base import RuleSet
+from fused.net.wiring import Worker
+from fused.store.memory import MemoryStore
+
+DEAD: set[int] = set()
+
+
+class FakeWiring:
+    def __init__(self) -> None:
+        self.veths: set[str] = set()
+        self.cuts: list[list[str]] = []
+        self.cut_fails = False
+        self.missing_conntrack = False
+
+    def wire(self, ep):
+        self.veths.add(ep.veth)
+
+    def unwire(self, veth):
+        self.veths.discard(veth)
+
+    def veth_exists(self, veth):
+        return veth in self.veths
+
+    def bridge_ports(self):
+        return sorted(self.veths)
+
+    def cut_problem(self):
+        return "conntrack(8) is not installed: install it" if self.missing_conntrack else None
+
+    def cut(self, filters):
+        if self.cut_fails:
+            raise OSError("conntrack: operation failed")
+        self.cuts += filters
+        return len(filters)
+
+
+class FakeFirewall:
+    def __init__(self) -> None:
+        self.rules: RuleSet | None = None
+        self.fail = False
+
+    def setup(self):
+        pass
+
+    def apply(self, rules):
+        if self.fail:
+            self.fail = False  # the restore after the failure goes through
+            raise RuntimeError("iptables: commit refused")
+        self.rules = rules
+        return 1
+
+
+BUNDLE = {"dir": "/nonexistent"}
+
+
+@pytest.fixture
+def svc(monkeypatch, tmp_path):
+    DEAD.clear()
+    (tmp_path / "config.json").write_text(json.dumps({"root": {"path": "rootfs"}}))
+    BUNDLE["dir"] = str(tmp_path)
+    monkeypatch.setattr(service_mod, "netns_inode", lambda pid: None if pid in DEAD else 4026530000 + pid)
+    monkeypatch.setattr(service_mod, "_host_netns", lambda: 1)
+    monkeypatch.setattr(service_mod.host_ports, "in_use", lambda port, proto: False)
+    cfg = Config(network={"subnet": "10.9.0.0/29", "facade_subnet": "10.10.0.0/24", "port_range": "40000-40009"})
+    worker = Worker("test-kernel")
+    published = []
+    s = service_mod.Service(cfg, MemoryStore(), FakeWiring(), FakeFirewall(), worker, publish=published.append)
+    s.published = published
+    yield s
+    worker.shutdown()
+
+
+def state(name: str, pid: int, **ann) -> dict:
+    annotations = {"io.tether.name": name, **{f"io.tether.{k}": v for k, v in ann.items()}}
+    return {"state_json": json.dumps({"id": name, "pid": pid, "bundle": BUNDLE["dir"], "annotations": annotations}),
+            "ppid": 0}
+
+
+def call(s, op: str, args: dict):
+    return trio.run(s.dispatch, op, args)
+
+
+def hosts(s, name: str) -> str:
+    return s.published[-1].files[name].hosts.decode()
+
+
+def test_register_commits_wires_and_publishes(svc):
+    r = call(svc, "register", state("db", 101, expose="5432", publish="5432"))
+    pid, root, *binds = r["mounts"].split("\0")  # config.json mounts none of the files: the hook will
+    assert (pid, root) == ("101", f"{BUNDLE['dir']}/rootfs")
+    assert binds[1::2] == ["/etc/hosts", "/etc/tether", "/etc/resolv.conf"]
+    assert r["state"] == "running" and r["ip"] == "10.9.0.2"
+    assert r["published"] == ["0.0.0.0:40000->5432/tcp"]
+    assert len(svc.wiring.veths) == 1
+    forwards = [rule for (table, chain), rules in svc.firewall.rules.chains.items() for rule in rules
+                if chain == "OUTPUT"]
+    assert [rule.to for rule in forwards] == ["10.9.0.2:5432"]
+    assert hosts(svc, "db").endswith("10.9.0.2\tdb\n")
+    again = call(svc, "register", state("db", 101, expose="5432", publish="5432"))  # the same start twice
+    assert again["ip"] == r["ip"] and svc.store.commits == 1
+
+
+def test_a_refused_firewall_leaves_nothing_behind(svc):
+    svc.firewall.fail = True
+    with pytest.raises(RuntimeError, match="commit refused"):
+        call(svc, "register", state("db", 101))
+    assert svc.store.snapshot().containers == {} and svc.wiring.veths == set()
+    assert svc.firewall.rules is not None  # put back in line with the store
+
+
+def test_a_failed_cut_after_the_commit_is_a_warning(svc):
+    call(svc, "register", state("db", 101, expose="5432"))
+    call(svc, "register", state("db2", 102, expose="5432"))
+    call(svc, "register", state("web", 103, links="db:database"))
+    svc.wiring.cut_fails = True
+    r = call(svc, "move", {"old": "db", "new": "db2"})
+    assert r["links"] == 1 and r["warnings"] == [
+        "the old connections were not cut (conntrack: operation failed): they end when they time out"]
+    assert svc.store.snapshot().links[("web", "database")].target == "db2"  # committed
+    assert hosts(svc, "web").endswith("\tdatabase db2\n")
+
+
+def test_no_conntrack_refuses_a_retarget_before_the_commit(svc):
+    call(svc, "register", state("db", 101, expose="5432"))
+    call(svc, "register", state("db2", 102, expose="5432"))
+    call(svc, "register", state("web", 103, links="db:database"))
+    svc.wiring.missing_conntrack = True
+    before = svc.store.snapshot()
+    with pytest.raises(ServiceError, match="conntrack"):
+        call(svc, "link_retarget", {"consumer": "web", "alias": "database", "target": "db2"})
+    assert svc.store.snapshot() is before
+
+
+def test_abort_undoes_an_eviction_exactly(svc):
+    for i in range(5):  # /29: five addresses
+        call(svc, "register", state(f"c{i}", 200 + i))
+    for i in range(5):
+        DEAD.add(200 + i)
+        call(svc, "poststop", state(f"c{i}", 200 + i))
+    before = svc.store.snapshot()
+    r = call(svc, "register", state("new", 300))
+    assert r["ip"] == before.ip_leases["c0"].ip  # c0 stopped first: evicted
+    assert svc.store.snapshot().containers["c0"].note.startswith("evicted")
+    assert call(svc, "abort", state("new", 300))["done"] == "undone"
+    after = svc.store.snapshot()
+    assert (after.containers, after.ip_leases, after.port_leases, after.links) == (
+        before.containers, before.ip_leases, before.port_leases, before.links)
+    assert svc.wiring.veths == set()
+
+
+def test_a_dead_holder_does_not_block_the_pool_and_is_stopped(svc):
+    for i in range(5):
+        call(svc, "register", state(f"c{i}", 200 + i))
+    with pytest.raises(ServiceError, match="address pool exhausted"):
+        call(svc, "register", state("extra", 300))
+    DEAD.update({200, 201})  # killed, their runtime state deleted: no poststop
+    r = call(svc, "register", state("extra", 300))
+    assert r["ip"] in ("10.9.0.2", "10.9.0.3")
+    assert {n for n, c in svc.store.snapshot().containers.items() if not c.running} == {"c0", "c1"}
+    DEAD.add(202)
+    assert trio.run(svc.stop_dead) == ["c2"]
+    assert trio.run(svc.stop_dead) == []
+
+
+def test_a_poststop_for_a_live_container_is_ignored(svc):
+    call(svc, "register", state("db", 101))
+    r = call(svc, "poststop", state("db", 101))
+    assert r == {"known": True, "name": "db", "ignored": "its process is alive"}
+    assert svc.store.snapshot().containers["db"].running and len(svc.wiring.veths) == 1
+    DEAD.add(101)
+    assert call(svc, "poststop", state("db", 101)) == {"known": True, "name": "db"}
+    assert not svc.store.snapshot().containers["db"].running
+
+
+def test_rm_frees_the_leases(svc):
+    call(svc, "register", state("db", 101, publish="5432"))
+    DEAD.add(101)
+    call(svc, "poststop", state("db", 101))
+    assert call(svc, "rm", {"name": "db"}) == {"name": "db", "freed": ["10.9.0.2"]}
+    snap = svc.store.snapshot()
+    assert snap.containers == {} and snap.ip_leases == {} and snap.port_leases == {}
+
+
+def test_a_port_no_longer_published_is_freed_at_the_next_start_but_a_moved_one_stays(svc):
+    call(svc, "register", state("db", 101, expose="5432,80", publish="5432,8080:80"))
+    call(svc, "register", state("db2", 102, expose="5432,80"))
+    call(svc, "move", {"old": "db", "new": "db2"})  # db2 now answers db's host ports
+    for pid, name in ((101, "db"), (102, "db2")):
+        DEAD.add(pid)
+        call(svc, "poststop", state(name, pid))
+    r = call(svc, "register", state("db", 111, expose="5432,80", publish="5432"))  # 8080:80 dropped
+    assert r["published"] == ["0.0.0.0:40001->5432/tcp"]  # its 40000 went to db2 with the move
+    r2 = call(svc, "register", state("db2", 112, expose="5432,80"))
+    assert r2["published"] == ["0.0.0.0:8080->80/tcp", "0.0.0.0:40000->5432/tcp"]  # moved in: kept
+    DEAD.add(111)
+    call(svc, "poststop", state("db", 111))
+    r3 = call(svc, "register", state("db", 121, expose="5432", publish=""))
+    assert r3["published"] == [] and 40001 not in {hp for hp, _ in svc.store.snapshot().port_leases}
