@@ -73,3 +73,34 @@ def views(topo: Topology) -> dict[str, View]:
         )
         for name, node in topo.nodes.items()
     }
+
+
+def view(topo: Topology, name: str, out_links: list[Edge]) -> View:
+    node = topo.nodes[name]
+    return View(name, node.ip, tuple(resolve_edge(topo, e) for e in sorted(out_links, key=lambda e: e.alias)))
+
+
+def affected(old: Topology, new: Topology, touched: set[str]) -> set[str]:
+    """The names whose views may differ between `old` and `new` when the
+    records of `touched` changed (their node, or their outgoing links): they
+    themselves, and every consumer with a link to one of them, before or after."""
+    out = set(touched)
+    for edges in (old.edges, new.edges):
+        out.update(e.consumer for e in edges if e.target in touched)
+    return out
+
+
+def update_views(prev: dict[str, View], topo: Topology, names: set[str]) -> dict[str, View]:
+    """`views(topo)`, computed only for `names`: every other view is the
+    previous one, the very same object."""
+    out_links: dict[str, list[Edge]] = {}
+    for e in topo.edges:
+        if e.consumer in names:
+            out_links.setdefault(e.consumer, []).append(e)
+    views_ = dict(prev)
+    for name in names:
+        if name in topo.nodes:
+            views_[name] = view(topo, name, out_links.get(name, []))
+        else:
+            views_.pop(name, None)
+    return views_

@@ -40,12 +40,45 @@ def stamp(now: float) -> str:
 
 
 # --- views of a snapshot ----------------------------------------------------------
+def _node(snap: StoreSnapshot, name: str) -> Node:
+    c = snap.containers[name]
+    lease = snap.ip_leases.get(name)
+    return Node(name, lease.ip if lease else None, c.running, model.exposed(c.expose))
+
+
 def topology(snap: StoreSnapshot, strategy: str) -> Topology:
-    nodes = {}
-    for name, c in snap.containers.items():
-        lease = snap.ip_leases.get(name)
-        nodes[name] = Node(name, lease.ip if lease else None, c.running, model.exposed(c.expose))
+    nodes = {name: _node(snap, name) for name in snap.containers}
     return Topology(nodes, tuple(sorted(snap.links.values())), strategy)
+
+
+def changed_names(old: StoreSnapshot, new: StoreSnapshot) -> set[str]:
+    """The containers whose record, address or outgoing links differ (the
+    untouched records of a snapshot after a commit are the same objects:
+    identity says it)."""
+    out = set()
+    for table in ("containers", "ip_leases"):
+        a, b = getattr(old, table), getattr(new, table)
+        if a is b:
+            continue
+        out.update(k for k in a.keys() | b.keys() if a.get(k) is not b.get(k))
+    if old.links is not new.links:
+        out.update(k[0] for k in old.links.keys() | new.links.keys() if old.links.get(k) is not new.links.get(k))
+    return out
+
+
+def update_topology(prev: Topology, old: StoreSnapshot, new: StoreSnapshot, names: set[str]) -> Topology:
+    """`topology(new)` from `prev` (that of `old`), rebuilding only `names`' nodes."""
+    if old.containers is new.containers and old.ip_leases is new.ip_leases:
+        nodes = prev.nodes
+    else:
+        nodes = dict(prev.nodes)
+        for name in names:
+            if name in new.containers:
+                nodes[name] = _node(new, name)
+            else:
+                nodes.pop(name, None)
+    edges = prev.edges if old.links is new.links else tuple(sorted(new.links.values()))
+    return Topology(nodes, edges, prev.strategy)
 
 
 def forwards(snap: StoreSnapshot) -> list[rules.PortForward]:
@@ -238,8 +271,10 @@ def facade(d: Draft, net: NetworkConfig) -> str | None:
     if net.strategy != "facade":
         return None
     used = {l.facade for l in d.links() if l.facade}
-    for addr in net.facade_network.hosts():  # no gateway here: from .1
-        if (ip := str(addr)) not in used:
+    pool = net.facade_network
+    first, last = int(pool.network_address) + 1, int(pool.broadcast_address) - 1  # no gateway here: from .1
+    for i in range(first, last + 1):
+        if (ip := allocator.dotted(i)) not in used:
             return ip
     raise ServiceError(
         f"facade pool exhausted: every address of {net.facade_subnet} belongs to a link; "

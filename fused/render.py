@@ -83,11 +83,26 @@ def fileset(v: View | None, resolv_bytes: bytes) -> FileSet:
 
 
 def render_all(
-    topo: Topology, gateway: str, dns_enabled: bool, search: tuple[str, ...] = ()
+    topo: Topology, gateway: str, dns_enabled: bool, search: tuple[str, ...] = (), views_: dict[str, View] | None = None
 ) -> tuple[dict[str, FileSet], FileSet]:
     """Files of every registered name, and those of any other valid name."""
     r = resolv(gateway, dns_enabled, search)
-    return {name: fileset(v, r) for name, v in views(topo).items()}, fileset(None, r)
+    vs = views_ if views_ is not None else views(topo)
+    return {name: fileset(v, r) for name, v in vs.items()}, fileset(None, r)
+
+
+def update_files(
+    prev: dict[str, FileSet], views_: dict[str, View], names: set[str], resolv_bytes: bytes
+) -> dict[str, FileSet]:
+    """The files of `views_`, rendered only for `names`; every other name
+    keeps its previous FileSet (the file server then sends nothing for it)."""
+    files = dict(prev)
+    for name in names:
+        if name in views_:
+            files[name] = fileset(views_[name], resolv_bytes)
+        else:
+            files.pop(name, None)
+    return files
 
 
 @dataclass(frozen=True)
@@ -124,9 +139,10 @@ class DnsData(NamedTuple):
     hosts: dict[str, dict[str, str]] = {}
 
 
-def dns_data(topo: Topology) -> DnsData:
+def dns_data(topo: Topology, views_: dict[str, View] | None = None) -> DnsData:
+    """`views_`: the topology's views when the caller has them already."""
     names, links, ptr, hosts_names = {}, {}, {}, {}
-    for v in views(topo).values():
+    for v in (views_ if views_ is not None else views(topo)).values():
         if not v.ip:
             continue
         names[v.name] = v.ip

@@ -20,7 +20,7 @@ import time
 
 import trio
 
-from . import drift, model, oci, plan, render, rules
+from . import drift, graph, model, oci, plan, render, rules
 from . import config as config_mod
 from .config import Config
 from .errors import InputError, ServiceError
@@ -71,6 +71,16 @@ def hook_input(args: dict) -> tuple[dict, dict | None, dict]:
 
 
 @dataclasses.dataclass(frozen=True)
+class Published:
+    """What the last publish was made of, for the next one to start from."""
+
+    snap: StoreSnapshot
+    topo: Topology
+    views: dict[str, graph.View]
+    files: dict[str, render.FileSet]
+
+
+@dataclasses.dataclass(frozen=True)
 class Undo:
     """A registration the hook may still abort: undone exactly while the
     store is at the revision it committed."""
@@ -102,6 +112,7 @@ class Service:
         self.worker = worker
         self.lock = trio.Lock()
         self.rule_settings = rules.RuleSettings.of(cfg.network)
+        self._pub: Published | None = None
         self.last_commits = 0
         # OCI id -> how to undo its registration: what an `abort` from the hook undoes
         self._undo: dict[str, Undo] = {}
@@ -118,7 +129,14 @@ class Service:
         )
 
     def topology(self, snap: StoreSnapshot) -> Topology:
-        return plan.topology(snap, self.cfg.network.strategy)
+        """The link graph of `snap`: from the last published one, rebuilt only
+        where `snap` differs from it (every change touches a few names)."""
+        pub = self._pub
+        if pub is None:
+            return plan.topology(snap, self.cfg.network.strategy)
+        if snap is pub.snap:
+            return pub.topo
+        return plan.update_topology(pub.topo, pub.snap, snap, plan.changed_names(pub.snap, snap))
 
     async def apply_firewall(self, snap: StoreSnapshot) -> int:
         """Make the firewall match `snap`; returns the commits it took."""
@@ -159,11 +177,25 @@ class Service:
 
     def _publish(self, snap: StoreSnapshot) -> None:
         """Render the served files of `snap` and hand them to the file server
-        (which invalidates what changed), and DNS its answers."""
-        topo = self.topology(snap)
-        files, default = render.render_all(topo, *self._render_args())
-        self.publish(render.Snapshot(files, default, time.time_ns()))
-        self.publish_dns(render.dns_data(topo))
+        (which invalidates what changed), and DNS its answers: the views are
+        resolved once for both, and only for the names the change touches
+        (theirs and their consumers'); every other file is the same object
+        as in the last snapshot."""
+        pub = self._pub
+        r = render.resolv(*self._render_args())
+        if pub is None:
+            topo = plan.topology(snap, self.cfg.network.strategy)
+            views = graph.views(topo)
+            files = {name: render.fileset(v, r) for name, v in views.items()}
+        else:
+            names = plan.changed_names(pub.snap, snap)
+            topo = plan.update_topology(pub.topo, pub.snap, snap, names)
+            touched = graph.affected(pub.topo, topo, names)
+            views = graph.update_views(pub.views, topo, touched)
+            files = render.update_files(pub.files, views, touched, r)
+        self._pub = Published(snap, topo, views, files)
+        self.publish(render.Snapshot(files, render.fileset(None, r), time.time_ns()))
+        self.publish_dns(render.dns_data(topo, views))
 
     def _render_args(self) -> tuple:
         return str(self.cfg.network.gateway), self.cfg.dns.enabled, tuple(self.cfg.dns.search)
@@ -418,8 +450,11 @@ class Service:
             out["veth"] = veth_name(self.cfg.network.bridge, c.name)
             topo = self.topology(snap)
             out["links_in"] = [model.link_text(e.alias, e.target, e.consumer) for e in topo.edges if e.target == c.name]
-            files, _ = render.render_all(topo, *self._render_args())
-            fs = files[c.name]
+            pub = self._pub
+            if pub is not None and pub.snap is snap and c.name in pub.files:
+                fs = pub.files[c.name]
+            else:
+                fs = render.render_all(topo, *self._render_args())[0][c.name]
             out["files"] = {f: fs.get(f).decode() for f in render.FILES}
             return out
 

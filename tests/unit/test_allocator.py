@@ -276,3 +276,14 @@ def test_address_pool_tiny_networks_are_consistent(prefix):
     assert "10.0.0.0" not in pool and "10.0.0.1" not in pool
     with pytest.raises(Exhausted):
         choose(pool, {}, "new")
+
+
+def test_dotted_and_undotted_agree_with_ipaddress():
+    import ipaddress
+
+    from fused.allocator import dotted, undotted
+
+    for i in (0, 1, 167772161, 3232235777, 4294967295):
+        assert dotted(i) == str(ipaddress.IPv4Address(i)) and undotted(dotted(i)) == i
+    for bad in ("1.2.3", "1.2.3.4.5", "1.2.3.256", "01.2.3.4", "a.b.c.d", "", None, 5, "1.2.3.-4"):
+        assert undotted(bad) is None, bad

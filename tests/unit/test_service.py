@@ -209,3 +209,55 @@ def test_a_port_no_longer_published_is_freed_at_the_next_start_but_a_moved_one_s
     call(svc, "poststop", state("db", 111))
     r3 = call(svc, "register", state("db", 121, expose="5432", publish=""))
     assert r3["published"] == [] and 40001 not in {hp for hp, _ in svc.store.snapshot().port_leases}
+
+
+# --- incremental publishing: always what a full render gives ----------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from fused import graph, plan, render  # noqa: E402
+
+NAMES = ["a", "b", "c", "d", "e", "f"]
+OPS = st.lists(st.one_of(
+    st.tuples(st.just("start"), st.sampled_from(NAMES), st.sampled_from(NAMES)),
+    st.tuples(st.just("stop"), st.sampled_from(NAMES)),
+    st.tuples(st.just("rm"), st.sampled_from(NAMES)),
+    st.tuples(st.just("retarget"), st.sampled_from(NAMES), st.sampled_from(NAMES)),
+    st.tuples(st.just("move"), st.sampled_from(NAMES), st.sampled_from(NAMES)),
+), min_size=1, max_size=25)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(OPS)
+def test_incremental_publishing_equals_a_full_render(svc, ops):
+    svc._pub = None
+    svc.store._snap = type(svc.store._snap)()
+    DEAD.clear()
+    pids: dict[str, int] = {}
+    for i, op in enumerate(ops):
+        kind, name = op[0], op[1]
+        try:
+            if kind == "start":
+                pids[name] = 1000 + i
+                call(svc, "register", state(name, 1000 + i, expose="5432", links=f"{op[2]}:up"))
+            elif kind == "stop" and name in pids:
+                DEAD.add(pids[name])
+                call(svc, "poststop", state(name, pids[name]))
+            elif kind == "rm":
+                call(svc, "rm", {"name": name})
+            elif kind == "retarget":
+                call(svc, "link_retarget", {"consumer": name, "alias": "up", "target": op[2], "allow_dangling": True})
+            elif kind == "move":
+                call(svc, "move", {"old": name, "new": op[2]})
+        except ServiceError:
+            pass
+        snap = svc.store.snapshot()
+        if svc._pub is None:
+            continue
+        assert svc._pub.snap is snap
+        full_topo = plan.topology(snap, svc.cfg.network.strategy)
+        assert svc._pub.topo.nodes == full_topo.nodes and svc._pub.topo.edges == full_topo.edges
+        assert svc._pub.views == graph.views(full_topo)
+        files, _ = render.render_all(full_topo, *svc._render_args())
+        assert svc._pub.files == files
