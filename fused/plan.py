@@ -100,6 +100,7 @@ class Registered:
     same_start: bool = False  # this very start was registered already (prestart + createRuntime, a retry)
     fresh: bool = False  # the name had no record before
     evicted: tuple[str, ...] = ()
+    dead: tuple[str, ...] = ()  # holders found dead on the way (marked stopped): their veths go
 
 
 def register(
@@ -130,13 +131,18 @@ def register(
         row.created_at if row else now, now, None, "",
         tuple(str(p) for p in reg.expose), tuple(str(p) for p in reg.publish), tuple(runtime),
     ))
-    d.put_ip_lease(IpLease(ip, reg.name, mac, now))
+    lease = d.ip_lease(reg.name)  # a lease kept is the same lease: its `since` stays
+    d.put_ip_lease(IpLease(ip, reg.name, mac, lease.since if lease is not None and lease.ip == ip else now))
     lease_ports(d, reg.name, reg.publish, net, now, alive, port_busy, evicted, row.publish if row else ())
     for link in reg.links:
         # links changed at run time (retarget) win over the annotation
         if d.link(reg.name, link.alias) is None:
             add_link(d, reg.name, link.alias, link.target, net)
-    return Registered(reg.name, ip, mac, fresh=row is None, evicted=tuple(evicted))
+    dead = tuple(
+        n for n, c in d.change.containers.items()
+        if n != reg.name and c is not None and not c.running and (old := d.snap.containers.get(n)) is not None and old.running
+    )
+    return Registered(reg.name, ip, mac, fresh=row is None, evicted=tuple(evicted), dead=dead)
 
 
 def _holders(d: Draft, alive: Alive | None) -> dict[str, Holder]:
@@ -241,7 +247,13 @@ def lease_ports(
                         held = _port_holders(d, spec.proto)
                 choice = allocator.claim(spec.host_port, held, name)
             else:
-                choice = allocator.choose(net.ports, held, name)
+                try:
+                    choice = allocator.choose(net.ports, held, name)
+                except allocator.Exhausted:
+                    if not _mark_dead_stopped(d, alive, now):  # holders whose poststop never came
+                        raise
+                    held = _port_holders(d, spec.proto)
+                    choice = allocator.choose(net.ports, held, name)
                 for _ in range(MAX_BUSY_SKIPS):  # a port a host process uses is skipped like a running holder's
                     if not port_busy(choice.key, spec.proto):
                         break

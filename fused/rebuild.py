@@ -69,25 +69,49 @@ class Found:
     pid: int
 
 
+def _init_of_its_pid_ns(pid: str) -> bool:
+    """pid 1 inside its own pid namespace: a container's first process."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("NSpid:"):
+                    ids = line.split()[1:]
+                    return len(ids) > 1 and ids[-1] == "1"
+    except OSError:
+        pass
+    return False
+
+
 def find(fs_dir) -> list[Found]:
     """The running containers that mount this daemon's files: one per mount
-    namespace, its lowest pid (the container's first process)."""
+    namespace, the process that is pid 1 in its pid namespace (else the
+    lowest pid: pids wrap, so a child may have a lower one)."""
     st = os.stat(fs_dir)
     dev = f"{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
     mine = os.stat("/proc/self/ns/mnt").st_ino
-    by_ns: dict[int, Found] = {}
+    names: dict[int, str] = {}  # mount namespace -> the name it mounts
+    pids: dict[int, list[int]] = {}
     for entry in sorted((e for e in os.listdir("/proc") if e.isdigit()), key=int):
         try:
             ns = os.stat(f"/proc/{entry}/ns/mnt").st_ino
-            if ns == mine or ns in by_ns:
+            if ns == mine:
                 continue
-            with open(f"/proc/{entry}/mountinfo") as f:
-                name = parse_mountinfo(f.read(), dev)
+            if ns not in names:
+                with open(f"/proc/{entry}/mountinfo") as f:
+                    name = parse_mountinfo(f.read(), dev)
+                if name is None:
+                    names[ns] = ""
+                    continue
+                names[ns] = name
+            if names[ns]:
+                pids.setdefault(ns, []).append(int(entry))
         except OSError:
             continue
-        if name is not None:
-            by_ns[ns] = Found(name, int(entry))
-    return sorted(by_ns.values(), key=lambda f: f.name)
+    found = []
+    for ns, candidates in pids.items():
+        init = next((p for p in candidates if _init_of_its_pid_ns(str(p))), candidates[0])
+        found.append(Found(names[ns], init))
+    return sorted(found, key=lambda f: f.name)
 
 
 async def rebuild(store: Store, cfg, wiring, worker, runc_roots: list[str], netns_inode) -> list[str]:

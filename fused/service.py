@@ -149,6 +149,7 @@ class Service:
         runs `undo` (the kernel steps taken for this change); the files and
         DNS follow the commit."""
         if not d.change:
+            self.last_commits = 0
             return d.snap
         try:
             self.last_commits = await self.apply_firewall(d.after())
@@ -234,9 +235,20 @@ class Service:
             # bridge that no running container of the store has is a live
             # container's all the same (a store rebuilt without it, a netns
             # pinned by a mount). Removing it would cut that container off.
-            unknown = [v for v in await self.worker.run(self.wiring.bridge_ports) if v not in keep]
-            self.last_commits = await self.apply_firewall(d.after())
-            snap = self.store.commit(d.change, d.snap.revision) if d.change else d.snap
+            gone = {veth_name(self.cfg.network.bridge, n) for n in stopped}
+            for veth in gone:  # their process is gone; a netns that outlives it keeps no veth of ours
+                await self.worker.run(self.wiring.unwire, veth)
+            unknown = [v for v in await self.worker.run(self.wiring.bridge_ports) if v not in keep and v not in gone]
+            try:
+                self.last_commits = await self.apply_firewall(d.after())
+                snap = self.store.commit(d.change, d.snap.revision) if d.change else d.snap
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self.apply_firewall(d.snap)
+                    except Exception:
+                        log.exception("firewall: could not restore the rules of the committed state")
+                raise
             self._publish(snap)
         for n in stopped:
             log.info("reconcile: %s: netns gone, marked stopped", n)
@@ -308,6 +320,8 @@ class Service:
                 await self.worker.run(self.wiring.unwire, ep.veth)
 
             snap = await self._commit(d, undo=unwire)
+            for name in done.dead:  # found dead and marked stopped: a netns that outlives them keeps no veth
+                self.worker.submit(self.wiring.unwire, veth_name(self.cfg.network.bridge, name))
             self._undo[reg.id] = Undo(reg.pid, inverse(d.snap, d.change), snap.revision)
             while len(self._undo) > MAX_UNDO:  # poststops that never came: forget the oldest
                 self._undo.pop(next(iter(self._undo)))

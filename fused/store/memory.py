@@ -2,7 +2,21 @@
 protocol (base.py), the same conflict rule, nothing on disk."""
 from __future__ import annotations
 
-from .base import ChangeSet, Conflict, StoreSnapshot, apply
+from .base import ChangeSet, Conflict, StoreError, StoreSnapshot, apply
+
+
+def _constraints(snap: StoreSnapshot) -> None:
+    """What SQLite's schema enforces, so that both refuse the same change sets."""
+    ips = [l.ip for l in snap.ip_leases.values()]
+    if len(ips) != len(set(ips)):
+        raise StoreError("UNIQUE constraint failed: ip_leases.ip")
+    facades = [l.facade for l in snap.links.values() if l.facade]
+    if len(facades) != len(set(facades)):
+        raise StoreError("UNIQUE constraint failed: links.facade")
+    names = snap.containers
+    if any(n not in names for n in snap.ip_leases) or any(l.name not in names for l in snap.port_leases.values()) \
+            or any(c not in names for c, _ in snap.links):
+        raise StoreError("FOREIGN KEY constraint failed")
 
 
 class MemoryStore:
@@ -16,7 +30,9 @@ class MemoryStore:
     def commit(self, change: ChangeSet, revision: int) -> StoreSnapshot:
         if revision != self._snap.revision:
             raise Conflict(f"the store is at revision {self._snap.revision}, not {revision}: plan again")
-        self._snap = apply(self._snap, change)
+        after = apply(self._snap, change)
+        _constraints(after)
+        self._snap = after
         self.commits += 1
         return self._snap
 

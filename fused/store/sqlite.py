@@ -17,6 +17,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+from ..allocator import undotted
 from ..errors import StoreError
 from ..model import Container, IpLease, Link, PortLease
 from .base import ChangeSet, Conflict, StoreSnapshot, apply
@@ -119,6 +120,28 @@ def quarantine(path: Path, now: float | None = None) -> Path:
     return dest
 
 
+def _ip_lease(r: tuple) -> IpLease:
+    ip, name, mac, since = r
+    if undotted(ip) is None or not isinstance(name, str) or not isinstance(mac, str) or not isinstance(since, (int, float)):
+        raise ValueError(f"address lease {str(ip)[:40]!r} of {str(name)[:40]!r} is not an address lease")
+    return IpLease(ip, name, mac, since)
+
+
+def _port_lease(r: tuple) -> PortLease:
+    hp, proto, name, port, since = r
+    if not all(isinstance(x, int) and 0 < x < 65536 for x in (hp, port)) or proto not in ("tcp", "udp") \
+            or not isinstance(name, str) or not isinstance(since, (int, float)):
+        raise ValueError(f"host port lease {str(hp)[:20]!r}/{str(proto)[:10]!r} is not a port lease")
+    return PortLease(hp, proto, name, port, since)
+
+
+def _link(r: tuple) -> Link:
+    consumer, alias, target, facade, grp = r
+    if not all(isinstance(x, str) for x in (consumer, alias, target, grp)) or not (facade is None or undotted(facade) is not None):
+        raise ValueError(f"link {str(consumer)[:40]!r}:{str(alias)[:40]!r} is not a link")
+    return Link(consumer, alias, target, facade, grp)
+
+
 class SqliteStore:
     """`created`: the file was absent or empty (a new store), which the
     daemon must not take for "no containers" while some are wired."""
@@ -144,21 +167,27 @@ class SqliteStore:
         self._data_version: int | None = None
         try:
             self.db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.execute("PRAGMA foreign_keys=ON")
+            self._locked(self._pragmas)
             self._locked(self._migrate)
-            self._check()
+            self._locked(self._check)
         except sqlite3.DatabaseError as e:
             self.db.close()
-            raise StoreDamaged(self.path, f"SQLite: {e}") from None
-        except StoreDamaged:
+            if getattr(e, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or type(e) is sqlite3.DatabaseError:
+                raise StoreDamaged(self.path, f"SQLite: {e}") from None
+            # locked, I/O, a full disk: the file may be fine; never quarantined
+            raise StoreError(f"cannot open the store {self.path}: SQLite: {e}: see `tether doctor`") from None
+        except StoreError:
             self.db.close()
             raise
         for suffix in ("-wal", "-shm"):
             p = Path(str(self.path) + suffix)
             if p.exists():
                 os.chmod(p, 0o600)
+
+    def _pragmas(self) -> None:
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("PRAGMA foreign_keys=ON")
 
     def _check(self) -> None:
         """Integrity, schema and every row, once at open: a damaged store is
@@ -169,6 +198,8 @@ class SqliteStore:
         tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if missing := TABLES - tables:
             raise StoreDamaged(self.path, f"tables missing: {', '.join(sorted(missing))}")
+        if orphan := self.db.execute("PRAGMA foreign_key_check").fetchone():
+            raise StoreDamaged(self.path, f"a row of {orphan[0]} refers to a container that is not there")
         try:
             self._snapshot()
         except (ValueError, TypeError) as e:
@@ -199,7 +230,10 @@ class SqliteStore:
                         self.db.execute(stmt)
                 self.db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             else:
-                (v,) = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                row = self.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                if row is None or not str(row[0]).isdigit():
+                    raise StoreDamaged(self.path, "its schema version is missing or not a number")
+                (v,) = row
                 if int(v) > SCHEMA_VERSION:
                     raise StoreError(
                         f"store {self.path} has schema version {v}, newer than this tether ({SCHEMA_VERSION}): "
@@ -240,13 +274,13 @@ class SqliteStore:
                 "expose, publish, runtime FROM containers"
             )
         }
-        ips = {r[1]: IpLease(*r) for r in self.db.execute("SELECT ip, name, mac, since FROM ip_leases")}
+        ips = {r[1]: _ip_lease(r) for r in self.db.execute("SELECT ip, name, mac, since FROM ip_leases")}
         ports = {
-            (r[0], r[1]): PortLease(*r)
+            (r[0], r[1]): _port_lease(r)
             for r in self.db.execute("SELECT host_port, proto, name, port, since FROM port_leases")
         }
         links = {
-            (r[0], r[1]): Link(*r) for r in self.db.execute("SELECT consumer, alias, target, facade, grp FROM links")
+            (r[0], r[1]): _link(r) for r in self.db.execute("SELECT consumer, alias, target, facade, grp FROM links")
         }
         return StoreSnapshot(int(rev), containers, ips, ports, links)
 
@@ -258,6 +292,7 @@ class SqliteStore:
         before = self._snapshot()
         self.db.execute("BEGIN IMMEDIATE")
         try:
+            (version,) = self.db.execute("PRAGMA data_version").fetchone()
             (rev,) = self.db.execute("SELECT value FROM meta WHERE key='revision'").fetchone()
             if int(rev) != revision:
                 raise Conflict(f"the store is at revision {rev}, not {revision}: plan again")
@@ -267,10 +302,10 @@ class SqliteStore:
             self.db.execute("ROLLBACK")
             raise
         self.db.execute("COMMIT")
-        if before.revision == revision:
+        if before.revision == revision and version == self._data_version:  # nobody else wrote: no read
             self._snap = apply(before, change, revision + 1)
-            (self._data_version,) = self.db.execute("PRAGMA data_version").fetchone()
             return self._snap
+        self._snap = None
         return self._snapshot()
 
     def _write(self, ch: ChangeSet) -> None:
@@ -285,44 +320,33 @@ class SqliteStore:
                                                stopped_at, note, expose, publish, runtime)
                        VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                        ON CONFLICT (name) DO UPDATE SET id=excluded.id, state=excluded.state, pid=excluded.pid,
+                           created_at=excluded.created_at,
                            netns_ino=excluded.netns_ino, bundle=excluded.bundle, started_at=excluded.started_at,
                            stopped_at=excluded.stopped_at, note=excluded.note, expose=excluded.expose,
                            publish=excluded.publish, runtime=excluded.runtime""",
                     (c.name, c.id, c.state, c.pid, c.netns_ino, c.bundle, c.created_at, c.started_at, c.stopped_at,
                      c.note, json.dumps(list(c.expose)), json.dumps(list(c.publish)), json.dumps(list(c.runtime))),
                 )
-        for (consumer, alias), link in ch.links.items():
-            if link is None:
-                x("DELETE FROM links WHERE consumer=? AND alias=?", (consumer, alias))
-        for (hp, proto), lease in ch.port_leases.items():
-            if lease is None:
-                x("DELETE FROM port_leases WHERE host_port=? AND proto=?", (hp, proto))
-        for name, lease in ch.ip_leases.items():
-            if lease is None:
-                x("DELETE FROM ip_leases WHERE name=?", (name,))
+        # every touched lease and link goes first, then the new values go in:
+        # an address or a facade may change hands among them in any order
+        for consumer, alias in ch.links:
+            x("DELETE FROM links WHERE consumer=? AND alias=?", (consumer, alias))
+        for hp, proto in ch.port_leases:
+            x("DELETE FROM port_leases WHERE host_port=? AND proto=?", (hp, proto))
+        for name in ch.ip_leases:
+            x("DELETE FROM ip_leases WHERE name=?", (name,))
         for lease in ch.ip_leases.values():
             if lease is not None:
-                x(
-                    "INSERT INTO ip_leases (ip, name, mac, since) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT (name) DO UPDATE SET ip=excluded.ip, mac=excluded.mac, since=excluded.since",
-                    (lease.ip, lease.name, lease.mac, lease.since),
-                )
+                x("INSERT INTO ip_leases (ip, name, mac, since) VALUES (?, ?, ?, ?)",
+                  (lease.ip, lease.name, lease.mac, lease.since))
         for lease in ch.port_leases.values():
             if lease is not None:
-                x(
-                    "INSERT INTO port_leases (host_port, proto, name, port, since) VALUES (?, ?, ?, ?, ?) "
-                    "ON CONFLICT (host_port, proto) DO UPDATE SET name=excluded.name, port=excluded.port, "
-                    "since=excluded.since",
-                    (lease.host_port, lease.proto, lease.name, lease.port, lease.since),
-                )
+                x("INSERT INTO port_leases (host_port, proto, name, port, since) VALUES (?, ?, ?, ?, ?)",
+                  (lease.host_port, lease.proto, lease.name, lease.port, lease.since))
         for link in ch.links.values():
             if link is not None:
-                x(
-                    "INSERT INTO links (consumer, alias, target, facade, grp) VALUES (?, ?, ?, ?, ?) "
-                    "ON CONFLICT (consumer, alias) DO UPDATE SET target=excluded.target, facade=excluded.facade, "
-                    "grp=excluded.grp",
-                    (link.consumer, link.alias, link.target, link.facade, link.group),
-                )
+                x("INSERT INTO links (consumer, alias, target, facade, grp) VALUES (?, ?, ?, ?, ?)",
+                  (link.consumer, link.alias, link.target, link.facade, link.group))
         for name, c in ch.containers.items():
             if c is None:
                 x("DELETE FROM containers WHERE name=?", (name,))

@@ -100,6 +100,32 @@ def test_an_address_changes_hands_in_one_change_set(store):
     assert snap.ip_leases == {"new": IpLease("10.0.0.2", "new", "02:74:x", 5.0)}
 
 
+def test_addresses_and_facades_swap_in_one_change_set_in_any_order(store):
+    """An undo (base.inverse) puts leases back in whatever order: two names
+    trading addresses, two links trading facades."""
+    from fused.store.base import inverse
+
+    add(store, "a", ip="10.0.0.2")
+    add(store, "b", ip="10.0.0.3")
+    d = Draft(store.snapshot())
+    d.put_link(Link("a", "x", "b", "10.214.0.1", "b"))
+    d.put_link(Link("a", "y", "b", "10.214.0.2", "b"))
+    before = store.commit(d.change, d.snap.revision)
+    ch = ChangeSet(
+        ip_leases={"a": IpLease("10.0.0.3", "a", "m", 1.0), "b": IpLease("10.0.0.2", "b", "m", 1.0)},
+        links={("a", "x"): Link("a", "x", "b", "10.214.0.2", "b"), ("a", "y"): Link("a", "y", "b", "10.214.0.1", "b")},
+    )
+    swapped = store.commit(ch, before.revision)
+    assert swapped.ip_leases["a"].ip == "10.0.0.3"
+    back = store.commit(inverse(before, ch), swapped.revision)
+    assert (back.ip_leases, back.links) == (before.ip_leases, before.links)
+
+
+def test_both_stores_refuse_a_lease_for_no_container(store):
+    with pytest.raises((StoreError, sqlite3.IntegrityError)):
+        store.commit(ChangeSet(ip_leases={"ghost": IpLease("10.0.0.9", "ghost", "m", 1.0)}), store.snapshot().revision)
+
+
 def test_the_draft_refuses_two_names_on_one_address(store):
     add(store, "a", ip="10.0.0.2")
     add(store, "b")
@@ -396,3 +422,48 @@ def test_quarantine_moves_the_store_and_its_wal_aside(tmp_path):
     assert not p.exists() and not (tmp_path / "x.db-wal").exists()
     p.write_bytes(b"again")
     assert quarantine(p, now=1796283600) == tmp_path / "x.db.damaged-20261203T074000Z-1"
+
+
+def test_a_store_locked_at_open_is_not_damaged_and_stays_where_it_is(tmp_path):
+    p = _filled(tmp_path / "x.db")
+    holder = sqlite3.connect(p, isolation_level=None)
+    holder.execute("PRAGMA locking_mode=EXCLUSIVE")
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreError) as ei:
+            SqliteStore(p)
+        assert not isinstance(ei.value, StoreDamaged) and "\n" not in str(ei.value)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert SqliteStore(p).snapshot().containers  # the same, good file
+
+
+def _null_ip(p):
+    db = sqlite3.connect(p)
+    db.execute("PRAGMA ignore_check_constraints=ON")
+    db.execute("UPDATE ip_leases SET ip='not-an-address' WHERE name='c1'")
+    db.commit()
+    db.close()
+
+
+def _orphan_lease(p):
+    db = sqlite3.connect(p)  # foreign keys off, as any other writer has them by default
+    db.execute("INSERT INTO port_leases VALUES (40000, 'tcp', 'ghost', 80, 1.0)")
+    db.commit()
+    db.close()
+
+
+def _no_schema_version(p):
+    db = sqlite3.connect(p)
+    db.execute("DELETE FROM meta WHERE key='schema_version'")
+    db.commit()
+    db.close()
+
+
+@pytest.mark.parametrize("damage", [_null_ip, _orphan_lease, _no_schema_version])
+def test_every_table_is_checked_at_open(tmp_path, damage):
+    p = _filled(tmp_path / "x.db")
+    damage(p)
+    with pytest.raises(StoreDamaged, match=r"is damaged \("):
+        SqliteStore(p)
