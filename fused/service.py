@@ -143,17 +143,18 @@ class Service:
         rs = rules.build(self.rule_settings, self.topology(snap), plan.forwards(snap))
         return await self.worker.run(self.firewall.apply, rs)
 
-    async def _commit(self, d: Draft, undo=None) -> StoreSnapshot:
+    async def _commit(self, d: Draft, undo=None, firewall_anyway: bool = False) -> StoreSnapshot:
         """The firewall of the state after the draft, then the commit. A
         failure of either puts the firewall back to the snapshot's rules and
         runs `undo` (the kernel steps taken for this change); the files and
-        DNS follow the commit."""
-        if not d.change:
+        DNS follow the commit. `firewall_anyway`: rebuild the rules and
+        publish even with nothing to commit (reconcile)."""
+        if not d.change and not firewall_anyway:
             self.last_commits = 0
             return d.snap
         try:
             self.last_commits = await self.apply_firewall(d.after())
-            snap = self.store.commit(d.change, d.snap.revision)
+            snap = self.store.commit(d.change, d.snap.revision) if d.change else d.snap
         except BaseException:
             with trio.CancelScope(shield=True):
                 try:
@@ -239,17 +240,7 @@ class Service:
             for veth in gone:  # their process is gone; a netns that outlives it keeps no veth of ours
                 await self.worker.run(self.wiring.unwire, veth)
             unknown = [v for v in await self.worker.run(self.wiring.bridge_ports) if v not in keep and v not in gone]
-            try:
-                self.last_commits = await self.apply_firewall(d.after())
-                snap = self.store.commit(d.change, d.snap.revision) if d.change else d.snap
-            except BaseException:
-                with trio.CancelScope(shield=True):
-                    try:
-                        await self.apply_firewall(d.snap)
-                    except Exception:
-                        log.exception("firewall: could not restore the rules of the committed state")
-                raise
-            self._publish(snap)
+            await self._commit(d, firewall_anyway=True)
         for n in stopped:
             log.info("reconcile: %s: netns gone, marked stopped", n)
         for n in rewired:

@@ -190,20 +190,7 @@ class Wiring:
             inner.close()
 
     def _configure_inside(self, ep: Endpoint, peer: str) -> None:
-        ns = _open_netns(ep.pid)
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        try:
-            if _libc.setns(ns, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                raise WiringError(f"cannot enter the netns of pid {ep.pid}: {os.strerror(err)}")
-            try:
-                inner = IPRoute()
-            finally:
-                if _libc.setns(own, CLONE_NEWNET) != 0:  # pragma: no cover - would be fatal
-                    os.abort()
-        finally:
-            os.close(ns)
-            os.close(own)
+        inner = self._inside(ep.pid)
         try:
             idx = _index_of(inner, peer)
             if idx is None:
