@@ -27,6 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip >/dev/null
 	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
+	$(PY) -m hooks.launcher >/dev/null  # tether-hook with python -I -S (hooks/launcher.py)
 	@touch $@
 
 venv: deps $(VENV)/.installed

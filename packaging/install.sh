@@ -201,6 +201,8 @@ else
   "$venv/bin/python" -m pip install -q --disable-pip-version-check "$stage"
 fi
 echo "installed tether $("$venv/bin/tether" --version 2>/dev/null | awk '{print $NF}') into $venv"
+# tether-hook runs on every container start: its launcher starts Python with -I -S (hooks/launcher.py)
+"$venv/bin/python" -m hooks.launcher "$venv/bin" >/dev/null
 
 install -d -m 0755 "$root/etc/tether"
 if [ -e "$root$conf" ]; then

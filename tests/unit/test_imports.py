@@ -107,3 +107,29 @@ def test_the_errors_import_nothing():
 def test_the_stdlib_checker_sees_what_is_not_the_standard_library(extra):
     # the check above must be able to fail
     assert extra in not_stdlib_after(f"{HOOK_SIDE}, {extra}")
+
+
+# --- the launcher: python -I -S, this checkout on sys.path -------------------------
+
+def test_the_launcher_runs_the_hook_without_site_and_ignores_the_environment(tmp_path):
+    from hooks import launcher
+
+    (tmp_path / "python").symlink_to(sys.executable)
+    hook = launcher.write(tmp_path)
+    assert hook.read_text().splitlines()[0] == f"#!{tmp_path / 'python'} -IS"
+    # PYTHONPATH pointing at a module that would shadow the hook's is ignored (-I),
+    # and the hook itself answers
+    shadow = tmp_path / "shadow" / "hooks"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise SystemExit('shadowed')\n")
+    out = subprocess.run(
+        [str(hook), "bogus"], capture_output=True, text=True, cwd="/",
+        env={"PYTHONPATH": str(shadow.parent)},
+    )
+    assert out.stderr == "tether-hook: unknown stage 'bogus': use createRuntime, prestart or poststop\n", out
+    assert out.returncode == 1
+    probe = subprocess.run(
+        [str(tmp_path / "python"), "-IS", "-c", "import sys; print('site' in sys.modules)"],
+        capture_output=True, text=True, check=True,
+    )
+    assert probe.stdout.strip() == "False"
