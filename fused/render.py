@@ -128,35 +128,75 @@ def changed_files(old: Snapshot, new: Snapshot, names) -> list[tuple[str, str]]:
     return out
 
 
-class DnsData(NamedTuple):
-    """What the DNS responder answers from: immutable, replaced whole."""
+class DnsData:
+    """What the DNS responder answers from: immutable, replaced whole.
 
-    names: dict[str, str]  # every registered container with an address -> address
-    links: dict[str, dict[str, Resolved]]  # a container's address -> its links by alias
-    ptr: dict[str, str]  # container address -> name; facade address -> alias
-    # a container's address -> every name its hosts file gives, with the
-    # address of the first line naming it (what a hosts lookup returns)
-    hosts: dict[str, dict[str, str]] = {}
+    names  every registered container with an address -> address
+    links  a container's address -> its links by alias
+    hosts  a container's address -> every name its hosts file gives, with
+           the address of the first line naming it (what a hosts lookup returns)
+    ptr    container address -> name; facade address -> alias (a facade
+           belongs to one link). Derived on the first PTR query, not on
+           every change.
+    """
+
+    __slots__ = ("names", "links", "hosts", "_ptr")
+
+    def __init__(self, names: dict[str, str], links: dict[str, dict[str, Resolved]],
+                 ptr: dict[str, str] | None = None, hosts: dict[str, dict[str, str]] | None = None) -> None:
+        self.names = names
+        self.links = links
+        self.hosts = hosts if hosts is not None else {}
+        self._ptr = ptr
+
+    @property
+    def ptr(self) -> dict[str, str]:
+        if self._ptr is None:
+            ptr = {ip: name for name, ip in self.names.items()}
+            for by_alias in self.links.values():
+                for link in by_alias.values():
+                    ptr.setdefault(link.address, link.alias)
+            self._ptr = ptr
+        return self._ptr
+
+
+def _dns_entries(v: View) -> tuple[dict[str, Resolved], dict[str, str]]:
+    """A view's links by alias, and the names its hosts file gives: in the
+    order of the file (localhost, own line, then links by alias; a container
+    or an alias named localhost comes after 127.0.0.1)."""
+    seen = {"localhost": "127.0.0.1"}
+    seen.setdefault(v.name, v.ip)
+    for link in v.links:
+        if link.address:
+            seen.setdefault(link.alias, link.address)
+            seen.setdefault(link.target, link.address)
+    return {link.alias: link for link in v.links if link.address}, seen
 
 
 def dns_data(topo: Topology, views_: dict[str, View] | None = None) -> DnsData:
     """`views_`: the topology's views when the caller has them already."""
-    names, links, ptr, hosts_names = {}, {}, {}, {}
+    names, links, hosts_names = {}, {}, {}
     for v in (views_ if views_ is not None else views(topo)).values():
-        if not v.ip:
-            continue
-        names[v.name] = v.ip
-        ptr[v.ip] = v.name
-        links[v.ip] = {link.alias: link for link in v.links if link.address}
-        # in the order of the hosts file: localhost, own line, then links by
-        # alias (a container or an alias named localhost comes after 127.0.0.1)
-        seen = hosts_names[v.ip] = {"localhost": "127.0.0.1"}
-        seen.setdefault(v.name, v.ip)
-        for link in v.links:
-            if link.address:
-                seen.setdefault(link.alias, link.address)
-                seen.setdefault(link.target, link.address)
-    for by_alias in links.values():
-        for link in by_alias.values():
-            ptr.setdefault(link.address, link.alias)
-    return DnsData(names, links, ptr, hosts_names)
+        if v.ip:
+            names[v.name] = v.ip
+            links[v.ip], hosts_names[v.ip] = _dns_entries(v)
+    return DnsData(names, links, None, hosts_names)
+
+
+def update_dns(prev: DnsData, prev_views: dict[str, View], views_: dict[str, View], touched: set[str]) -> DnsData:
+    """`dns_data` of `views_`, recomputed only for `touched` (the names whose
+    views may differ from `prev_views`). Two passes: an address can change
+    hands between two touched names, never to or from an untouched one."""
+    names, links, hosts_names = dict(prev.names), dict(prev.links), dict(prev.hosts)
+    for name in touched:
+        old = prev_views.get(name)
+        if old is not None and old.ip:
+            names.pop(name, None)
+            links.pop(old.ip, None)
+            hosts_names.pop(old.ip, None)
+    for name in touched:
+        v = views_.get(name)
+        if v is not None and v.ip:
+            names[name] = v.ip
+            links[v.ip], hosts_names[v.ip] = _dns_entries(v)
+    return DnsData(names, links, None, hosts_names)

@@ -35,7 +35,6 @@ log = logging.getLogger("tether.service")
 __all__ = ["Service", "ServiceError", "hook_input"]
 
 MAX_STATE = 1 << 20
-MAX_UNDO = 4096
 LIVENESS_INTERVAL = 2.0  # s: a container whose process died without a poststop is stopped within two
 
 
@@ -78,6 +77,7 @@ class Published:
     topo: Topology
     views: dict[str, graph.View]
     files: dict[str, render.FileSet]
+    dns: render.DnsData
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,15 +189,17 @@ class Service:
             topo = plan.topology(snap, self.cfg.network.strategy)
             views = graph.views(topo)
             files = {name: render.fileset(v, r) for name, v in views.items()}
+            dns_data = render.dns_data(topo, views)
         else:
             names = plan.changed_names(pub.snap, snap)
             topo = plan.update_topology(pub.topo, pub.snap, snap, names)
             touched = graph.affected(pub.topo, topo, names)
             views = graph.update_views(pub.views, topo, touched)
             files = render.update_files(pub.files, views, touched, r)
-        self._pub = Published(snap, topo, views, files)
+            dns_data = render.update_dns(pub.dns, pub.views, views, touched)
+        self._pub = Published(snap, topo, views, files, dns_data)
         self.publish(render.Snapshot(files, render.fileset(None, r), time.time_ns()))
-        self.publish_dns(render.dns_data(topo, views))
+        self.publish_dns(dns_data)
 
     def _render_args(self) -> tuple:
         return str(self.cfg.network.gateway), self.cfg.dns.enabled, tuple(self.cfg.dns.search)
@@ -313,9 +315,9 @@ class Service:
             snap = await self._commit(d, undo=unwire)
             for name in done.dead:  # found dead and marked stopped: a netns that outlives them keeps no veth
                 self.worker.submit(self.wiring.unwire, veth_name(self.cfg.network.bridge, name))
-            self._undo[reg.id] = Undo(reg.pid, inverse(d.snap, d.change), snap.revision)
-            while len(self._undo) > MAX_UNDO:  # poststops that never came: forget the oldest
-                self._undo.pop(next(iter(self._undo)))
+            # only the newest commit can be undone exactly (an undo applies
+            # at the revision it made): one record, not one per container
+            self._undo = {reg.id: Undo(reg.pid, inverse(d.snap, d.change), snap.revision)}
         for name in done.evicted:
             log.info("evicted %s for %s", name, reg.name)
         log.info(

@@ -261,3 +261,6 @@ def test_incremental_publishing_equals_a_full_render(svc, ops):
         assert svc._pub.views == graph.views(full_topo)
         files, _ = render.render_all(full_topo, *svc._render_args())
         assert svc._pub.files == files
+        full_dns = render.dns_data(full_topo)
+        for part in ("names", "links", "hosts", "ptr"):
+            assert getattr(svc._pub.dns, part) == getattr(full_dns, part), part
