@@ -13,6 +13,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -118,7 +119,13 @@ class Wiring:
             self._ipr = None
 
     def _index(self, ifname: str) -> int | None:
-        return _index_of(self.ipr, ifname)
+        """An interface of the host's netns (where this thread is between
+        calls), by name: if_nametoindex(3) is one ioctl, a pyroute2 request
+        half a millisecond of Python."""
+        try:
+            return socket.if_nametoindex(ifname)
+        except OSError:
+            return None
 
     # --- bridge -----------------------------------------------------------
     def ensure_bridge(self) -> None:
@@ -164,10 +171,17 @@ class Wiring:
             raise WiringError(f"bridge {self.bridge} is missing: restart tether-fused")
         if self._index(ep.veth) is not None:
             self.unwire(ep.veth)
-        peer = "tp" + ep.veth[2:]
+        # the peer is born in the container's netns as eth0, with its MAC
+        peer = "eth0"
         try:
-            self.ipr.link("add", ifname=ep.veth, kind="veth", peer={"ifname": peer, "net_ns_pid": ep.pid})
+            self.ipr.link("add", ifname=ep.veth, kind="veth",
+                          peer={"ifname": peer, "address": ep.mac, "net_ns_pid": ep.pid})
         except NetlinkError as e:
+            if e.code == errno.EEXIST and self._index(ep.veth) is None:
+                raise WiringError(
+                    f"the container's network namespace already has a network (eth0): tether needs one "
+                    "with only lo; podman: --network none"
+                ) from e
             raise WiringError(f"cannot create veth for pid {ep.pid}: {os.strerror(e.code)}") from e
         try:
             self._configure_inside(ep, peer)
@@ -225,7 +239,6 @@ class Wiring:
                     f"the container's network namespace already has a network ({what}): tether needs one "
                     "with only lo; podman: --network none"
                 )
-            inner.link("set", index=idx, ifname="eth0", address=ep.mac)
             inner.addr("add", index=idx, address=ep.ip, prefixlen=ep.prefixlen)
             inner.link("set", index=idx, state="up")
             lo = _index_of(inner, "lo")
