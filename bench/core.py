@@ -20,6 +20,7 @@ import argparse
 import cProfile
 import json
 import pstats
+import shutil
 import statistics
 import sys
 import tempfile
@@ -81,6 +82,12 @@ class Core:
         self.svc = service_mod.Service(cfg, SqliteStore(tmp / "tether.db"), RecordingWiring(), RecordingFirewall(),
                                        self.worker)
         self.pid = 1000
+        self.tmp = tmp
+
+    def close(self) -> None:
+        self.worker.shutdown()
+        self.svc.store.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
     def call(self, op: str, args: dict):
         return trio.run(self.svc.dispatch, op, args)
@@ -142,6 +149,20 @@ def move_case(n: int, runs: int):
 CASES = {"register": register_case, "move": move_case}
 
 
+def measure(sizes: tuple[int, ...], runs: int) -> dict[str, dict[str, list[float]]]:
+    """{request: {str(N): ms per run}}, for `python -m bench`."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for what, case in CASES.items():
+        for n in sizes:
+            once, core = case(n, runs)
+            try:
+                once()
+                out.setdefault(what, {})[str(n)] = timed(once, runs)
+            finally:
+                core.close()
+    return out
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1,10,100,1000")
@@ -163,7 +184,7 @@ def main(argv=None) -> None:
                 prof = cProfile.Profile()
                 prof.runcall(lambda: [once() for _ in range(a.runs)])
                 pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(18)
-            core.worker.shutdown()
+            core.close()
 
 
 if __name__ == "__main__":
