@@ -50,6 +50,7 @@ bench-deps: venv
 
 $(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[bench]' --config-settings editable_mode=compat
+	$(PY) -m hooks.launcher >/dev/null  # pip wrote its console script back
 	@touch $@
 
 # one table (and bench/out/bench.png): tether against netavark, CNI, tmpfs,
