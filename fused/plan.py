@@ -66,6 +66,16 @@ def changed_names(old: StoreSnapshot, new: StoreSnapshot) -> set[str]:
     return out
 
 
+def delta_names(old: StoreSnapshot, new: StoreSnapshot) -> set[str]:
+    """`changed_names`, from the change set `new` was made with when it was
+    made from the snapshot at `old`'s revision (a commit nobody else raced):
+    a few names, however many records. Same revision, same records."""
+    if new.delta is not None and new.delta[0] == old.revision:
+        ch = new.delta[1]
+        return set(ch.containers) | set(ch.ip_leases) | {k[0] for k in ch.links}
+    return changed_names(old, new)
+
+
 def update_topology(prev: Topology, old: StoreSnapshot, new: StoreSnapshot, names: set[str]) -> Topology:
     """`topology(new)` from `prev` (that of `old`), rebuilding only `names`' nodes."""
     if old.containers is new.containers and old.ip_leases is new.ip_leases:

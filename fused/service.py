@@ -136,7 +136,7 @@ class Service:
             return plan.topology(snap, self.cfg.network.strategy)
         if snap is pub.snap:
             return pub.topo
-        return plan.update_topology(pub.topo, pub.snap, snap, plan.changed_names(pub.snap, snap))
+        return plan.update_topology(pub.topo, pub.snap, snap, plan.delta_names(pub.snap, snap))
 
     async def apply_firewall(self, snap: StoreSnapshot) -> int:
         """Make the firewall match `snap`; returns the commits it took."""
@@ -191,7 +191,7 @@ class Service:
             files = {name: render.fileset(v, r) for name, v in views.items()}
             dns_data = render.dns_data(topo, views)
         else:
-            names = plan.changed_names(pub.snap, snap)
+            names = plan.delta_names(pub.snap, snap)
             topo = plan.update_topology(pub.topo, pub.snap, snap, names)
             touched = graph.affected(pub.topo, topo, names)
             views = graph.update_views(pub.views, topo, touched)

@@ -39,6 +39,10 @@ class StoreSnapshot:
     ip_leases: dict[str, IpLease] = field(default_factory=dict)  # by container name
     port_leases: dict[PortKey, PortLease] = field(default_factory=dict)
     links: dict[LinkKey, Link] = field(default_factory=dict)
+    # (revision, change): this snapshot is the one at `revision` with `change`
+    # applied (None: read whole). Whoever holds the snapshot at that revision
+    # knows what differs without comparing every record.
+    delta: tuple[int, ChangeSet] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -82,6 +86,7 @@ def apply(snap: StoreSnapshot, change: ChangeSet, revision: int | None = None) -
         _merged(snap.ip_leases, change.ip_leases),
         _merged(snap.port_leases, change.port_leases),
         _merged(snap.links, change.links),
+        (snap.revision, change),
     )
 
 

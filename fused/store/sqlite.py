@@ -336,8 +336,22 @@ class SqliteStore:
             k for k, l in ch.links.items()
             if before is not None and l is not None and (old := before.links.get(k)) is not None and old.facade == l.facade
         }
+        # a move changes the target of every link to OLD and nothing else of
+        # them: one statement by target, not one per link
+        by_target: dict[tuple[str, str], list] = {}
+        for k in kept:
+            old, new = before.links[k], ch.links[k]
+            by_target.setdefault((old.target, new.target) if old.group == new.group else ("", ""), []).append(k)
+        whole = {}
+        if len(by_target) == 1 and ("", "") not in by_target:
+            ((old_t, new_t), ks), = by_target.items()
+            if sum(1 for l in before.links.values() if l.target == old_t) == len(ks):
+                whole[(old_t, new_t)] = ks
+        for (old_t, new_t) in whole:
+            self.db.execute("UPDATE links SET target=? WHERE target=?", (new_t, old_t))
         many("UPDATE links SET target=?, grp=? WHERE consumer=? AND alias=?",
-             [(ch.links[k].target, ch.links[k].group, *k) for k in kept])
+             [(ch.links[k].target, ch.links[k].group, *k) for k in kept
+              if (before.links[k].target, ch.links[k].target) not in whole])
         many("DELETE FROM links WHERE consumer=? AND alias=?", [k for k in ch.links if k not in kept])
         many("DELETE FROM port_leases WHERE host_port=? AND proto=?", list(ch.port_leases))
         many("DELETE FROM ip_leases WHERE name=?", [(name,) for name in ch.ip_leases])

@@ -121,6 +121,30 @@ def test_addresses_and_facades_swap_in_one_change_set_in_any_order(store):
     assert (back.ip_leases, back.links) == (before.ip_leases, before.links)
 
 
+def test_a_move_of_every_link_to_a_target_and_a_partial_one_read_back_alike(store, tmp_path):
+    """A move writes one UPDATE by target when every link to OLD moves; a
+    change that moves only some of them goes link by link. Both read back
+    exactly what was committed (a fresh read, not the cached snapshot)."""
+    for n in ("t1", "t2", "c"):
+        add(store, n)
+    d = Draft(store.snapshot())
+    for i in range(5):
+        d.put_link(Link("c", f"s{i}", "t1", f"10.214.0.{i + 1}", "t1"))
+    d.put_link(Link("t2", "back", "t1", "10.214.0.9", "t1b"))
+    snap = store.commit(d.change, d.snap.revision)
+    whole = ChangeSet(links={k: l._replace(target="t2") for k, l in snap.links.items()})
+    snap = store.commit(whole, snap.revision)
+    part = ChangeSet(links={("c", "s0"): snap.links[("c", "s0")]._replace(target="t1")})
+    snap = store.commit(part, snap.revision)
+    if isinstance(store, SqliteStore):
+        fresh = SqliteStore(store.path)
+        try:
+            assert fresh.snapshot().links == snap.links
+        finally:
+            fresh.close()
+    assert sorted(l.target for l in snap.links.values()) == ["t1"] + ["t2"] * 5
+
+
 def test_both_stores_refuse_a_lease_for_no_container(store):
     with pytest.raises((StoreError, sqlite3.IntegrityError)):
         store.commit(ChangeSet(ip_leases={"ghost": IpLease("10.0.0.9", "ghost", "m", 1.0)}), store.snapshot().revision)
