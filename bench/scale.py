@@ -105,9 +105,10 @@ def measure(n: int, rootfs: Path, tmp: Path, n_reads: int = 20000, parallel: int
                     d.run("probe", bp)
                     d.kill("probe")
                     d.cli("rm", "probe")
-                reg = [float(line.rsplit(" in ", 1)[1].split()[0]) for line in d.log.read_text().splitlines()
-                       if "registered probe " in line]
-                out["reg_ms"][k] = reg[-runs:]
+                lines = [line for line in d.log.read_text().splitlines() if "registered probe " in line][-runs:]
+                out["reg_ms"][k] = [float(line.rsplit(" in ", 1)[1].split()[0]) for line in lines]
+                # the daemon's steps (plan, wire, firewall, store, publish), as its log gives them
+                out.setdefault("reg_steps", {})[k] = [line.rsplit(" ms (", 1)[-1].rstrip(")") for line in lines]
 
             def snapshot(k, with_probe: bool = True) -> None:
                 if with_probe:
@@ -186,6 +187,9 @@ def main(argv=None) -> None:
         print(f"{label + ' med/p90':36} {cells[0]:>13} {cells[1]:>13} {cells[2]:>13} {statistics.median(r[k][n]) / base:6.2f}")
     m1, mn = statistics.median(r["reg_ms"][1]), statistics.median(r["reg_ms"][n])
     print(f"{'one more registration (ms, daemon)':36} {m1:13.1f} {mn:13.1f} {'':>13} {mn / m1:6.2f}")
+    for k in (1, n):
+        for steps in r.get("reg_steps", {}).get(k, []):
+            print(f"  registration at {k}: {steps}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ process is gone counts as stopped.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -155,14 +155,34 @@ def register(
     return Registered(reg.name, ip, mac, fresh=row is None, evicted=tuple(evicted), dead=dead)
 
 
-def _holders(d: Draft, alive: Alive | None) -> dict[str, Holder]:
-    """address -> who holds it; with `alive`, a running holder whose process is
-    gone counts as stopped (its poststop never came)."""
-    held = {}
-    for lease in d.ip_leases():
-        c = d.container(lease.name)
-        held[lease.ip] = Holder(lease.name, c.running and (alive is None or alive(c)), c.stopped_at)
-    return held
+class _Holders(Mapping):
+    """address -> who holds it, built per address asked: the allocator asks
+    about one or a few (the sticky one, the first free), and a Holder for
+    each of 1000 leases cost more than the rest of a registration. With
+    `alive`, a running holder whose process is gone counts as stopped (its
+    poststop never came)."""
+
+    def __init__(self, d: Draft, alive: Alive | None) -> None:
+        self._d, self._alive = d, alive
+        self._names = {lease.ip: lease.name for lease in d.ip_leases()}
+
+    def __getitem__(self, ip: str) -> Holder:
+        name = self._names[ip]
+        c = self._d.container(name)
+        return Holder(name, c.running and (self._alive is None or self._alive(c)), c.stopped_at)
+
+    def __contains__(self, ip: object) -> bool:
+        return ip in self._names
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _holders(d: Draft, alive: Alive | None) -> Mapping[str, Holder]:
+    return _Holders(d, alive)
 
 
 def _mark_dead_stopped(d: Draft, alive: Alive, now: float) -> list[str]:

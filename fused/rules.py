@@ -62,11 +62,6 @@ def group_chain(group: str) -> str:
 
 
 @functools.lru_cache(maxsize=65536)
-def _ip_key(ip: str) -> tuple[int, ...]:
-    return tuple(map(int, ip.split(".")))
-
-
-@functools.lru_cache(maxsize=65536)
 def _link_rule(facade: str, group: str, bridge: str) -> Rule:
     return Rule("@" + group_chain(group), dst=f"{facade}/32", in_iface=bridge)
 
@@ -80,8 +75,13 @@ def build(settings: RuleSettings, topo: Topology | None = None, ports: list[Port
         t = topo.nodes.get(e.target)
         if e.facade and t is not None and t.ip:
             group_ip[e.group] = t.ip
-    for e in sorted((e for e in topo.edges if e.facade and e.group in group_ip), key=lambda e: _ip_key(e.facade)):
-        rs.add("nat", "PREROUTING", _link_rule(e.facade, e.group, settings.bridge))
+    # in the topology's order (by consumer, then alias): no sort of a
+    # thousand rules on every change, and a new link lands next to its
+    # consumer's others
+    bridge = settings.bridge
+    rs.chains[("nat", "PREROUTING")] = [
+        _link_rule(e.facade, e.group, bridge) for e in topo.edges if e.facade and e.group in group_ip
+    ]
     for g, ip in sorted(group_ip.items()):
         rs.add("nat", group_chain(g), Rule("DNAT", to=ip, comment=f"tether group {g}"))
     # published ports: from elsewhere (PREROUTING) and from the host (OUTPUT)

@@ -116,6 +116,8 @@ class Service:
         self.last_commits = 0
         # OCI id -> how to undo its registration: what an `abort` from the hook undoes
         self._undo: dict[str, Undo] = {}
+        # seconds per step of the last request, for its log line
+        self.steps: dict[str, float] = {}
 
     # --- kernel helpers ---------------------------------------------------
     def _endpoint(self, name: str, pid: int, ip: str, mac: str) -> Endpoint:
@@ -152,9 +154,12 @@ class Service:
         if not d.change and not firewall_anyway:
             self.last_commits = 0
             return d.snap
+        t0 = time.perf_counter()
         try:
             self.last_commits = await self.apply_firewall(d.after())
+            t1 = time.perf_counter()
             snap = self.store.commit(d.change, d.snap.revision) if d.change else d.snap
+            t2 = time.perf_counter()
         except BaseException:
             with trio.CancelScope(shield=True):
                 try:
@@ -165,6 +170,7 @@ class Service:
                     await undo()
             raise
         self._publish(snap)
+        self.steps.update(firewall=t1 - t0, store=t2 - t1, publish=time.perf_counter() - t2)
         return snap
 
     async def _after_commit(self, what: str, fn, *args) -> list[str]:
@@ -300,6 +306,7 @@ class Service:
         async with self.lock:
             d = Draft(self.store.snapshot())
             done = plan.register(d, reg, ino, runtime, self.cfg.network, time.time(), self._alive, host_ports.in_use)
+            t_plan = time.perf_counter()
             ep = self._endpoint(reg.name, reg.pid, done.ip, done.mac)
             if done.same_start:
                 # the same start seen twice: its files are mounted already
@@ -308,6 +315,7 @@ class Service:
                 return {"mounts": "", **self._summary(d.snap, reg.name)}
             mounts = self._mounts(reg, spec)
             await self.worker.run(self.wiring.wire, ep)
+            self.steps = {"plan": t_plan - t0, "wire": time.perf_counter() - t_plan}
 
             async def unwire():
                 await self.worker.run(self.wiring.unwire, ep.veth)
@@ -321,8 +329,9 @@ class Service:
         for name in done.evicted:
             log.info("evicted %s for %s", name, reg.name)
         log.info(
-            "registered %s (id %s, pid %d) at %s in %.1f ms",
+            "registered %s (id %s, pid %d) at %s in %.1f ms (%s)",
             reg.name, reg.id, reg.pid, done.ip, (time.perf_counter() - t0) * 1000,
+            ", ".join(f"{k} {v * 1000:.1f}" for k, v in self.steps.items()),
         )
         # first in the answer: the files the hook binds into the container
         # (those config.json does not mount already), for the hook to find
