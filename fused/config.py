@@ -74,7 +74,8 @@ class NetworkConfig(_Strict):
 
 
 class FirewallConfig(_Strict):
-    driver: Literal["iptables", "nftables", "none"] = "iptables"
+    # auto: nftables where libnftables works, else iptables (python-iptables)
+    driver: Literal["auto", "nftables", "iptables", "none"] = "auto"
     chain_prefix: str = "TETHER"
 
     @field_validator("chain_prefix")
@@ -82,8 +83,9 @@ class FirewallConfig(_Strict):
     def _prefix(cls, v: str) -> str:
         # chain names are at most 28 characters; the longest suffix we add is
         # "-POSTROUTING" (12), plus room for a per-link suffix.
-        if not re.fullmatch(r"[A-Za-z0-9_-]{1,12}", v):
-            raise ValueError("chain_prefix must be 1-12 of [A-Za-z0-9-_]")
+        # it names the nftables table too: nft takes a name starting with a letter
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,11}", v):
+            raise ValueError("chain_prefix must be 1-12 of [A-Za-z0-9-_], starting with a letter")
         return v
 
 

@@ -19,6 +19,7 @@ from .fs.server import log_format
 from .net import firewall as fw
 from .net.wiring import Wiring, Worker
 from .service import Service
+from .errors import FirewallError
 from .store.sqlite import SqliteStore, StoreDamaged, StoreError, quarantine
 
 log = logging.getLogger("tether")
@@ -115,12 +116,15 @@ async def run(cfg: config_mod.Config, log_level: str = "info", rebuild_from: lis
     in these runc roots besides runc's default for the containers' ids."""
     _prepare_run_dir(cfg)
     lock = _lock(cfg)
+    wiring, firewall = _parts(cfg)  # an unusable firewall driver stops here, before anything is touched
+    log.info("firewall: %s driver, prefix %s", fw.choose(cfg.firewall.driver), cfg.firewall.chain_prefix)
+    for what in fw.remove_others(cfg.firewall.driver, cfg.firewall.chain_prefix):
+        log.warning("firewall: removed %s, left by another driver (the driver is %s now)", what, fw.choose(cfg.firewall.driver))
     files = session.FileService(cfg.run_dir, cfg.fs_dir, log_level)
-    store = wiring = worker = None
+    store = worker = None
     try:
         how = files.start()
         log.info("served files: %s at %s (file server pid %s)", how, cfg.fs_dir, files.pid)
-        wiring, firewall = _parts(cfg)
         worker = Worker("tether-kernel")
         store = await open_store(cfg, wiring, worker, rebuild=rebuild_from is not None)
         if rebuild_from is not None:  # before the first publish: the file server still serves the last snapshot
@@ -146,6 +150,7 @@ async def run(cfg: config_mod.Config, log_level: str = "info", rebuild_from: lis
                 await nursery.start(responder.serve_tcp)
             await nursery.start(control.serve, cfg.socket_path, service.dispatch)
             await nursery.start(service.watch_liveness)
+            await nursery.start(service.watch_firewall)
             nursery.start_soon(trim_memory, service)
             log.info("tether-fused ready: socket %s, bridge %s, subnet %s", cfg.socket_path, cfg.network.bridge, cfg.network.subnet)
             sd_notify("READY=1")
@@ -192,7 +197,11 @@ def cleanup(cfg: config_mod.Config) -> None:
     wiring.delete_bridge()
     wiring.close()
     firewall.teardown()
-    done.append(f"removed firewall chains {cfg.firewall.chain_prefix}-* and the jumps into them")
+    done.append(f"removed firewall chains {cfg.firewall.chain_prefix}-* and the jumps into them"
+                if fw.choose(cfg.firewall.driver) == "iptables" else
+                f"removed firewall table inet {cfg.firewall.chain_prefix}"
+                if fw.choose(cfg.firewall.driver) == "nftables" else "firewall: driver none, nothing to remove")
+    done += [f"removed {what}, left by another driver" for what in fw.remove_others(cfg.firewall.driver, cfg.firewall.chain_prefix)]
     for line in done:  # what it removed, one line each (stdout: the user asked for it)
         print(f"tether-fused --cleanup: {line}")
     for name in ("fused.sock", "fused.pid", "fused.lock"):
@@ -263,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
             cleanup(cfg)
             return
         trio.run(run, cfg, a.log_level, a.runc_root if a.rebuild_store else None)
-    except (StoreError, AlreadyRunning, session.MountError) as e:
+    except (StoreError, FirewallError, AlreadyRunning, session.MountError) as e:
         print(f"tether-fused: {e}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:  # e.g. run_dir not writable

@@ -31,6 +31,10 @@ class WiringError(TetherError):
     """The kernel refused a piece of a container's network (veth, address, route)."""
 
 
+class FirewallError(TetherError):
+    """The configured firewall driver cannot work on this host."""
+
+
 class ServiceError(TetherError):
     """A well-formed request the current state does not allow (no such
     container, a running container to remove, a process already gone)."""

@@ -35,6 +35,7 @@ log = logging.getLogger("tether.service")
 __all__ = ["Service", "ServiceError", "hook_input"]
 
 MAX_STATE = 1 << 20
+FIREWALL_INTERVAL = 1.0  # s: tether's rules, flushed by someone else, are back within two
 LIVENESS_INTERVAL = 2.0  # s: a container whose process died without a poststop is stopped within two
 
 
@@ -283,6 +284,21 @@ class Service:
                 await self.stop_dead()
             except Exception:  # a store that is locked for a moment: next round
                 log.exception("liveness check failed; trying again in %g s", interval)
+
+    async def watch_firewall(self, interval: float = FIREWALL_INTERVAL, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Someone flushed or deleted tether's rules (`nft flush ruleset`,
+        `iptables -t nat -F`, a firewalld reload): write them again, within
+        `interval`, from what the driver last wrote (the store's state)."""
+        task_status.started()
+        while True:
+            await trio.sleep(interval)
+            try:
+                lost = await self.worker.run(self.firewall.heal)
+            except Exception:  # noqa: BLE001 - the next round tries again
+                log.exception("firewall: checking tether's rules failed; trying again in %g s", interval)
+                continue
+            if lost:
+                log.warning("firewall: restored tether's rules; someone removed %s", "; ".join(lost))
 
     # --- hook operations --------------------------------------------------
     async def register(self, args: dict) -> dict:

@@ -86,6 +86,7 @@ class Daemon:
         strategy: str = "direct",
         ports: int = 100,
         upstreams: list[str] = (),
+        driver: str = "iptables",
     ) -> None:
         tag = "%06x" % random.randrange(1 << 24)
         self.tag = tag
@@ -93,6 +94,7 @@ class Daemon:
         self.rootfs = rootfs
         self.bridge = f"tb{tag}"
         self.chain_prefix = f"TT{tag.upper()}"
+        self.driver = driver
         self.subnet = free_subnet(prefix, range(100, 200), _TAKEN)
         self.facade = free_subnet(20, range(200, 250), _TAKEN)
         self.run_dir = self.dir / "run"
@@ -113,6 +115,7 @@ strategy = "{strategy}"
 
 [firewall]
 chain_prefix = "{self.chain_prefix}"
+driver = "{driver}"
 
 [dns]
 upstreams = {json.dumps(list(upstreams))}
@@ -323,6 +326,50 @@ def wait_for(pred, timeout: float = 10, interval: float = 0.02, what: str = "con
 def bridge_ports(bridge: str) -> list[str]:
     out = sh("ip", "-o", "link", "show", "master", bridge, check=False).stdout
     return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if line.strip()]
+
+
+def nft_dump(prefix: str) -> str:
+    """tether's nftables table of `prefix` as nft lists it; "" when there is none."""
+    return sh("nft", "list", "table", "inet", prefix, check=False).stdout
+
+
+def firewall_dump(d) -> str:
+    """What the kernel holds of daemon `d`'s firewall, in its driver's words."""
+    return nft_dump(d.chain_prefix) if d.driver == "nftables" else iptables_dump(d.chain_prefix)
+
+
+def firewall_state(d) -> list[str]:
+    """Daemon `d`'s firewall in a canonical form, to compare two moments:
+    sorted rules (and, for nftables, map elements), whatever order the
+    kernel lists chains and elements in."""
+    if d.driver != "nftables":
+        return sorted(iptables_dump(d.chain_prefix).splitlines())
+    p = sh("nft", "-j", "list", "table", "inet", d.chain_prefix, check=False)
+    if p.returncode != 0:
+        return []
+    out = []
+    for item in json.loads(p.stdout)["nftables"]:
+        if "chain" in item:
+            c = item["chain"]
+            out.append(f"chain {c['name']} {c.get('hook', '')} {c.get('prio', '')}")
+        elif "rule" in item:
+            out.append(f"rule {item['rule']['chain']} {json.dumps(item['rule']['expr'], sort_keys=True)}")
+        elif "map" in item:
+            out.append(f"map {item['map']['name']}")
+            out += [f"elem {item['map']['name']} {json.dumps(e, sort_keys=True)}" for e in item["map"].get("elem", [])]
+    return sorted(out)
+
+
+def forwards_host_port(d, port: int) -> bool:
+    """A published-port rule (or map element) for host port `port` exists."""
+    dump = firewall_dump(d)
+    return f". {port} :" in dump if d.driver == "nftables" else f"--dport {port}" in dump
+
+
+def dnats_to(d, ip: str) -> bool:
+    """A facade group's DNAT to `ip` exists."""
+    dump = firewall_dump(d)
+    return f"dnat ip to {ip} " in dump if d.driver == "nftables" else f"-j DNAT --to-destination {ip}" in dump
 
 
 def iptables_dump(prefix: str) -> str:

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from harness import FUSED, Daemon, address_in_hosts, host_port, iptables_dump, sh, tcp_get, wait_for
+from harness import FUSED, Daemon, address_in_hosts, dnats_to, firewall_dump, firewall_state, forwards_host_port, host_port, sh, tcp_get, wait_for
 from fused.protocol import request
 
 SLEEP = ["sleep", "1000000"]
@@ -36,9 +36,15 @@ def _try(ip, port):
         return None
 
 
+@pytest.fixture(scope="module", params=["nftables", "iptables"])
+def driver(request):
+    """The whole links suite runs with each firewall driver."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def fd(rootfs):
-    d = Daemon(rootfs, strategy="facade")
+def fd(rootfs, driver):
+    d = Daemon(rootfs, driver=driver, strategy="facade")
     try:
         d.start()
         d.start_container("db", two_servers("db"), "--expose", "5432", "--expose", "5433")
@@ -82,8 +88,8 @@ def test_direct_address_of_target_still_works(fd):
     assert ask(d, "web", d.container("db2")["ip"]) == "db2"
 
 
-def test_published_port_sticks_and_moves(rootfs):
-    with Daemon(rootfs, strategy="facade") as d:
+def test_published_port_sticks_and_moves(rootfs, driver):
+    with Daemon(rootfs, driver=driver, strategy="facade") as d:
         d.start()
         b = d.start_container("db", two_servers("db"), "--expose", "5432", "--publish", "5432")
         d.start_container("db2", two_servers("db2"), "--expose", "5432")
@@ -96,7 +102,7 @@ def test_published_port_sticks_and_moves(rootfs):
         assert ask(d, "web", d.gateway, hp) == "db"  # a container through the host port (hairpin)
         d.kill("db")
         assert d.container("db")["published"] == [pub]  # leased while stopped
-        assert f"--dport {hp}" not in iptables_dump(d.chain_prefix)  # no rule while stopped
+        assert not forwards_host_port(d, hp)  # no rule while stopped
         d.run("db", b)
         assert d.container("db")["published"] == [pub]
         assert host_get("127.0.0.1", hp) == "db"
@@ -124,8 +130,8 @@ def test_move_errors_change_nothing(fd):
     assert (d.cli_json("link", "ls"), d.cli_json("leases")) == before
 
 
-def test_move_needs_the_published_ports(rootfs):
-    with Daemon(rootfs, strategy="facade") as d:
+def test_move_needs_the_published_ports(rootfs, driver):
+    with Daemon(rootfs, driver=driver, strategy="facade") as d:
         d.start()
         d.start_container("a", two_servers("a"), "--expose", "5432", "--publish", "5432")
         d.start_container("b", SLEEP, "--expose", "80")
@@ -135,8 +141,8 @@ def test_move_needs_the_published_ports(rootfs):
         assert d.cli_json("leases") == before
 
 
-def test_host_port_pool_lru_and_running_holder(rootfs):
-    with Daemon(rootfs, strategy="facade", ports=3) as d:
+def test_host_port_pool_lru_and_running_holder(rootfs, driver):
+    with Daemon(rootfs, driver=driver, strategy="facade", ports=3) as d:
         d.start()
         b = {}
         for n in ("p1", "p2", "p3"):
@@ -164,10 +170,10 @@ def test_host_port_pool_lru_and_running_holder(rootfs):
         assert d.container("p2")["published"] == [] and "p6" in d.container("p2")["note"]
 
 
-def test_move_200_links_commits_once_and_rules_are_cleaned(rootfs):
-    with Daemon(rootfs, strategy="facade") as d:
+def test_move_200_links_commits_once_and_rules_are_cleaned(rootfs, driver):
+    with Daemon(rootfs, driver=driver, strategy="facade") as d:
         d.start()
-        base = iptables_dump(d.chain_prefix)
+        base = firewall_state(d)
         d.start_container("t1", two_servers("t1"), "--expose", "5432")
         d.start_container("t2", two_servers("t2"), "--expose", "5432")
         consumers = [f"c{i}" for i in range(20)]
@@ -182,31 +188,31 @@ def test_move_200_links_commits_once_and_rules_are_cleaned(rootfs):
             assert hosts.count(" t2\n") == 10 and " t1\n" not in hosts
         assert ask(d, "c7", "s3") == "t2"
         # restart: rules rebuilt from the store, no duplicates
-        rules = iptables_dump(d.chain_prefix)
+        rules = firewall_state(d)
         d.stop()
         d.start()
-        assert iptables_dump(d.chain_prefix) == rules
+        assert firewall_state(d) == rules
         d.stop()
         d.start()
-        assert iptables_dump(d.chain_prefix) == rules
+        assert firewall_state(d) == rules
         # everything stopped and removed: only the base chains and rules remain
         for c in consumers + ["t1", "t2"]:
             d.kill(c)
             d.cli("rm", c)
-        assert iptables_dump(d.chain_prefix) == base
+        assert firewall_state(d) == base
         d.stop()
         sh(FUSED, "--config", str(d.config), "--cleanup")
-        assert iptables_dump(d.chain_prefix) == ""
+        assert firewall_state(d) == []
         assert sh("ip", "link", "show", d.bridge, check=False).returncode != 0
         assert not d.run_dir.joinpath("fs").is_mount()
 
 
-def test_two_daemons_retargeting_at_once_lose_no_rule(fd, rootfs):
+def test_two_daemons_retargeting_at_once_lose_no_rule(fd, rootfs, driver):
     """libiptc rewrites whole tables: without the xtables lock, two daemons
     committing at once silently drop each other's changes."""
     import threading
 
-    with Daemon(rootfs, strategy="facade") as other:
+    with Daemon(rootfs, driver=driver, strategy="facade") as other:
         other.start()
         other.start_container("x1", two_servers("x1"))
         other.start_container("x2", two_servers("x2"))
@@ -230,17 +236,17 @@ def test_two_daemons_retargeting_at_once_lose_no_rule(fd, rootfs):
         # 101 alternating retargets each: both end on their first target, in the kernel too
         for d, consumer, alias, targets in jobs:
             ip = d.container(targets[0])["ip"]
-            assert f"-j DNAT --to-destination {ip}" in iptables_dump(d.chain_prefix), d.chain_prefix
+            assert dnats_to(d, ip), d.chain_prefix
             assert ask(d, consumer, alias) == targets[0]
         fd.cli("link", "retarget", "web", "database", "db")
 
 
-def test_a_host_port_a_host_process_holds_is_refused_or_skipped(rootfs):
+def test_a_host_port_a_host_process_holds_is_refused_or_skipped(rootfs, driver):
     """As podman and Docker: a host port some host process listens on is never
     taken over (explicit: refused in one line; automatic: skipped)."""
     import socket
 
-    with Daemon(rootfs, ports=10) as d:
+    with Daemon(rootfs, driver=driver, ports=10) as d:
         d.start()
         busy = socket.socket()
         busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -262,14 +268,14 @@ def test_a_host_port_a_host_process_holds_is_refused_or_skipped(rootfs):
             udp.close()
 
 
-def test_a_sticky_host_port_a_host_process_took_while_stopped_is_not_taken_back(rootfs):
+def test_a_sticky_host_port_a_host_process_took_while_stopped_is_not_taken_back(rootfs, driver):
     """A container's host ports are sticky, but never over a host process that
     started listening on one while the container was stopped: an automatic
     port is replaced (the note says so), an explicit one fails the start in
     one line."""
     import socket
 
-    with Daemon(rootfs, ports=10) as d:
+    with Daemon(rootfs, driver=driver, ports=10) as d:
         d.start()
         d.start_container("auto", ["sleep", "1000000"], "--expose", "80", "--publish", "80")
         d.start_container("fixed", ["sleep", "1000000"], "--expose", "80", "--publish", f"{d.port_base + 5}:80")
@@ -300,3 +306,22 @@ def test_a_sticky_host_port_a_host_process_took_while_stopped_is_not_taken_back(
         d.kill("fixed")
         d.run("fixed", d.dir / "bundles" / "fixed")  # the port is free again: it is its own
         assert d.container("fixed")["published"] == [f"0.0.0.0:{d.port_base + 5}->80/tcp"]
+
+
+def test_rules_removed_by_someone_else_come_back_within_2_s(fd, driver):
+    """`nft delete table` / `iptables -t nat -F PREFIX-PREROUTING`: the facade
+    breaks, and tether-fused writes its rules again from the store (no
+    duplicates), with the traffic through the facade working again."""
+    import time
+
+    assert ask(fd, "web", "database") == "db"
+    whole = firewall_state(fd)
+    if driver == "nftables":
+        sh("nft", "delete", "table", "inet", fd.chain_prefix)
+    else:
+        sh("iptables-legacy", "-w", "-t", "nat", "-F", f"{fd.chain_prefix}-PREROUTING")
+    t0 = time.monotonic()
+    wait_for(lambda: firewall_state(fd) == whole, timeout=5, what="the rules back")
+    assert time.monotonic() - t0 <= 2.5
+    assert ask(fd, "web", "database") == "db"
+    assert "restored tether's rules" in fd.log.read_text()

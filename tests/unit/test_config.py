@@ -31,7 +31,7 @@ def assert_defaults(c: Config) -> None:
     assert c.network.port_range == "40000-44999"
     assert c.network.ports == range(40000, 45000)
     assert c.network.strategy == "facade"
-    assert c.firewall.driver == "iptables"
+    assert c.firewall.driver == "auto"
     assert c.firewall.chain_prefix == "TETHER"
     assert c.dns.enabled is True
     assert c.dns.upstreams == ["host"]

@@ -1,17 +1,70 @@
 """Firewall drivers behind one small interface (base.Firewall)."""
 from __future__ import annotations
 
+from ...errors import FirewallError
 from .base import Firewall, NullFirewall, Rule, RuleSet
 
 
-def make(driver: str, prefix: str) -> Firewall:
-    if driver == "iptables":
-        from .iptables import IptablesFirewall
+def choose(driver: str) -> str:
+    """The driver `driver` means here: "auto" is nftables where libnftables
+    works, else iptables."""
+    if driver != "auto":
+        return driver
+    from . import nftables
 
+    return "nftables" if nftables.available() is None else "iptables"
+
+
+def make(driver: str, prefix: str) -> Firewall:
+    """The driver for [firewall] driver; FirewallError (one line, with the
+    fix) when it cannot work here."""
+    driver = choose(driver)
+    if driver == "nftables":
+        from . import nftables
+
+        problem = nftables.available()
+        if problem is not None:
+            raise FirewallError(
+                f"firewall driver nftables does not work here: {problem}; "
+                'install nftables, or set driver = "iptables" (or "auto") in [firewall]'
+            )
+        return nftables.NftablesFirewall(prefix)
+    if driver == "iptables":
+        try:
+            from .iptables import IptablesFirewall
+        except Exception as e:  # noqa: BLE001 - libiptc missing or broken: say so in one line
+            raise FirewallError(
+                f"firewall driver iptables does not work here ({type(e).__name__}: {e}); "
+                'install iptables (apt-get install iptables), or set driver = "nftables" in [firewall]'
+            ) from None
         return IptablesFirewall(prefix)
     if driver == "none":
         return NullFirewall(prefix)
-    raise ValueError(f"firewall driver {driver!r} is not available yet: use iptables or none")
+    raise FirewallError(f"unknown firewall driver {driver!r}: use auto, nftables, iptables or none")
 
 
-__all__ = ["Firewall", "NullFirewall", "Rule", "RuleSet", "make"]
+def remove_others(driver: str, prefix: str) -> list[str]:
+    """Remove what another driver wrote under `prefix` (an upgrade that
+    switched the driver, e.g. to "auto" = nftables): its DNATs would go on
+    answering for the old targets. Returns what was removed."""
+    driver = choose(driver)
+    out = []
+    if driver != "nftables":
+        from . import nftables
+
+        if nftables.available() is None and nftables.NftablesFirewall(prefix).exists():
+            nftables.NftablesFirewall(prefix).teardown()
+            out.append(f"nftables table inet {prefix}")
+    if driver != "iptables":
+        try:
+            from .iptables import IptablesFirewall
+        except Exception:  # noqa: BLE001 - no libiptc: nothing of it can exist
+            return out
+        fw = IptablesFirewall(prefix)
+        if fw.dump():
+            fw.teardown()
+            out.append(f"iptables chains {prefix}-*")
+    return out
+
+
+__all__ = ["Firewall", "FirewallError", "NullFirewall", "Rule", "RuleSet", "choose", "make", "remove_others"]

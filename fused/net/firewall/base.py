@@ -68,6 +68,14 @@ class Firewall(Protocol):
     def dump(self) -> dict[tuple[str, str], list[str]]:
         """What the kernel holds in our chains, for tests and doctor."""
 
+    def missing(self) -> list[str]:
+        """What of our last write the kernel does not hold (one line each)."""
+
+    def heal(self) -> list[str]:
+        """Write our rules again when someone changed them since our last
+        write (a flush, a deleted table or chain or jump); returns what was
+        missing, [] when nothing was (cheap: called every second)."""
+
 
 class NullFirewall:
     """driver = "none": the user manages forwarding and NAT themselves."""
@@ -86,3 +94,9 @@ class NullFirewall:
 
     def dump(self) -> dict[tuple[str, str], list[str]]:
         return {}
+
+    def missing(self) -> list[str]:
+        return []
+
+    def heal(self) -> list[str]:
+        return []

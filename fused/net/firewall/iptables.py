@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import subprocess
 import sys
 import warnings
 
@@ -219,6 +220,55 @@ class IptablesFirewall:
         for chain in ours:
             table.delete_chain(chain.name)
         table.commit()
+
+    def missing(self) -> list[str]:
+        """What of our last write the kernel does not hold: our chains, their
+        rules (counted) and the jumps from the built-in chains, read with
+        iptables-legacy-save (one read of each table, no rule objects)."""
+        out = []
+        for tname, want in self._applied.items():
+            if want is not None:
+                out += self._missing_in(tname, want)
+        return out
+
+    def _missing_in(self, tname: str, want: dict[str, list[Rule]]) -> list[str]:
+        text = subprocess.run(["iptables-legacy-save", "-t", tname], capture_output=True, text=True, check=True).stdout
+        mine = self.prefix + "-"
+        chains: dict[str, int] = {}
+        jumps: set[str] = set()
+        for line in text.splitlines():
+            if line.startswith(":" + mine):
+                chains.setdefault(line[1:].split()[0][len(mine):], 0)
+            elif line.startswith("-A "):
+                parts = line.split()
+                chain = parts[1]
+                if chain.startswith(mine):
+                    suffix = chain[len(mine):]
+                    chains[suffix] = chains.get(suffix, 0) + 1
+                elif "-j" in parts and parts[parts.index("-j") + 1] == mine + chain:
+                    jumps.add(chain)
+        out = []
+        for suffix, rules in want.items():
+            if suffix not in chains:
+                out.append(f"{tname} chain {mine}{suffix}")
+            elif chains[suffix] != len(rules):
+                out.append(f"{tname} chain {mine}{suffix}: {chains[suffix]} of its {len(rules)} rules")
+            if suffix in _HOOK_NAMES and suffix not in jumps:
+                out.append(f"{tname} jump from {suffix} to {mine}{suffix}")
+        return out
+
+    def heal(self) -> list[str]:
+        out = []
+        for tname, want in self._applied.items():
+            if want is None:
+                continue
+            lost = self._missing_in(tname, want)
+            if lost:
+                with xtables_lock():
+                    self._setup_table(tname)
+                    self._apply_table(tname, None, want)
+                out += lost
+        return out
 
     def dump(self) -> dict[tuple[str, str], list[str]]:
         out: dict[tuple[str, str], list[str]] = {}

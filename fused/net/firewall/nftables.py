@@ -1,0 +1,384 @@
+"""nftables driver: one table per daemon, lookups in maps instead of a rule per link.
+
+    table inet <prefix> {
+        map links { type ipv4_addr : verdict }       facade -> goto <group chain>
+        map ports { type inet_proto . inet_service : ipv4_addr . inet_service }
+                                                    (proto, host port) -> address . port
+        chain G<hash> { dnat ip to TARGET }         one per link group
+        chain prerouting  (nat, dstnat)     iifname BRIDGE ip daddr vmap @links
+                                            fib daddr type local dnat ip to meta l4proto . th dport map @ports
+        chain output      (nat, -100)       the published ports again, for the host itself
+        chain postrouting (nat, srcnat)     masquerade (rules.build's POSTROUTING)
+        chain forward     (filter, filter)  dangling facades rejected, the bridge accepted
+    }
+
+A move rewrites the one rule of a group chain and a retarget one element of
+@links: neither grows with the number of links. Every apply is one atomic
+transaction through libnftables (the library `nft` itself is; in process, so
+no fork per change, like kube-proxy's knftables feeding `nft -f -`): the
+difference from the last write when the kernel still holds it, else (the
+difference failed, or nothing was written yet) the whole table replaced.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import socket
+import struct
+import threading
+
+from .base import Rule, RuleSet
+
+_BASE = {
+    ("nat", "PREROUTING"): ("prerouting", "type nat hook prerouting priority dstnat; policy accept;"),
+    ("nat", "OUTPUT"): ("output", "type nat hook output priority -100; policy accept;"),
+    ("nat", "POSTROUTING"): ("postrouting", "type nat hook postrouting priority srcnat; policy accept;"),
+    ("filter", "FORWARD"): ("forward", "type filter hook forward priority filter; policy accept;"),
+}
+_OUTPUT_JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON
+
+
+class NftError(Exception):
+    pass
+
+
+class Nft:
+    """libnftables through ctypes: one context, used by one thread at a time."""
+
+    def __init__(self) -> None:
+        try:
+            lib = ctypes.CDLL("libnftables.so.1", use_errno=True)
+        except OSError as e:
+            raise NftError(f"libnftables is not installed ({e}): apt-get install nftables") from None
+        lib.nft_ctx_new.restype = ctypes.c_void_p
+        lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        for f in ("nft_ctx_buffer_output", "nft_ctx_buffer_error"):
+            getattr(lib, f).argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_output_set_flags.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+        lib.nft_ctx_output_get_flags.argtypes = [ctypes.c_void_p]
+        lib.nft_ctx_output_get_flags.restype = ctypes.c_uint
+        lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        lib.nft_run_cmd_from_buffer.restype = ctypes.c_int
+        for f in ("nft_ctx_get_output_buffer", "nft_ctx_get_error_buffer"):
+            getattr(lib, f).argtypes = [ctypes.c_void_p]
+            getattr(lib, f).restype = ctypes.c_char_p
+        self._lib = lib
+        self._ctx = lib.nft_ctx_new(0)
+        if not self._ctx:
+            raise NftError("libnftables could not make a context")
+        lib.nft_ctx_buffer_output(self._ctx)
+        lib.nft_ctx_buffer_error(self._ctx)
+        self._lock = threading.Lock()
+
+    def run(self, script: str, as_json: bool = False) -> str:
+        """Run an nft script as one transaction; its output. NftError with nft's
+        own message when the kernel (or the parser) refuses it: then nothing of
+        it was applied."""
+        with self._lock:
+            lib, ctx = self._lib, self._ctx
+            flags = lib.nft_ctx_output_get_flags(ctx)
+            lib.nft_ctx_output_set_flags(ctx, (flags | _OUTPUT_JSON) if as_json else (flags & ~_OUTPUT_JSON))
+            rc = lib.nft_run_cmd_from_buffer(ctx, script.encode())
+            out = (lib.nft_ctx_get_output_buffer(ctx) or b"").decode()
+            err = (lib.nft_ctx_get_error_buffer(ctx) or b"").decode()
+        if rc != 0:
+            raise NftError(" ".join(err.split()) or f"nft failed ({rc})")
+        return out
+
+
+NETLINK_NETFILTER = 12
+_GETGEN = (10 << 8) | 16  # NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETGEN
+_NLMSG_ERROR = 2
+
+
+def generation() -> int:
+    """The nf_tables ruleset generation: every committed transaction, by
+    anyone, raises it. One netlink round trip (NFT_MSG_GETGEN), about 20 µs:
+    an apply or a check that sees the generation of our own last write knows
+    that nobody changed anything since, without listing the table."""
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER) as s:
+        s.bind((0, 0))
+        s.sendto(struct.pack("=IHHII", 20, _GETGEN, 1, 1, 0) + struct.pack("=BBH", 0, 0, 0), (0, 0))
+        data = s.recv(65536)
+    length, kind = struct.unpack_from("=IH", data)
+    if kind == _NLMSG_ERROR:
+        (err,) = struct.unpack_from("=i", data, 16)
+        raise OSError(-err, os.strerror(-err))
+    off = 16 + 4  # nlmsghdr, nfgenmsg
+    while off + 4 <= length:
+        alen, atype = struct.unpack_from("=HH", data, off)
+        if atype & 0x7FFF == 1:  # NFTA_GEN_ID, big-endian u32
+            return struct.unpack_from(">I", data, off + 4)[0]
+        off += (alen + 3) & ~3
+    raise OSError("no generation in the nf_tables answer")
+
+
+def available() -> str | None:
+    """None when nftables works here, else why not (one line)."""
+    try:
+        Nft().run("list tables")
+    except NftError as e:
+        return str(e)
+    return None
+
+
+def _quote(iface: str) -> str:
+    return '"' + iface.replace('"', "") + '"'
+
+
+def rule_text(rule: Rule, chain_of) -> str:
+    """A generic Rule as an nft rule (inet family: IPv4 matches say `ip`)."""
+    parts = []
+    if rule.in_iface:
+        parts.append(f"iifname {_quote(rule.in_iface)}")
+    if rule.out_iface:
+        parts.append(f"oifname {_quote(rule.out_iface)}")
+    elif rule.not_out_iface:
+        parts.append(f"oifname != {_quote(rule.not_out_iface)}")
+    if rule.src:
+        parts.append(f"ip saddr {rule.src}")
+    if rule.dst:
+        parts.append(f"ip daddr {rule.dst}")
+    elif rule.not_dst:
+        parts.append(f"ip daddr != {rule.not_dst}")
+    if rule.proto:
+        parts.append(f"{rule.proto} dport {rule.dport}" if rule.dport is not None else f"meta l4proto {rule.proto}")
+    if rule.dst_local:
+        parts.append("fib daddr type local")
+    if rule.ctstate:
+        parts.append(f"ct status {rule.ctstate.lower()}" if rule.ctstate == "DNAT" else f"ct state {rule.ctstate.lower()}")
+    t = rule.target
+    if t.startswith("@"):
+        parts.append(f"goto {chain_of(t[1:])}")
+    elif t == "DNAT":
+        parts.append(f"dnat ip to {rule.to}")
+    else:
+        parts.append({"ACCEPT": "accept", "REJECT": "reject", "MASQUERADE": "masquerade", "RETURN": "return"}[t])
+    if rule.comment:
+        parts.append('comment "' + rule.comment.replace('"', "")[:120] + '"')
+    return " ".join(parts)
+
+
+class Desired:
+    """What the table should hold: chains (name -> rules, base chains by
+    their hook name), and the two maps' elements (key -> value, as nft text)."""
+
+    def __init__(self, rules: RuleSet) -> None:
+        self.chains: dict[str, tuple[str, ...]] = {}
+        self.links: dict[str, str] = {}
+        self.ports: dict[str, str] = {}
+        group = {}  # group chain suffix -> its DNAT target
+        for (table, suffix), rs in rules.chains.items():
+            if (table, suffix) in _BASE:
+                continue
+            group[suffix] = rs
+        for suffix, rs in group.items():
+            self.chains[suffix] = tuple(rule_text(r, str) for r in rs)
+        bridge = None
+        base: dict[str, list[str]] = {name: [] for name, _ in _BASE.values()}
+        for key, (name, _) in _BASE.items():
+            for r in rules.chains.get(key, []):
+                if r.target.startswith("@") and r.dst and key == ("nat", "PREROUTING"):
+                    self.links[r.dst.removesuffix("/32")] = f"goto {r.target[1:]}"
+                    bridge = r.in_iface
+                elif r.target == "DNAT" and r.dst_local and r.proto and r.dport is not None:
+                    ip, _, port = r.to.rpartition(":")
+                    self.ports[f"{r.proto} . {r.dport}"] = f"{ip} . {port}"
+                else:
+                    base[name].append(rule_text(r, str))
+        lookups = {
+            "prerouting": ([f"iifname {_quote(bridge)} ip daddr vmap @links"] if bridge else [])
+            + ["fib daddr type local dnat ip to meta l4proto . th dport map @ports"],
+            "output": ["fib daddr type local dnat ip to meta l4proto . th dport map @ports"],
+        }
+        for name, rs in base.items():
+            self.chains[name] = tuple(lookups.get(name, []) + rs)
+
+    @staticmethod
+    def is_base(name: str) -> bool:
+        return any(name == n for n, _ in _BASE.values())
+
+
+def _text(v) -> str:
+    """A map key or value of `nft -j` as this driver writes it."""
+    if isinstance(v, dict):
+        if "concat" in v:
+            return " . ".join(_text(x) for x in v["concat"])
+        for verdict in ("goto", "jump"):
+            if verdict in v:
+                return f"{verdict} {v[verdict]['target']}"
+        if "elem" in v:
+            return _text(v["elem"]["val"])
+    return str(v)
+
+
+def _element(e) -> tuple[str, str]:
+    key, value = e
+    return _text(key), _text(value)
+
+
+def _elements(d: dict[str, str]) -> str:
+    return ", ".join(f"{k} : {v}" for k, v in d.items())
+
+
+class NftablesFirewall:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.table = f"inet {prefix}"
+        self.nft = Nft()
+        self._applied: Desired | None = None
+        self._gen: int | None = None  # the generation our last write left
+        self.full_writes = 0  # how often the whole table was written (tests, doctor)
+
+    # --- the driver protocol ---------------------------------------------
+    def setup(self) -> None:
+        """Nothing until the first apply writes the whole table; a table left
+        by an earlier run is replaced then, whole and atomically."""
+        self._applied = None
+
+    def apply(self, rules: RuleSet) -> int:
+        want = Desired(rules)
+        have = self._applied
+        if have is not None and self._gen != generation() and self.missing(have):
+            have = None  # someone changed the table: the difference would be against nothing real
+        if have is not None:
+            script = self._diff(have, want)
+            if not script:
+                return 0
+            try:
+                self.nft.run(script)
+                self._wrote(want)
+                return 1
+            except NftError:
+                pass  # the kernel no longer holds what we wrote: write it whole
+        self.nft.run(self._full(want))
+        self._wrote(want)
+        self.full_writes += 1
+        return 1
+
+    def _wrote(self, want: Desired) -> None:
+        self._applied = want
+        self._gen = generation()
+
+    def missing(self, want: Desired | None = None) -> list[str]:
+        """What of `want` (default: our last write) the kernel does not hold:
+        chains, rules (counted per chain) and map elements, one line each;
+        [] when it holds all of it, and nothing else in our table."""
+        want = want or self._applied
+        if want is None:
+            return []
+        try:
+            data = json.loads(self.nft.run(f"list table {self.table}", as_json=True))
+        except NftError:
+            return [f"table {self.table}"]
+        rules: dict[str, int] = {}
+        maps: dict[str, dict[str, str]] = {}
+        for item in data.get("nftables", []):
+            if "chain" in item:
+                rules.setdefault(item["chain"]["name"], 0)
+            elif "rule" in item:
+                rules[item["rule"]["chain"]] = rules.get(item["rule"]["chain"], 0) + 1
+            elif "map" in item:
+                maps[item["map"]["name"]] = dict(_element(e) for e in item["map"].get("elem", []))
+        out = []
+        for name, rs in want.chains.items():
+            if name not in rules:
+                out.append(f"chain {name}")
+            elif rules[name] != len(rs):
+                out.append(f"chain {name}: {rules[name]} of its {len(rs)} rules")
+        out += [f"chain {name} (not ours)" for name in rules if name not in want.chains]
+        for m in ("links", "ports"):
+            if m not in maps:
+                out.append(f"map {m}")
+                continue
+            w, h = getattr(want, m), maps[m]
+            lost = [k for k, v in w.items() if h.get(k) != v]
+            if lost:
+                out.append(f"map {m}: {len(lost)} of its {len(w)} elements ({', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''})")
+            if len(h) > len(w) - len(lost):
+                out.append(f"map {m}: {len(h) - (len(w) - len(lost))} elements that are not ours")
+        return out
+
+    def heal(self) -> list[str]:
+        """Restore the table when someone changed it since our last write (a
+        flush, a deleted table, chain, rule or element): what was missing,
+        [] when nothing was. Cheap when nobody wrote: one generation query."""
+        if self._applied is None or self._gen == generation():
+            return []
+        lost = self.missing()
+        if lost:
+            self.nft.run(self._full(self._applied))
+            self.full_writes += 1
+        self._gen = generation()
+        return lost
+
+    def exists(self) -> bool:
+        try:
+            self.nft.run(f"list table {self.table}")
+        except NftError:
+            return False
+        return True
+
+    def teardown(self) -> None:
+        self.nft.run(f"add table {self.table}\ndelete table {self.table}\n")
+        self._applied = None
+
+    def dump(self) -> dict[tuple[str, str], list[str]]:
+        """{(table, chain or "map NAME"): its rules or elements, as nft lists them}."""
+        try:
+            data = json.loads(self.nft.run(f"list table {self.table}", as_json=True))
+        except NftError:
+            return {}
+        out: dict[tuple[str, str], list[str]] = {}
+        for item in data.get("nftables", []):
+            if "chain" in item:
+                out.setdefault((self.table, item["chain"]["name"]), [])
+            elif "rule" in item:
+                out.setdefault((self.table, item["rule"]["chain"]), []).append(json.dumps(item["rule"]["expr"]))
+            elif "map" in item:
+                m = item["map"]
+                out[(self.table, "map " + m["name"])] = [json.dumps(e) for e in m.get("elem", [])]
+        return out
+
+    # --- scripts ------------------------------------------------------------
+    def _full(self, want: Desired) -> str:
+        t = self.table
+        lines = [f"add table {t}", f"delete table {t}", f"add table {t}",
+                 f"add map {t} links {{ type ipv4_addr : verdict ; }}",
+                 f"add map {t} ports {{ type inet_proto . inet_service : ipv4_addr . inet_service ; }}"]
+        for name in want.chains:
+            if not Desired.is_base(name):
+                lines.append(f"add chain {t} {name}")
+        for key, (name, spec) in _BASE.items():
+            lines.append(f"add chain {t} {name} {{ {spec} }}")
+        for name, rs in want.chains.items():
+            lines += [f"add rule {t} {name} {r}" for r in rs]
+        if want.links:
+            lines.append(f"add element {t} links {{ {_elements(want.links)} }}")
+        if want.ports:
+            lines.append(f"add element {t} ports {{ {_elements(want.ports)} }}")
+        return "\n".join(lines) + "\n"
+
+    def _diff(self, have: Desired, want: Desired) -> str:
+        t = self.table
+        lines = []
+        for name, rs in want.chains.items():
+            if name not in have.chains:
+                lines.append(f"add chain {t} {name}")
+                lines += [f"add rule {t} {name} {r}" for r in rs]
+            elif have.chains[name] != rs:
+                lines.append(f"flush chain {t} {name}")
+                lines += [f"add rule {t} {name} {r}" for r in rs]
+        for m in ("links", "ports"):
+            a, b = getattr(have, m), getattr(want, m)
+            gone = [k for k, v in a.items() if b.get(k) != v]
+            new = {k: v for k, v in b.items() if a.get(k) != v}
+            if gone:
+                lines.append(f"delete element {t} {m} {{ {', '.join(gone)} }}")
+            if new:
+                lines.append(f"add element {t} {m} {{ {_elements(new)} }}")
+        for name in have.chains:
+            if name not in want.chains:  # after the elements that jump to it
+                lines += [f"flush chain {t} {name}", f"delete chain {t} {name}"]
+        return "\n".join(lines) + "\n" if lines else ""

@@ -1,0 +1,150 @@
+"""The firewall drivers against the kernel, without containers: nftables'
+table and maps, and both drivers healing what someone else removed.
+
+Every test uses its own prefix and removes its table or chains. The one that
+runs `nft flush ruleset` (as the issue's acceptance asks) saves the host's
+ruleset first and restores it after."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from fused import rules
+from fused.graph import Edge, Node, Topology
+from fused.net import firewall as fw_mod
+from fused.net.firewall.nftables import NftablesFirewall
+from fused.rules import PortForward, group_chain
+from harness import iptables_dump, nft_dump, sh
+
+from fused.net.firewall import nftables  # noqa: E402
+
+pytestmark = pytest.mark.skipif(nftables.available() is not None, reason="nftables does not work here")
+
+S = rules.RuleSettings(bridge="tbfw0", subnet="10.213.0.0/16", facade_subnet="10.214.0.0/16")
+PORTS = [PortForward(40000, "tcp", "10.213.0.3", 5432), PortForward(40001, "udp", "10.213.0.3", 53)]
+
+
+def topo(n: int, target: str = "db") -> Topology:
+    nodes = {"db": Node("db", "10.213.0.3", True), "db2": Node("db2", "10.213.0.4", True)}
+    nodes |= {f"c{i}": Node(f"c{i}", None, True) for i in range(n)}
+    edges = tuple(Edge(f"c{i}", "db", target, f"10.214.{i // 250}.{i % 250 + 1}", "db") for i in range(n))
+    return Topology(nodes, edges, "facade")
+
+
+def prefix() -> str:
+    return "TF%06X" % random.randrange(1 << 24)
+
+
+@pytest.fixture
+def nft():
+    f = fw_mod.make("nftables", prefix())
+    f.setup()
+    yield f
+    f.teardown()
+    assert nft_dump(f.prefix) == ""
+
+
+@pytest.fixture
+def ipt():
+    f = fw_mod.make("iptables", prefix())
+    f.setup()
+    yield f
+    f.teardown()
+    assert iptables_dump(f.prefix) == ""
+
+
+def rule_lines(dump: str) -> int:
+    return sum(1 for line in dump.splitlines() if line.startswith("\t\t") and "type " not in line and "elements" not in line)
+
+
+def test_the_table_holds_maps_and_a_move_changes_no_rule_count(nft):
+    nft.apply(rules.build(S, topo(100), PORTS))
+    before = nft_dump(nft.prefix)
+    assert f"table inet {nft.prefix}" in before and "map links" in before and "map ports" in before
+    assert "10.214.0.100 : goto " + group_chain("db") in before
+    assert "tcp . 40000 : 10.213.0.3 . 5432" in before
+    nft.apply(rules.build(S, topo(100, "db2"), PORTS))
+    after = nft_dump(nft.prefix)
+    assert rule_lines(after) == rule_lines(before) and "dnat ip to 10.213.0.4" in after
+    assert nft.full_writes == 1  # the move was a difference, not a rewrite
+
+
+@pytest.mark.parametrize("damage", [
+    "delete table inet {p}",
+    "flush table inet {p}",
+    "flush chain inet {p} prerouting",
+    "delete element inet {p} links {{ 10.214.0.2 }}",
+    "flush ruleset",
+])
+def test_nftables_heals_what_someone_removed_without_duplicates(nft, damage):
+    nft.apply(rules.build(S, topo(3), PORTS))
+    whole = nft_dump(nft.prefix)
+    saved = sh("nft", "list", "ruleset").stdout if damage == "flush ruleset" else None
+    try:
+        sh("nft", damage.format(p=nft.prefix))
+        assert nft.missing()
+        assert nft.heal()
+        assert nft_dump(nft.prefix) == whole
+        assert nft.heal() == [] and nft.missing() == []
+    finally:
+        if saved is not None:  # the host's own tables, as they were (ours came back by heal)
+            others = "\n".join(block for block in _tables(saved) if f"table inet {nft.prefix} " not in block)
+            if others.strip():
+                sh("nft", "-f", "-", input=others, stdin=None)
+
+
+def _tables(ruleset: str) -> list[str]:
+    blocks, cur = [], []
+    for line in ruleset.splitlines():
+        if line.startswith("table ") and cur:
+            blocks.append("\n".join(cur))
+            cur = []
+        cur.append(line)
+    if cur:
+        blocks.append("\n".join(cur))
+    return blocks
+
+
+def test_an_apply_after_someone_flushed_writes_the_whole_table(nft):
+    nft.apply(rules.build(S, topo(3), PORTS))
+    sh("nft", "flush", "table", "inet", nft.prefix)
+    nft.apply(rules.build(S, topo(3, "db2"), PORTS))  # a difference would be against rules that are gone
+    assert nft.missing() == [] and nft.full_writes == 2
+    assert "dnat ip to 10.213.0.4" in nft_dump(nft.prefix)
+
+
+@pytest.mark.parametrize("damage", [
+    "-t nat -F {p}-PREROUTING",
+    "-t nat -D PREROUTING -j {p}-PREROUTING",
+    "-t nat -F",
+    "-F FORWARD",
+])
+def test_iptables_heals_what_someone_removed_without_duplicates(ipt, damage):
+    ipt.apply(rules.build(S, topo(3), PORTS))
+    whole = iptables_dump(ipt.prefix)
+    sh("iptables-legacy", "-w", *damage.format(p=ipt.prefix).split())
+    assert ipt.missing()
+    assert ipt.heal()
+    assert sorted(iptables_dump(ipt.prefix).splitlines()) == sorted(whole.splitlines())
+    assert ipt.heal() == []
+
+
+def test_a_second_prefix_is_never_touched(nft):
+    other = NftablesFirewall(prefix())
+    try:
+        other.apply(rules.build(S, topo(2), []))
+        theirs = nft_dump(other.prefix)
+        nft.apply(rules.build(S, topo(3), PORTS))
+        nft.teardown()
+        assert nft_dump(other.prefix) == theirs
+    finally:
+        other.teardown()
+
+
+def test_driver_nftables_where_it_does_not_work_is_one_line(monkeypatch):
+    monkeypatch.setattr(nftables, "available", lambda: "libnftables is not installed: apt-get install nftables")
+    with pytest.raises(fw_mod.FirewallError) as e:
+        fw_mod.make("nftables", "TX")
+    assert "\n" not in str(e.value) and 'driver = "iptables"' in str(e.value)
+    assert fw_mod.choose("auto") == "iptables"

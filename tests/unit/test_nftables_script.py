@@ -1,0 +1,73 @@
+"""The nftables driver's transactions, without a kernel: what a table holds
+for a RuleSet (rules.build's), and what a move or a retarget writes."""
+from __future__ import annotations
+
+from fused import rules
+from fused.graph import Edge, Node, Topology
+from fused.net.firewall.nftables import Desired, NftablesFirewall, rule_text
+from fused.net.firewall.base import Rule
+from fused.rules import PortForward, group_chain
+
+S = rules.RuleSettings(bridge="tb0", subnet="10.213.0.0/16", facade_subnet="10.214.0.0/16")
+PORTS = [PortForward(40000, "tcp", "10.213.0.3", 5432)]
+
+
+def topo(n: int, target: str = "db") -> Topology:
+    nodes = {"db": Node("db", "10.213.0.3", True), "db2": Node("db2", "10.213.0.4", True)}
+    nodes |= {f"c{i}": Node(f"c{i}", None, True) for i in range(n)}
+    edges = tuple(Edge(f"c{i}", "db", target, f"10.214.{i // 250}.{i % 250 + 1}", "db") for i in range(n))
+    return Topology(nodes, edges, "facade")
+
+
+def script(before, after) -> list[str]:
+    fw = NftablesFirewall.__new__(NftablesFirewall)
+    fw.table = "inet T"
+    return fw._diff(Desired(before), Desired(after)).splitlines()
+
+
+def test_links_and_ports_are_map_elements_and_groups_are_chains():
+    d = Desired(rules.build(S, topo(3), PORTS))
+    assert d.links == {f"10.214.0.{i}": f"goto {group_chain('db')}" for i in (1, 2, 3)}
+    assert d.ports == {"tcp . 40000": "10.213.0.3 . 5432"}
+    assert d.chains[group_chain("db")] == ('dnat ip to 10.213.0.3 comment "tether group db"',)
+    assert d.chains["prerouting"] == (
+        'iifname "tb0" ip daddr vmap @links',
+        "fib daddr type local dnat ip to meta l4proto . th dport map @ports",
+    )
+
+
+def test_a_move_of_1000_links_is_one_chain_rewritten():
+    lines = script(rules.build(S, topo(1000)), rules.build(S, topo(1000, "db2")))
+    assert lines == [f"flush chain inet T {group_chain('db')}",
+                     f'add rule inet T {group_chain("db")} dnat ip to 10.213.0.4 comment "tether group db"']
+
+
+def test_a_retarget_of_one_link_is_one_element_and_a_new_group_chain():
+    before = topo(3)
+    edges = list(before.edges)
+    edges[1] = edges[1]._replace(target="db2", group="db2")
+    after = before._replace(edges=tuple(edges))
+    lines = script(rules.build(S, before), rules.build(S, after))
+    g2 = group_chain("db2")
+    assert lines == [f"add chain inet T {g2}", f'add rule inet T {g2} dnat ip to 10.213.0.4 comment "tether group db2"',
+                     "delete element inet T links { 10.214.0.2 }", f"add element inet T links {{ 10.214.0.2 : goto {g2} }}"]
+
+
+def test_a_dropped_group_goes_after_the_elements_that_jump_to_it():
+    lines = script(rules.build(S, topo(2)), rules.build(S, topo(0)))
+    g = group_chain("db")
+    assert lines[-2:] == [f"flush chain inet T {g}", f"delete chain inet T {g}"]
+    assert lines.index(f"delete chain inet T {g}") > lines.index("delete element inet T links { 10.214.0.1, 10.214.0.2 }")
+
+
+def test_nothing_changed_writes_nothing():
+    rs = rules.build(S, topo(5), PORTS)
+    assert script(rs, rules.build(S, topo(5), PORTS)) == []
+
+
+def test_generic_rules_in_nft_words():
+    assert rule_text(Rule("MASQUERADE", src="10.0.0.0/8", not_out_iface="br"), str) == 'oifname != "br" ip saddr 10.0.0.0/8 masquerade'
+    assert rule_text(Rule("MASQUERADE", out_iface="br", ctstate="DNAT"), str) == 'oifname "br" ct status dnat masquerade'
+    assert rule_text(Rule("REJECT", dst="10.214.0.0/16", comment='a "b"'), str) == 'ip daddr 10.214.0.0/16 reject comment "a b"'
+    assert rule_text(Rule("DNAT", proto="udp", dport=53, dst_local=True, to="1.2.3.4:53"), str) == \
+        "udp dport 53 fib daddr type local dnat ip to 1.2.3.4:53"
