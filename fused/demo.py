@@ -79,8 +79,10 @@ def _free_subnet(taken: list[ipaddress.IPv4Network]) -> ipaddress.IPv4Network:
 
 def _free_port_base() -> int:
     """100 host ports above the kernel's ephemeral range that no NAT rule and no listener uses."""
-    nat = sh(["iptables-legacy-save", "-t", "nat"], check=False).stdout
-    used = {int(p) for p in re.findall(r"--dports? (\d+)", nat)}
+    # ports other tools forward (legacy iptables, nftables: docker, podman, another tether)
+    nat = "".join(sh([*cmd], check=False).stdout for cmd in (["iptables-legacy-save", "-t", "nat"], ["nft", "list", "ruleset"])
+                  if shutil.which(cmd[0]))
+    used = {int(p) for p in re.findall(r"(?:--dports?|dport|\. ) ?(\d+)", nat)}
     for _ in range(100):
         base = random.randrange(61000, 65400, 100)
         if used & set(range(base, base + 100)):
@@ -497,8 +499,14 @@ class Demo:
             left.append("runc containers")
         if sh(["ip", "link", "show", self.bridge], check=False).returncode == 0:
             left.append(f"bridge {self.bridge}")
-        if self.chain_prefix in sh(["iptables-legacy-save"], check=False).stdout:
-            left.append(f"chains {self.chain_prefix}-*")
+        from .net import firewall as fw_mod
+
+        for driver in ("nftables", "iptables"):
+            try:
+                if fw_mod.make(driver, self.chain_prefix).dump():
+                    left.append(f"{driver} rules of {self.chain_prefix}")
+            except fw_mod.FirewallError:
+                pass  # that driver cannot work here, so it made nothing
         if list(Path("/sys/fs/cgroup").glob(f"*/{self.bridge}-*")) + list(Path("/sys/fs/cgroup").glob(f"{self.bridge}-*")):
             left.append(f"cgroups /{self.bridge}-*")
         if str(self.dir) in Path("/proc/self/mounts").read_text():
@@ -520,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("tether demo: must run as root (it starts a daemon and runc containers)", file=sys.stderr)
         return 1
-    missing = [t for t in ("runc", "busybox", "ip", "iptables-legacy-save") if not shutil.which(t)]
+    missing = [t for t in ("runc", "busybox", "ip") if not shutil.which(t)]
     if missing or not Path(FUSED).exists():
         print(f"tether demo: missing {', '.join(missing) or FUSED}: run `make demo`, which installs it", file=sys.stderr)
         return 1

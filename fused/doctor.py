@@ -188,7 +188,10 @@ def config_option(text: str, option: str) -> str | None:
 class Doctor:
     def __init__(self, cfg: config_mod.Config) -> None:
         self.cfg = cfg
-        self.uses_iptc = cfg.firewall.driver == "iptables"
+        from .net import firewall as fw_mod
+
+        self.driver = fw_mod.choose(cfg.firewall.driver)  # "auto" as tether-fused resolves it here
+        self.uses_iptc = self.driver == "iptables"
 
     def checks(self) -> list[tuple[str, Callable[[], Result]]]:
         return [
@@ -309,24 +312,27 @@ class Doctor:
         )
 
     def kernel_nat(self) -> Result:
-        if not self.uses_iptc:
-            return Result("kernel-nat", OK, f"not used (firewall driver {self.cfg.firewall.driver})")
+        from .net import firewall as fw_mod
+
+        if self.driver == "none":
+            return Result("kernel-nat", OK, "not used (firewall driver none)")
         try:
-            import iptc
-        except Exception as e:  # ImportError, or the library's own load errors
-            return Result("kernel-nat", FAIL, f"python-iptables does not load: {e}", "reinstall tether (pip install python-iptables; apt-get install iptables)")
-        try:
-            # never autocommit: a cached autocommit Table commits its old handle on refresh
-            t = iptc.Table(iptc.Table.NAT, autocommit=False)
-            t.refresh()
-            n = len(t.chains)
-            t.close()
-        except iptc.IPTCError as e:
-            return Result("kernel-nat", FAIL, f"cannot open the legacy nat table: {e}", "`modprobe iptable_nat` (CONFIG_IP_NF_NAT, CONFIG_IP_NF_IPTABLES_LEGACY)")
-        return Result("kernel-nat", OK, f"python-iptables reads the legacy nat table ({n} chains)")
+            f = fw_mod.make(self.driver, self.cfg.firewall.chain_prefix)
+        except fw_mod.FirewallError as e:
+            return Result("kernel-nat", FAIL, str(e).split(": ", 1)[-1], "see the fix above; `tether doctor` again")
+        if self.driver == "nftables":
+            return Result("kernel-nat", OK, f"nftables (libnftables) answers; driver {self.cfg.firewall.driver} -> nftables")
+        ok, msg, fix = f.check()
+        if not ok and msg.startswith("cannot read"):
+            return Result("kernel-nat", FAIL, msg, fix)
+        return Result("kernel-nat", OK, f"python-iptables reads the legacy tables; driver {self.cfg.firewall.driver} -> iptables")
 
     def iptables(self) -> Result:
-        driver = self.cfg.firewall.driver
+        driver = self.driver
+        if driver == "nftables":
+            p = self.cfg.firewall.chain_prefix
+            return Result("iptables", OK, f"firewall driver nftables: tether's rules are in `nft list table inet {p}`; "
+                          "the host's `iptables -S` does not show them (it lists only its own ip tables)")
         if driver != "iptables":
             return Result("iptables", OK, f"firewall driver {driver}: tether writes no iptables rules")
         r = run_cmd(["iptables", "-V"])
@@ -528,41 +534,17 @@ class Doctor:
         return Result("file-server", OK, f"pid {pid} serves {self.cfg.run_dir / 'fs'} (it outlives restarts of tether-fused){kept}")
 
     def firewall(self) -> Result:
-        from .net.firewall.base import HOOKS
+        """The driver's own diagnosis of what the kernel holds of tether."""
+        from .net import firewall as fw_mod
 
-        fw = self.cfg.firewall
-        if fw.driver != "iptables":
-            return Result("firewall", OK, f"driver {fw.driver}: tether writes no rules; forwarding and NAT are yours")
+        if self.driver == "none":
+            return Result("firewall", OK, "driver none: tether writes no rules; forwarding and NAT are yours")
         try:
-            import iptc
-        except Exception as e:
-            return Result("firewall", FAIL, f"python-iptables does not load: {e}", "reinstall tether")
-        missing, nojump, rules = [], [], 0
-        tables: dict[str, iptc.Table] = {}
-        try:
-            for tname, hook in HOOKS:
-                t = tables.get(tname)
-                if t is None:
-                    t = tables[tname] = iptc.Table(tname, autocommit=False)
-                    t.refresh()
-                name = f"{fw.chain_prefix}-{hook}"
-                if not t.is_chain(name):
-                    missing.append(f"{tname} {name}")
-                    continue
-                rules += len(iptc.Chain(t, name).rules)
-                if not any(r.target.name == name for r in iptc.Chain(t, hook).rules):
-                    nojump.append(f"{tname} {hook} -> {name}")
-        except iptc.IPTCError as e:
-            return Result("firewall", FAIL, f"cannot read the legacy tables: {e}", "see the kernel-nat line")
-        finally:
-            for t in tables.values():
-                t.close()
-        fix = "restart tether-fused: it creates its chains and the jumps into them at start (see them with `iptables-legacy -t nat -S`)"
-        if missing:
-            return Result("firewall", FAIL, f"chains missing: {', '.join(missing)}", fix)
-        if nojump:
-            return Result("firewall", FAIL, f"jumps missing (another tool flushed them?): {', '.join(nojump)}", fix)
-        return Result("firewall", OK, f"{len(HOOKS)} {fw.chain_prefix}-* chains with their jumps, {rules} rules (legacy tables)")
+            f = fw_mod.make(self.driver, self.cfg.firewall.chain_prefix)
+        except fw_mod.FirewallError as e:
+            return Result("firewall", FAIL, str(e), "see kernel-nat")
+        ok, msg, fix = f.check()
+        return Result("firewall", OK if ok else FAIL, f"{self.driver}: {msg}", fix)
 
     def dns(self) -> Result:
         d, gw = self.cfg.dns, str(self.cfg.network.gateway)

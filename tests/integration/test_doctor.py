@@ -56,6 +56,27 @@ def test_all_usable_with_the_daemon_up(daemon):
             assert i["fix"]
 
 
+def test_with_the_nftables_driver_the_doctor_asks_the_driver(rootfs):
+    """driver = "nftables": doctor reads tether's table through the driver
+    (chains, link groups, elements), says `iptables -S` does not show it, and
+    fails with the fix when someone deleted the table."""
+    from harness import Daemon
+
+    with Daemon(rootfs, driver="nftables", strategy="facade") as d:
+        d.start()
+        d.start_container("db", None, "--expose", "5432")
+        d.start_container("web", None, "--link", "db:database")
+        lines = lines_of(doctor(d))
+        assert lines["firewall"].startswith("ok") and f"table inet {d.chain_prefix}: 4 base chains, 1 link group" in lines["firewall"]
+        assert "1 links" in lines["firewall"]
+        assert lines["iptables"].startswith("ok") and f"nft list table inet {d.chain_prefix}" in lines["iptables"]
+        assert lines["kernel-nat"].startswith("ok") and "nftables" in lines["kernel-nat"]
+        d.stop()
+        sh("nft", "delete", "table", "inet", d.chain_prefix)
+        line = lines_of(doctor(d))["firewall"]
+        assert line.startswith("FAIL") and "restart) tether-fused" in line
+
+
 def test_the_host_iptables_backend_versus_tethers(daemon):
     backend = sh("iptables", "-V").stdout
     line = lines_of(doctor(daemon))["iptables"]

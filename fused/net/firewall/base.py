@@ -68,6 +68,10 @@ class Firewall(Protocol):
     def dump(self) -> dict[tuple[str, str], list[str]]:
         """What the kernel holds in our chains, for tests and doctor."""
 
+    def check(self) -> tuple[bool, str, str]:
+        """(ok, what the kernel holds of this prefix, the fix when not ok):
+        the driver's own diagnosis, for `tether doctor`."""
+
     def missing(self) -> list[str]:
         """What of our last write the kernel does not hold (one line each)."""
 
@@ -94,6 +98,9 @@ class NullFirewall:
 
     def dump(self) -> dict[tuple[str, str], list[str]]:
         return {}
+
+    def check(self) -> tuple[bool, str, str]:
+        return (True, "driver none: tether writes no rules; forwarding and NAT are yours", "")
 
     def missing(self) -> list[str]:
         return []

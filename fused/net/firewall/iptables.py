@@ -270,6 +270,37 @@ class IptablesFirewall:
                 out += lost
         return out
 
+    def check(self) -> tuple[bool, str, str]:
+        """(ok, what the kernel holds of us, the fix) for `tether doctor`."""
+        missing, nojump, rules = [], [], 0
+        tables: dict[str, iptc.Table] = {}
+        try:
+            for tname, hook in HOOKS:
+                t = tables.get(tname)
+                if t is None:
+                    t = tables[tname] = _table(tname)
+                name = self.chain(hook)
+                if not t.is_chain(name):
+                    missing.append(f"{tname} {name}")
+                    continue
+                rules += len(iptc.Chain(t, name).rules)
+                if not any(r.target.name == name for r in iptc.Chain(t, hook).rules):
+                    nojump.append(f"{tname} {hook} -> {name}")
+        except iptc.IPTCError as e:
+            return (False, f"cannot read the legacy tables: {e}",
+                    "`modprobe iptable_nat` (CONFIG_IP_NF_NAT, CONFIG_IP_NF_IPTABLES_LEGACY)")
+        finally:
+            for t in tables.values():
+                t.close()
+        fix = ("restart tether-fused: it creates its chains and the jumps into them at start, and within 2 s "
+               "of a removal (see them with `iptables-legacy -t nat -S`)")
+        if missing:
+            return (False, f"chains missing: {', '.join(missing)}", fix)
+        if nojump:
+            return (False, f"jumps missing (another tool flushed them?): {', '.join(nojump)}", fix)
+        return (True, f"{len(HOOKS)} {self.prefix}-* chains with their jumps, {rules} rules (legacy tables: "
+                "`iptables-legacy -t nat -S`)", "")
+
     def dump(self) -> dict[tuple[str, str], list[str]]:
         out: dict[tuple[str, str], list[str]] = {}
         mine = self.prefix + "-"

@@ -313,6 +313,27 @@ class NftablesFirewall:
         self._gen = generation()
         return lost
 
+    def check(self) -> tuple[bool, str, str]:
+        """(ok, what the kernel holds of us, the fix) for `tether doctor`."""
+        see = f"`nft list table {self.table}`"
+        try:
+            data = json.loads(self.nft.run(f"list table {self.table}", as_json=True))
+        except NftError:
+            return (False, f"no table {self.table}: tether-fused is not running, or someone deleted it",
+                    f"start (or restart) tether-fused: it writes its table at start and within 2 s of a removal; then {see}")
+        chains, elements = [], {}
+        for item in data.get("nftables", []):
+            if "chain" in item:
+                chains.append(item["chain"]["name"])
+            elif "map" in item:
+                elements[item["map"]["name"]] = len(item["map"].get("elem", []))
+        base = [n for n, _ in _BASE.values() if n in chains]
+        if len(base) < len(_BASE) or set(elements) != {"links", "ports"}:
+            return (False, f"table {self.table} lacks {sorted(set(n for n, _ in _BASE.values()) - set(base))} "
+                    f"or its maps ({sorted(elements)})", "restart tether-fused: it writes the whole table at start")
+        return (True, f"table {self.table}: {len(base)} base chains, {len(chains) - len(base)} link group chains, "
+                f"{elements['links']} links and {elements['ports']} published ports as map elements; {see} shows them", "")
+
     def exists(self) -> bool:
         try:
             self.nft.run(f"list table {self.table}")
