@@ -7,7 +7,7 @@ PY    := $(VENV)/bin/python
 # with runc in the same install (or already installed) it keeps runc. The
 # tests give podman their own containers.conf (CONTAINERS_CONF): nothing
 # global is configured here.
-APT_PACKAGES := runc busybox-static fuse3 iptables conntrack iproute2 \
+APT_PACKAGES := runc busybox-static fuse3 iptables nftables conntrack iproute2 \
                 python3 python3-venv python3-dev gcc podman
 # the peers `make bench` measures tether against (podman's network backend,
 # the CNI reference plugins, LXCFS); only the benchmark uses them

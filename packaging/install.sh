@@ -10,7 +10,7 @@ usage: packaging/install.sh [--runtime runc|podman|both] [--force] [--no-apt] [-
        packaging/install.sh --uninstall [--force]
 
 Installs tether (as root, from a checkout) for the runtime you use:
-  runc     apt: python3 python3-venv python3-iptables iptables conntrack runc
+  runc     apt: python3 python3-venv python3-iptables iptables nftables conntrack runc
   podman   the same, plus podman (podman runs its containers with runc here:
            with both in one install, apt keeps runc), and podman's hooks.d
            files, written by `tether oci hooks-dir`
@@ -157,7 +157,7 @@ if [ "$uninstall" = 1 ]; then
 fi
 
 # --- install -------------------------------------------------------------------------
-packages="python3 python3-venv python3-iptables iptables conntrack runc"
+packages="python3 python3-venv python3-iptables iptables nftables conntrack runc"
 case "$runtime" in podman|both) packages="$packages podman" ;; esac
 missing=""
 for p in $packages; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
