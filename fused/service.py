@@ -339,6 +339,12 @@ class Service:
             snap = await self._commit(d, undo=unwire)
             for name in done.dead:  # found dead and marked stopped: a netns that outlives them keeps no veth
                 self.worker.submit(self.wiring.unwire, veth_name(self.cfg.network.bridge, name))
+            if handed := self._ports_handed_over(d):
+                # a host port that changed hands: a flow still tracked for it
+                # (UDP above all: a client that keeps its source port) would
+                # go on reaching the old holder's address. After the answer:
+                # the new container has no flows yet.
+                self.worker.submit(self._cut_quietly, handed)
             # only the newest commit can be undone exactly (an undo applies
             # at the revision it made): one record, not one per container
             self._undo = {reg.id: Undo(reg.pid, inverse(d.snap, d.change), snap.revision)}
@@ -525,6 +531,25 @@ class Service:
         """Refuse, before the commit, a change whose old connections could not be cut."""
         if (problem := self.wiring.cut_problem()) is not None:
             raise ServiceError(problem)
+
+    @staticmethod
+    def _ports_handed_over(d: Draft) -> list[list[str]]:
+        """conntrack filters for the host ports `d` gives to another container:
+        the flows DNAT'ed to the old holder's address."""
+        out = []
+        for (port, proto), new in d.change.port_leases.items():
+            old = d.snap.port_leases.get((port, proto))
+            if new is not None and old is not None and old.name != new.name:
+                ip = d.snap.ip_leases.get(old.name)
+                out.append(["-p", proto, "--orig-port-dst", str(port), *(["-r", ip.ip] if ip else [])])
+        return out
+
+    def _cut_quietly(self, filters: list[list[str]]) -> None:
+        """On the kernel thread, after a registration answered: a failure is logged."""
+        try:
+            log.info("conntrack: %d entries of host ports that changed hands removed", self.wiring.cut(filters))
+        except Exception as e:  # noqa: BLE001 - the start went through; the old flows time out
+            log.warning("conntrack: could not remove the flows of host ports that changed hands: %s", e)
 
     async def _cut(self, filters: list[list[str]]) -> list[str]:
         """Cut the connections that went to the old targets (after the commit)."""

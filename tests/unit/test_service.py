@@ -264,3 +264,17 @@ def test_incremental_publishing_equals_a_full_render(svc, ops):
         full_dns = render.dns_data(full_topo)
         for part in ("names", "links", "hosts", "ptr"):
             assert getattr(svc._pub.dns, part) == getattr(full_dns, part), part
+
+
+def test_a_host_port_that_changes_hands_loses_its_old_flows(svc):
+    """u1 published udp 40003; stopped, its port goes to u2: a tracked flow
+    (a client keeping its source port) must not go on reaching u1."""
+    a = call(svc, "register", state("u1", 201, expose="53/udp", publish="40003:53/udp"))
+    DEAD.add(201)
+    call(svc, "poststop", state("u1", 201))
+    call(svc, "register", state("u2", 202, expose="53/udp", publish="40003:53/udp"))
+    trio.run(svc.worker.run, lambda: None)  # the cut is queued on the kernel thread after the answer
+    assert svc.wiring.cuts == [["-p", "udp", "--orig-port-dst", "40003", "-r", a["ip"]]]
+    call(svc, "register", state("u3", 203))  # no port changes hands: nothing cut
+    trio.run(svc.worker.run, lambda: None)
+    assert len(svc.wiring.cuts) == 1
