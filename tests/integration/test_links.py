@@ -325,3 +325,59 @@ def test_rules_removed_by_someone_else_come_back_within_2_s(fd, driver):
     assert time.monotonic() - t0 <= 2.5
     assert ask(fd, "web", "database") == "db"
     assert "restored tether's rules" in fd.log.read_text()
+
+
+def test_an_external_writer_and_tether_lose_nothing_of_each_other(fd, driver):
+    """For 10 s another tool adds and deletes its own rules (nft, and
+    iptables -w in the legacy tables) while tether retargets a link back and
+    forth: at the end both hold exactly what they wrote."""
+    import threading
+    import time
+
+    from fused.protocol import request
+
+    tag = fd.tag.upper()
+    ext_nft, ext_chain = f"EXT{tag}", f"EXT{tag}"
+    sh("nft", "add", "table", "inet", ext_nft)
+    sh("nft", "add", "chain", "inet", ext_nft, "c")
+    sh("iptables-legacy", "-w", "-t", "nat", "-N", ext_chain)
+    stop = time.monotonic() + 10
+    errors = []
+
+    def external():
+        i = 0
+        try:
+            while time.monotonic() < stop:
+                sh("nft", "add", "rule", "inet", ext_nft, "c", "ip", "daddr", f"192.0.2.{i % 200 + 1}", "counter")
+                sh("iptables-legacy", "-w", "-t", "nat", "-A", ext_chain, "-d", f"192.0.2.{i % 200 + 1}", "-j", "RETURN")
+                if i % 2:
+                    sh("nft", "flush", "chain", "inet", ext_nft, "c")
+                    sh("iptables-legacy", "-w", "-t", "nat", "-F", ext_chain)
+                i += 1
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=external)
+    t.start()
+    n = 0
+    try:
+        while time.monotonic() < stop:
+            request(str(fd.sock), "link_retarget", {"consumer": "web", "alias": "database", "target": ("db2", "db")[n % 2]})
+            n += 1
+        t.join()
+        assert not errors and n > 10
+        # the writer ended after an odd number of adds or after a flush: its own state, exactly
+        ours = sh("nft", "list", "chain", "inet", ext_nft, "c").stdout.count("counter")
+        theirs = sh("iptables-legacy", "-t", "nat", "-S", ext_chain).stdout.count("-j RETURN")
+        assert ours == theirs <= 1
+        request(str(fd.sock), "link_retarget", {"consumer": "web", "alias": "database", "target": "db"})
+        fd_state = firewall_state(fd)
+        time.sleep(1.5)  # a heal round: nothing to restore
+        assert firewall_state(fd) == fd_state
+        assert ask(fd, "web", "database") == "db"
+        assert dnats_to(fd, fd.container("db")["ip"])
+    finally:
+        t.join()
+        sh("nft", "delete", "table", "inet", ext_nft, check=False)
+        sh("iptables-legacy", "-w", "-t", "nat", "-F", ext_chain, check=False)
+        sh("iptables-legacy", "-w", "-t", "nat", "-X", ext_chain, check=False)
