@@ -69,10 +69,10 @@ class Prober(threading.Thread):
             self.hit.set()
 
 
-def measure(rootfs: Path, links: int, runs: int) -> dict[str, list[float]]:
+def measure(rootfs: Path, links: int, runs: int, driver: str = "auto") -> dict[str, list[float]]:
     per = min(links, 100)
     consumers = max(1, links // per)
-    with Daemon(rootfs, strategy="facade") as d:
+    with Daemon(rootfs, strategy="facade", driver=driver) as d:
         d.start()
         d.start_container("t1", serve("t1"), "--expose", "5432")
         d.start_container("t2", serve("t2"), "--expose", "5432")
@@ -107,16 +107,17 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=10)
     ap.add_argument("--sizes", default="1,10,100,1000")
+    ap.add_argument("--driver", default="auto", choices=("auto", "nftables", "iptables"))
     a = ap.parse_args(argv)
     tmp = mkdtemp()
     rootfs = build_rootfs(tmp / "rootfs")
     rows = []
     try:
         for n in (int(x) for x in a.sizes.split(",")):
-            rows.append((n, measure(rootfs, n, a.runs)))
+            rows.append((n, measure(rootfs, n, a.runs, a.driver)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"tether move, {a.runs} moves per size (ms): median / p90")
+    print(f"tether move ({a.driver}), {a.runs} moves per size (ms): median / p90")
     print(f"{'links':>6} {'api':>15} {'files':>15} {'new tcp':>15}")
     for n, r in rows:
         cells = [f"{statistics.median(r[k]):6.1f} /{pct(r[k], 0.9):6.1f}" for k in ("api", "files", "tcp")]

@@ -76,35 +76,38 @@ def measure(runs: int, rootfs: Path, tmp: Path, warmup: int = 2) -> dict[str, li
     nv = cni = None
     out: dict[str, list[float]] = {}
     try:
-        with Daemon(rootfs, ports=100) as d:
+        with Daemon(rootfs, ports=100, driver="iptables") as d, Daemon(rootfs, ports=100, driver="nftables") as dn:
             d.start()
+            dn.start()
             port_base = random.randrange(30000, 39000, 10)
             if have["netavark"]:
                 nv = peers.Netavark(tmp, free_subnet(24, range(100, 200), _TAKEN), port_base)
                 nv.start()
             if have["cni"]:
                 cni = peers.Cni(tmp, free_subnet(24, range(100, 200), _TAKEN), port_base + 1)
-            fns = {"tether": None, "netavark": nv, "cni": cni}
-            fns = {k: v for k, v in fns.items() if k == "tether" or v is not None}
+            tethers = {"tether": d, "tether nft": dn}  # the iptables driver, the nftables one
+            fns = {"tether": None, "tether nft": None, "netavark": nv, "cni": cni}
+            fns = {k: v for k, v in fns.items() if k in tethers or v is not None}
             for i in range(warmup + runs):
                 for port in (False, True):
                     order = list(fns)
                     r = i % len(order)
                     sfx = " port" if port else ""
                     for k in order[r:] + order[:r]:
-                        if k == "tether":
-                            create, post = tether_once(d, "p" if port else "n", port)
+                        if k in tethers:
+                            create, post = tether_once(tethers[k], "p" if port else "n", port)
                             dt = create + post
                             if i >= warmup:
-                                out.setdefault("tether create" + sfx, []).append(create)
-                                out.setdefault("tether poststop" + sfx, []).append(post)
+                                out.setdefault(k + " create" + sfx, []).append(create)
+                                out.setdefault(k + " poststop" + sfx, []).append(post)
                         else:
                             dt = fns[k].once(port)
                         if i >= warmup:
                             out.setdefault(k + sfx, []).append(dt)
-            d.stop()  # flushes its log
-            out["tether daemon"] = daemon_times(d, "n")[warmup:]
-            out["tether daemon port"] = daemon_times(d, "p")[warmup:]
+            for k, t in tethers.items():
+                t.stop()  # flushes its log
+                out[k + " daemon"] = daemon_times(t, "n")[warmup:]
+                out[k + " daemon port"] = daemon_times(t, "p")[warmup:]
     finally:
         for p in (nv, cni):
             if p is not None:
@@ -114,10 +117,14 @@ def measure(runs: int, rootfs: Path, tmp: Path, warmup: int = 2) -> dict[str, li
 
 
 LABELS = {
-    "tether": "tether hooks createRuntime+poststop",
+    "tether": "tether (iptables) hooks createRuntime+poststop",
     "tether create": "  of which createRuntime",
     "tether poststop": "  of which poststop",
-    "tether daemon": "tether daemon, registration only (its log)",
+    "tether daemon": "tether (iptables) daemon, registration only (its log)",
+    "tether nft": "tether (nftables) hooks createRuntime+poststop",
+    "tether nft create": "  of which createRuntime",
+    "tether nft poststop": "  of which poststop",
+    "tether nft daemon": "tether (nftables) daemon, registration only (its log)",
     "netavark": "netavark setup+teardown",
     "cni": "CNI bridge+host-local ADD+DEL",
 }

@@ -57,6 +57,7 @@ class Daemon(harness.Daemon):
     """The harness's isolated tether-fused, recorded in MADE."""
 
     def __init__(self, *args, **kw) -> None:
+        kw.setdefault("driver", "auto")  # what a user gets
         super().__init__(*args, **kw)
         MADE.dirs.add(str(self.dir))
         MADE.bridges.add(self.bridge)
@@ -120,8 +121,11 @@ def _links() -> list[Link]:
 
 def rules() -> list[str]:
     """Every iptables rule and chain, nft and legacy: "TOOL -t TABLE " + a line of -S."""
-    return [f"{tool} -t {table} {line}" for tool in IPTABLES for table in ("nat", "filter", "mangle")
-            for line in _out(tool, "-t", table, "-S").splitlines()]
+    out = [f"{tool} -t {table} {line}" for tool in IPTABLES for table in ("nat", "filter", "mangle")
+           for line in _out(tool, "-t", table, "-S").splitlines()]
+    # and every nftables table by name (tether's nftables driver makes one per prefix)
+    out += [f"nft -t {line.split()[1]} {line}" for line in _out("nft", "list", "tables").splitlines() if line.startswith("table ")]
+    return out
 
 
 def observe() -> Seen:
