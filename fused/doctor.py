@@ -369,7 +369,7 @@ class Doctor:
                 "net.ipv4.ip_forward is 0: containers reach nothing beyond the bridge, published ports do not answer",
                 "`sysctl -w net.ipv4.ip_forward=1` (tether-fused sets it at start: something reset it)",
             )
-        if self.uses_iptc and shutil.which("iptables-nft"):
+        if self.driver in ("iptables", "nftables") and shutil.which("iptables-nft"):
             # nf_tables chains apply to the same packets: a DROP policy there
             # (Docker sets one) drops what tether's legacy rules accept
             r = run_cmd(["iptables-nft", "-t", "filter", "-S", "FORWARD"])
@@ -379,7 +379,10 @@ class Doctor:
                     "forwarding",
                     WARN,
                     "ip_forward is 1, but the nf_tables FORWARD chain's policy is DROP (set by Docker or a firewall): "
-                    "tether's ACCEPT rules are in the legacy tables and do not exempt its traffic there",
+                    + ("tether's ACCEPT rules are in the legacy tables and do not exempt its traffic there"
+                       if self.driver == "iptables" else
+                       "that chain belongs to iptables-nft, where tether adds nothing (a native nft rule would make "
+                       "`iptables -S` refuse the table), so it drops tether's forwarded traffic"),
                     f"accept it there too: `iptables-nft -I FORWARD -i {br} -j ACCEPT; iptables-nft -I FORWARD -o {br} -j ACCEPT` "
                     "(or in DOCKER-USER)",
                 )

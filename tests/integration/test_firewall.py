@@ -148,3 +148,12 @@ def test_driver_nftables_where_it_does_not_work_is_one_line(monkeypatch):
         fw_mod.make("nftables", "TX")
     assert "\n" not in str(e.value) and 'driver = "iptables"' in str(e.value)
     assert fw_mod.choose("auto") == "iptables"
+
+
+def test_an_iptables_apply_after_someone_flushed_rewrites_instead_of_failing(ipt):
+    ipt.apply(rules.build(S, topo(3), PORTS))
+    sh("iptables-legacy", "-w", "-t", "nat", "-F", f"{ipt.prefix}-PREROUTING")
+    # the edit would insert at positions that no longer exist ("Index of insertion too big")
+    ipt.apply(rules.build(S, topo(4), PORTS))
+    assert ipt.missing() == []
+    assert "10.214.0.4/32" in iptables_dump(ipt.prefix)

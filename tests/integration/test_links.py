@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from harness import FUSED, Daemon, address_in_hosts, dnats_to, firewall_dump, firewall_state, forwards_host_port, host_port, sh, tcp_get, wait_for
+from harness import FUSED, TETHER, Daemon, address_in_hosts, dnats_to, firewall_dump, firewall_state, forwards_host_port, host_port, sh, tcp_get, wait_for
 from fused.protocol import request
 
 SLEEP = ["sleep", "1000000"]
@@ -381,3 +381,28 @@ def test_an_external_writer_and_tether_lose_nothing_of_each_other(fd, driver):
         sh("nft", "delete", "table", "inet", ext_nft, check=False)
         sh("iptables-legacy", "-w", "-t", "nat", "-F", ext_chain, check=False)
         sh("iptables-legacy", "-w", "-t", "nat", "-X", ext_chain, check=False)
+
+
+def test_a_drop_policy_forward_chain_of_another_table_lets_tethers_bridge_through(fd, driver):
+    """A firewall's `policy drop` in its own forward chain (firewalld): with
+    the nftables driver, tether adds two accepts for its bridge at the top of
+    that chain (within 2 s), the facade answers, doctor names the chain, and
+    the accepts go with tether's table."""
+    if driver != "nftables":
+        pytest.skip("the iptables driver writes the legacy tables; doctor explains the nf_tables case")
+    import time
+
+    other = f"FW{fd.tag.upper()}"
+    sh("nft", "-f", "-", input=f"table inet {other} {{\n chain forward {{ type filter hook forward priority 0; policy drop; }}\n}}\n",
+       stdin=None)
+    try:
+        t0 = time.monotonic()
+        wait_for(lambda: sh("nft", "list", "chain", "inet", other, "forward").stdout.count(f"tether {fd.chain_prefix}") == 2,
+                 timeout=5, what="tether's accepts in the drop-policy chain")
+        assert time.monotonic() - t0 <= 2.5
+        assert ask(fd, "web", "database") == "db"
+        line = next(l for l in sh(TETHER, "--config", str(fd.config), "doctor", check=False).stdout.splitlines()
+                    if l[6:20].strip() == "firewall")
+        assert f"inet {other} forward" in line, line
+    finally:
+        sh("nft", "delete", "table", "inet", other, check=False)

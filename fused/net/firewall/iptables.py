@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import subprocess
 import sys
@@ -42,6 +43,8 @@ from .base import HOOKS, Rule, RuleSet
 _TABLES = {"nat": iptc.Table.NAT, "filter": iptc.Table.FILTER}
 _HOOK_NAMES = {h for _, h in HOOKS}
 
+
+log = logging.getLogger("tether.firewall")
 
 XTABLES_LOCK = "/run/xtables.lock"
 
@@ -144,7 +147,16 @@ class IptablesFirewall:
             if have is not None and have == want:
                 continue
             with xtables_lock():
-                self._apply_table(tname, have, want)
+                try:
+                    self._apply_table(tname, have, want)
+                except iptc.IPTCError as e:
+                    if have is None:
+                        raise
+                    # the kernel no longer holds what we wrote (someone flushed
+                    # or edited our chains): our chains and jumps, whole, again
+                    log.warning("firewall: %s table differs from tether's last write (%s): rewriting its chains", tname, e)
+                    self._setup_table(tname)
+                    self._apply_table(tname, None, want)
             commits += 1
             self._applied[tname] = {k: list(v) for k, v in want.items()}
         return commits

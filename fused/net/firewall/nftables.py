@@ -194,10 +194,19 @@ class Desired:
         }
         for name, rs in base.items():
             self.chains[name] = tuple(lookups.get(name, []) + rs)
+        # the bridge whose forwarding another table's drop policy must let through
+        self.bridge = next((r.in_iface for r in rules.chains.get(("filter", "FORWARD"), [])
+                            if r.target == "ACCEPT" and r.in_iface), None)
 
     @staticmethod
     def is_base(name: str) -> bool:
         return any(name == n for n, _ in _BASE.values())
+
+
+def _iptables_nft(chain: dict) -> bool:
+    """A chain iptables-nft made (Docker's FORWARD): a native nft rule in it
+    would make `iptables -S` refuse the table; doctor says what to add instead."""
+    return chain["family"] == "ip" and chain["table"] in ("filter", "nat", "mangle", "raw") and chain["name"].isupper()
 
 
 def _text(v) -> str:
@@ -253,9 +262,63 @@ class NftablesFirewall:
             except NftError:
                 pass  # the kernel no longer holds what we wrote: write it whole
         self.nft.run(self._full(want))
+        self._exempt(want.bridge)
         self._wrote(want)
         self.full_writes += 1
         return 1
+
+    # --- other tables' forward chains with a drop policy ---------------------
+    # (firewalld, docker's iptables-nft FORWARD): a packet our forward chain
+    # accepts is still dropped there, so tether puts two accepts for its
+    # bridge at the top of each such chain, marked with a comment naming its
+    # prefix; doctor lists them, teardown takes them out again.
+    def _mark(self) -> str:
+        return f"tether {self.prefix}: forwarding of its bridge"
+
+    def exemptions(self, bridge: str | None = None) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str, int]]]:
+        """(drop-policy forward chains of other tables, our accept rules in
+        them by handle)."""
+        data = json.loads(self.nft.run("list ruleset", as_json=True))
+        chains, ours = [], []
+        mark = self._mark()
+        for item in data.get("nftables", []):
+            c = item.get("chain")
+            if c and c.get("hook") == "forward" and c.get("policy") == "drop" and c["family"] in ("ip", "inet") \
+                    and not (c["family"] == "inet" and c["table"] == self.prefix) and not _iptables_nft(c):
+                chains.append((c["family"], c["table"], c["name"]))
+            r = item.get("rule")
+            if r and r.get("comment") == mark:
+                ours.append((r["family"], r["table"], r["chain"], r["handle"]))
+        return chains, ours
+
+    def _exempt(self, bridge: str | None) -> list[str]:
+        """Make every drop-policy forward chain of another table accept our
+        bridge; returns the chains it added the accepts to."""
+        if not bridge:
+            return []
+        chains, ours = self.exemptions()
+        have: dict[tuple[str, str, str], int] = {}
+        for fam, table, chain, _ in ours:
+            have[(fam, table, chain)] = have.get((fam, table, chain), 0) + 1
+        script, added = [], []
+        for key in chains:
+            if have.get(key, 0) >= 2:
+                continue
+            fam, table, chain = key
+            for fam_, table_, chain_, handle in ours:  # a half-removed pair: start again
+                if (fam_, table_, chain_) == key:
+                    script.append(f"delete rule {fam} {table} {chain} handle {handle}")
+            for where in ("oifname", "iifname"):
+                script.append(f'insert rule {fam} {table} {chain} {where} {_quote(bridge)} accept comment "{self._mark()}"')
+            added.append(f"{fam} {table} {chain}")
+        if script:
+            self.nft.run("\n".join(script) + "\n")
+        return added
+
+    def _unexempt(self) -> None:
+        _, ours = self.exemptions()
+        if ours:
+            self.nft.run("".join(f"delete rule {f} {t} {c} handle {h}\n" for f, t, c, h in ours))
 
     def _wrote(self, want: Desired) -> None:
         self._applied = want
@@ -310,6 +373,8 @@ class NftablesFirewall:
         if lost:
             self.nft.run(self._full(self._applied))
             self.full_writes += 1
+        lost += [f"the accepts for {self._applied.bridge} in {c} (a drop-policy forward chain)"
+                 for c in self._exempt(self._applied.bridge)]
         self._gen = generation()
         return lost
 
@@ -331,8 +396,17 @@ class NftablesFirewall:
         if len(base) < len(_BASE) or set(elements) != {"links", "ports"}:
             return (False, f"table {self.table} lacks {sorted(set(n for n, _ in _BASE.values()) - set(base))} "
                     f"or its maps ({sorted(elements)})", "restart tether-fused: it writes the whole table at start")
+        drop, ours = self.exemptions()
+        exempt = sorted({f"{f} {t} {c}" for f, t, c, _ in ours})
+        unexempt = [f"{f} {t} {c}" for f, t, c in drop if f"{f} {t} {c}" not in exempt]
+        if unexempt:
+            return (False, f"forward chains with a drop policy drop tether's traffic: {', '.join(unexempt)}",
+                    "restart tether-fused: it adds accepts for its bridge at the top of such chains")
+        told = (f"; it added accepts for its bridge to the drop-policy forward chain(s) {', '.join(exempt)}"
+                if exempt else "")
         return (True, f"table {self.table}: {len(base)} base chains, {len(chains) - len(base)} link group chains, "
-                f"{elements['links']} links and {elements['ports']} published ports as map elements; {see} shows them", "")
+                f"{elements['links']} links and {elements['ports']} published ports as map elements; {see} shows them"
+                + told, "")
 
     def exists(self) -> bool:
         try:
@@ -342,6 +416,7 @@ class NftablesFirewall:
         return True
 
     def teardown(self) -> None:
+        self._unexempt()
         self.nft.run(f"add table {self.table}\ndelete table {self.table}\n")
         self._applied = None
 
