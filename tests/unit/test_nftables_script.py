@@ -66,8 +66,8 @@ def test_nothing_changed_writes_nothing():
 
 
 def test_generic_rules_in_nft_words():
-    assert rule_text(Rule("MASQUERADE", src="10.0.0.0/8", not_out_iface="br"), str) == 'oifname != "br" ip saddr 10.0.0.0/8 masquerade'
-    assert rule_text(Rule("MASQUERADE", out_iface="br", ctstate="DNAT"), str) == 'oifname "br" ct status dnat masquerade'
-    assert rule_text(Rule("REJECT", dst="10.214.0.0/16", comment='a "b"'), str) == 'ip daddr 10.214.0.0/16 reject comment "a b"'
-    assert rule_text(Rule("DNAT", proto="udp", dport=53, dst_local=True, to="1.2.3.4:53"), str) == \
+    assert rule_text(Rule("MASQUERADE", src="10.0.0.0/8", not_out_iface="br")) == 'oifname != "br" ip saddr 10.0.0.0/8 masquerade'
+    assert rule_text(Rule("MASQUERADE", out_iface="br", ctstate="DNAT")) == 'oifname "br" ct status dnat masquerade'
+    assert rule_text(Rule("REJECT", dst="10.214.0.0/16", comment='a "b"')) == 'ip daddr 10.214.0.0/16 reject comment "a b"'
+    assert rule_text(Rule("DNAT", proto="udp", dport=53, dst_local=True, to="1.2.3.4:53")) == \
         "udp dport 53 fib daddr type local dnat ip to 1.2.3.4:53"

@@ -127,7 +127,7 @@ def _quote(iface: str) -> str:
     return '"' + iface.replace('"', "") + '"'
 
 
-def rule_text(rule: Rule, chain_of) -> str:
+def rule_text(rule: Rule) -> str:
     """A generic Rule as an nft rule (inet family: IPv4 matches say `ip`)."""
     parts = []
     if rule.in_iface:
@@ -150,7 +150,7 @@ def rule_text(rule: Rule, chain_of) -> str:
         parts.append(f"ct status {rule.ctstate.lower()}" if rule.ctstate == "DNAT" else f"ct state {rule.ctstate.lower()}")
     t = rule.target
     if t.startswith("@"):
-        parts.append(f"goto {chain_of(t[1:])}")
+        parts.append(f"goto {t[1:]}")
     elif t == "DNAT":
         parts.append(f"dnat ip to {rule.to}")
     else:
@@ -160,47 +160,42 @@ def rule_text(rule: Rule, chain_of) -> str:
     return " ".join(parts)
 
 
+_BASE_NAMES = frozenset(name for name, _ in _BASE.values())
+_PORTS_LOOKUP = "fib daddr type local dnat ip to meta l4proto . th dport map @ports"
+
+
 class Desired:
     """What the table should hold: chains (name -> rules, base chains by
-    their hook name), and the two maps' elements (key -> value, as nft text)."""
+    their hook name), and the two maps' elements (key -> value, as nft text).
+    rules.build's link jumps and port DNATs become elements; every other rule
+    is written as it is."""
 
     def __init__(self, rules: RuleSet) -> None:
-        self.chains: dict[str, tuple[str, ...]] = {}
+        # the bridge: its forwarding is accepted (and let through other
+        # tables' drop policies), its facades are looked up in @links
+        self.bridge = next((r.in_iface for r in rules.chains.get(("filter", "FORWARD"), [])
+                            if r.target == "ACCEPT" and r.in_iface), None)
         self.links: dict[str, str] = {}
         self.ports: dict[str, str] = {}
-        group = {}  # group chain suffix -> its DNAT target
-        for (table, suffix), rs in rules.chains.items():
-            if (table, suffix) in _BASE:
-                continue
-            group[suffix] = rs
-        for suffix, rs in group.items():
-            self.chains[suffix] = tuple(rule_text(r, str) for r in rs)
-        bridge = None
-        base: dict[str, list[str]] = {name: [] for name, _ in _BASE.values()}
+        lookups = {
+            "prerouting": ([f"iifname {_quote(self.bridge)} ip daddr vmap @links"] if self.bridge else []) + [_PORTS_LOOKUP],
+            "output": [_PORTS_LOOKUP],
+        }
+        self.chains: dict[str, tuple[str, ...]] = {}
+        for key, rs in rules.chains.items():
+            if key not in _BASE:  # a link group's chain
+                self.chains[key[1]] = tuple(rule_text(r) for r in rs)
         for key, (name, _) in _BASE.items():
+            plain = list(lookups.get(name, []))
             for r in rules.chains.get(key, []):
                 if r.target.startswith("@") and r.dst and key == ("nat", "PREROUTING"):
                     self.links[r.dst.removesuffix("/32")] = f"goto {r.target[1:]}"
-                    bridge = r.in_iface
                 elif r.target == "DNAT" and r.dst_local and r.proto and r.dport is not None:
                     ip, _, port = r.to.rpartition(":")
                     self.ports[f"{r.proto} . {r.dport}"] = f"{ip} . {port}"
                 else:
-                    base[name].append(rule_text(r, str))
-        lookups = {
-            "prerouting": ([f"iifname {_quote(bridge)} ip daddr vmap @links"] if bridge else [])
-            + ["fib daddr type local dnat ip to meta l4proto . th dport map @ports"],
-            "output": ["fib daddr type local dnat ip to meta l4proto . th dport map @ports"],
-        }
-        for name, rs in base.items():
-            self.chains[name] = tuple(lookups.get(name, []) + rs)
-        # the bridge whose forwarding another table's drop policy must let through
-        self.bridge = next((r.in_iface for r in rules.chains.get(("filter", "FORWARD"), [])
-                            if r.target == "ACCEPT" and r.in_iface), None)
-
-    @staticmethod
-    def is_base(name: str) -> bool:
-        return any(name == n for n, _ in _BASE.values())
+                    plain.append(rule_text(r))
+            self.chains[name] = tuple(plain)
 
 
 def _iptables_nft(chain: dict) -> bool:
@@ -275,7 +270,7 @@ class NftablesFirewall:
     def _mark(self) -> str:
         return f"tether {self.prefix}: forwarding of its bridge"
 
-    def exemptions(self, bridge: str | None = None) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str, int]]]:
+    def exemptions(self) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str, int]]]:
         """(drop-policy forward chains of other tables, our accept rules in
         them by handle)."""
         data = json.loads(self.nft.run("list ruleset", as_json=True))
@@ -324,6 +319,25 @@ class NftablesFirewall:
         self._applied = want
         self._gen = generation()
 
+    def _listing(self) -> tuple[dict[str, list[str]], dict[str, dict[str, str]]] | None:
+        """Our table as the kernel holds it: ({chain: its rules' expressions
+        as JSON}, {map: {key: value} as this driver writes them}); None when
+        there is no table."""
+        try:
+            data = json.loads(self.nft.run(f"list table {self.table}", as_json=True))
+        except NftError:
+            return None
+        rules: dict[str, list[str]] = {}
+        maps: dict[str, dict[str, str]] = {}
+        for item in data.get("nftables", []):
+            if "chain" in item:
+                rules.setdefault(item["chain"]["name"], [])
+            elif "rule" in item:
+                rules.setdefault(item["rule"]["chain"], []).append(json.dumps(item["rule"]["expr"]))
+            elif "map" in item:
+                maps[item["map"]["name"]] = dict(_element(e) for e in item["map"].get("elem", []))
+        return rules, maps
+
     def missing(self, want: Desired | None = None) -> list[str]:
         """What of `want` (default: our last write) the kernel does not hold:
         chains, rules (counted per chain) and map elements, one line each;
@@ -331,25 +345,16 @@ class NftablesFirewall:
         want = want or self._applied
         if want is None:
             return []
-        try:
-            data = json.loads(self.nft.run(f"list table {self.table}", as_json=True))
-        except NftError:
+        listing = self._listing()
+        if listing is None:
             return [f"table {self.table}"]
-        rules: dict[str, int] = {}
-        maps: dict[str, dict[str, str]] = {}
-        for item in data.get("nftables", []):
-            if "chain" in item:
-                rules.setdefault(item["chain"]["name"], 0)
-            elif "rule" in item:
-                rules[item["rule"]["chain"]] = rules.get(item["rule"]["chain"], 0) + 1
-            elif "map" in item:
-                maps[item["map"]["name"]] = dict(_element(e) for e in item["map"].get("elem", []))
+        rules, maps = listing
         out = []
         for name, rs in want.chains.items():
             if name not in rules:
                 out.append(f"chain {name}")
-            elif rules[name] != len(rs):
-                out.append(f"chain {name}: {rules[name]} of its {len(rs)} rules")
+            elif len(rules[name]) != len(rs):
+                out.append(f"chain {name}: {len(rules[name])} of its {len(rs)} rules")
         out += [f"chain {name} (not ours)" for name in rules if name not in want.chains]
         for m in ("links", "ports"):
             if m not in maps:
@@ -381,20 +386,15 @@ class NftablesFirewall:
     def check(self) -> tuple[bool, str, str]:
         """(ok, what the kernel holds of us, the fix) for `tether doctor`."""
         see = f"`nft list table {self.table}`"
-        try:
-            data = json.loads(self.nft.run(f"list table {self.table}", as_json=True))
-        except NftError:
+        listing = self._listing()
+        if listing is None:
             return (False, f"no table {self.table}: tether-fused is not running, or someone deleted it",
                     f"start (or restart) tether-fused: it writes its table at start and within 2 s of a removal; then {see}")
-        chains, elements = [], {}
-        for item in data.get("nftables", []):
-            if "chain" in item:
-                chains.append(item["chain"]["name"])
-            elif "map" in item:
-                elements[item["map"]["name"]] = len(item["map"].get("elem", []))
-        base = [n for n, _ in _BASE.values() if n in chains]
+        chains, maps = listing
+        elements = {m: len(e) for m, e in maps.items()}
+        base = [n for n in _BASE_NAMES if n in chains]
         if len(base) < len(_BASE) or set(elements) != {"links", "ports"}:
-            return (False, f"table {self.table} lacks {sorted(set(n for n, _ in _BASE.values()) - set(base))} "
+            return (False, f"table {self.table} lacks {sorted(_BASE_NAMES - set(base))} "
                     f"or its maps ({sorted(elements)})", "restart tether-fused: it writes the whole table at start")
         drop, ours = self.exemptions()
         exempt = sorted({f"{f} {t} {c}" for f, t, c, _ in ours})
@@ -421,20 +421,14 @@ class NftablesFirewall:
         self._applied = None
 
     def dump(self) -> dict[tuple[str, str], list[str]]:
-        """{(table, chain or "map NAME"): its rules or elements, as nft lists them}."""
-        try:
-            data = json.loads(self.nft.run(f"list table {self.table}", as_json=True))
-        except NftError:
+        """{(table, chain or "map NAME"): its rules (JSON expressions) or its
+        elements ("key : value")}; {} when there is no table."""
+        listing = self._listing()
+        if listing is None:
             return {}
-        out: dict[tuple[str, str], list[str]] = {}
-        for item in data.get("nftables", []):
-            if "chain" in item:
-                out.setdefault((self.table, item["chain"]["name"]), [])
-            elif "rule" in item:
-                out.setdefault((self.table, item["rule"]["chain"]), []).append(json.dumps(item["rule"]["expr"]))
-            elif "map" in item:
-                m = item["map"]
-                out[(self.table, "map " + m["name"])] = [json.dumps(e) for e in m.get("elem", [])]
+        rules, maps = listing
+        out = {(self.table, chain): rs for chain, rs in rules.items()}
+        out |= {(self.table, "map " + m): [f"{k} : {v}" for k, v in e.items()] for m, e in maps.items()}
         return out
 
     # --- scripts ------------------------------------------------------------
@@ -444,7 +438,7 @@ class NftablesFirewall:
                  f"add map {t} links {{ type ipv4_addr : verdict ; }}",
                  f"add map {t} ports {{ type inet_proto . inet_service : ipv4_addr . inet_service ; }}"]
         for name in want.chains:
-            if not Desired.is_base(name):
+            if name not in _BASE_NAMES:
                 lines.append(f"add chain {t} {name}")
         for key, (name, spec) in _BASE.items():
             lines.append(f"add chain {t} {name} {{ {spec} }}")
