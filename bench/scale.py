@@ -78,7 +78,7 @@ def reads(paths: dict[str, str], n: int, gap: float = 0.5) -> dict[str, list[flo
 
 
 def measure(n: int, rootfs: Path, tmp: Path, n_reads: int = 20000, parallel: int = 8, log=print,
-            again: bool = True) -> dict:
+            again: bool = True, driver: str = "auto") -> dict:
     """{"rss_kb": {1: kb, n: kb, "1 after": kb}, "hwm_kb": ..., "read_us": {1: [...], n: [...],
     "1 after": [...]}, "tmpfs_us": ..., "reg_ms": {1: [...], n: [...]}, "start_s": s,
     "teardown_s": s (stop + delete of n - 1 containers), "n": n, "bytes": size}.
@@ -88,7 +88,7 @@ def measure(n: int, rootfs: Path, tmp: Path, n_reads: int = 20000, parallel: int
     tmpfs.mkdir()
     sh("mount", "-t", "tmpfs", "tmpfs", str(tmpfs))
     try:
-        with Daemon(rootfs, prefix=22, ports=10) as d:
+        with Daemon(rootfs, prefix=22, ports=10, driver=driver) as d:
             d.start()
             b0 = d.bundle("s0", ["sleep", "1000000"])
             template = json.loads((b0 / "config.json").read_text())
@@ -167,10 +167,11 @@ def main(argv=None) -> None:
     ap.add_argument("--reads", type=int, default=20000)
     ap.add_argument("--parallel", type=int, default=8)
     ap.add_argument("--once", action="store_true", help="skip the third measurement (1 container again)")
+    ap.add_argument("--driver", choices=("auto", "nftables", "iptables"), default="auto")
     a = ap.parse_args(argv)
     tmp = mkdtemp()
     try:
-        r = measure(a.containers, build_rootfs(tmp / "rootfs"), tmp, a.reads, a.parallel, again=not a.once)
+        r = measure(a.containers, build_rootfs(tmp / "rootfs"), tmp, a.reads, a.parallel, again=not a.once, driver=a.driver)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     n = r["n"]

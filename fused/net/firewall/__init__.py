@@ -1,6 +1,10 @@
 """Firewall drivers behind one small interface (base.Firewall)."""
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 from ...errors import FirewallError
 from .base import Firewall, NullFirewall, Rule, RuleSet
 
@@ -43,6 +47,22 @@ def make(driver: str, prefix: str) -> Firewall:
     raise FirewallError(f"unknown firewall driver {driver!r}: use auto, nftables, iptables or none")
 
 
+def _legacy_chains(prefix: str) -> bool:
+    """Whether the legacy x_tables may hold chains of `prefix`, found without
+    loading python-iptables: libiptc and its extensions would stay in the
+    daemon for its whole life (9 MiB of RSS) just to find nothing."""
+    try:
+        if not Path("/proc/net/ip_tables_names").read_text().split():
+            return False  # no legacy table is even loaded
+    except OSError:
+        return False
+    save = shutil.which("iptables-legacy-save")
+    if save is None:
+        return True  # cannot tell without libiptc
+    out = subprocess.run([save], capture_output=True, text=True).stdout
+    return any(line.startswith(f":{prefix}-") for line in out.splitlines())
+
+
 def remove_others(driver: str, prefix: str) -> list[str]:
     """Remove what another driver wrote under `prefix` (an upgrade that
     switched the driver, e.g. to "auto" = nftables): its DNATs would go on
@@ -55,7 +75,7 @@ def remove_others(driver: str, prefix: str) -> list[str]:
         if nftables.available() is None and nftables.NftablesFirewall(prefix).exists():
             nftables.NftablesFirewall(prefix).teardown()
             out.append(f"nftables table inet {prefix}")
-    if driver != "iptables":
+    if driver != "iptables" and _legacy_chains(prefix):
         try:
             from .iptables import IptablesFirewall
         except Exception:  # noqa: BLE001 - no libiptc: nothing of it can exist
