@@ -339,12 +339,12 @@ class Service:
             snap = await self._commit(d, undo=unwire)
             for name in done.dead:  # found dead and marked stopped: a netns that outlives them keeps no veth
                 self.worker.submit(self.wiring.unwire, veth_name(self.cfg.network.bridge, name))
-            if handed := self._ports_handed_over(d):
-                # a host port that changed hands: a flow still tracked for it
-                # (UDP above all: a client that keeps its source port) would
-                # go on reaching the old holder's address. After the answer:
+            if released := self._released(d):
+                # a host port or an address that changed hands: a flow still
+                # tracked for it (UDP above all: a client that keeps its source
+                # port) would go on reaching the old holder. After the answer:
                 # the new container has no flows yet.
-                self.worker.submit(self._cut_quietly, handed)
+                self.worker.submit(self._cut_quietly, released)
             # only the newest commit can be undone exactly (an undo applies
             # at the revision it made): one record, not one per container
             self._undo = {reg.id: Undo(reg.pid, inverse(d.snap, d.change), snap.revision)}
@@ -509,6 +509,8 @@ class Service:
             lease = d.ip_lease(c.name)
             plan.remove(d, c.name)
             await self._commit(d)
+            if released := self._released(d):
+                self.worker.submit(self._cut_quietly, released)
             warnings = await self._after_commit(f"removing {c.name}'s veth", self.wiring.unwire, veth_name(self.cfg.network.bridge, c.name))
         freed = [lease.ip] if lease else []
         log.info("removed %s, freed %s", c.name, ", ".join(freed) or "nothing")
@@ -533,23 +535,29 @@ class Service:
             raise ServiceError(problem)
 
     @staticmethod
-    def _ports_handed_over(d: Draft) -> list[list[str]]:
-        """conntrack filters for the host ports `d` gives to another container:
-        the flows DNAT'ed to the old holder's address."""
+    def _released(d: Draft) -> list[list[str]]:
+        """conntrack filters for what `d` takes from its holder: a host port
+        that changes hands or is freed (the flows DNAT'ed to the old holder's
+        address), and an address that is freed or given to another (the flows
+        whose replies come from it)."""
         out = []
         for (port, proto), new in d.change.port_leases.items():
             old = d.snap.port_leases.get((port, proto))
-            if new is not None and old is not None and old.name != new.name:
+            if old is not None and (new is None or old.name != new.name):
                 ip = d.snap.ip_leases.get(old.name)
                 out.append(["-p", proto, "--orig-port-dst", str(port), *(["-r", ip.ip] if ip else [])])
+        for name, new in d.change.ip_leases.items():
+            old = d.snap.ip_leases.get(name)
+            if old is not None and (new is None or new.ip != old.ip):
+                out.append(["-r", old.ip])
         return out
 
     def _cut_quietly(self, filters: list[list[str]]) -> None:
         """On the kernel thread, after a registration answered: a failure is logged."""
         try:
-            log.info("conntrack: %d entries of host ports that changed hands removed", self.wiring.cut(filters))
-        except Exception as e:  # noqa: BLE001 - the start went through; the old flows time out
-            log.warning("conntrack: could not remove the flows of host ports that changed hands: %s", e)
+            log.info("conntrack: %d entries of host ports or addresses that changed hands removed", self.wiring.cut(filters))
+        except Exception as e:  # noqa: BLE001 - the change went through; the old flows time out
+            log.warning("conntrack: could not remove the flows of host ports or addresses that changed hands: %s", e)
 
     async def _cut(self, filters: list[list[str]]) -> list[str]:
         """Cut the connections that went to the old targets (after the commit)."""
@@ -612,6 +620,7 @@ class Service:
         """Failover: every link to OLD now goes to NEW, and OLD's published
         host ports forward to NEW; one transaction, one firewall commit."""
         async with self.lock:
+            t0, self.steps = time.perf_counter(), {}
             old = model.check_label(args.get("old"), "container name")
             new = model.check_label(args.get("new"), "container name")
             d = Draft(self.store.snapshot())
@@ -625,7 +634,13 @@ class Service:
                 # connections through any facade, or a host port, answered by OLD
                 cuts = [["-d", self.cfg.network.facade_subnet, "-r", old_lease.ip]] if moved.links else []
                 cuts += [["-p", l.proto, "--orig-port-dst", str(l.host_port), "-r", old_lease.ip] for l in moved.ports]
+                t_cut = time.perf_counter()
                 warnings = await self._cut(cuts)
+                self.steps["cut"] = time.perf_counter() - t_cut
+            log.info(
+                "moved %s to %s (%d links, %d ports) in %.1f ms (%s)", old, new, len(moved.links), len(moved.ports),
+                (time.perf_counter() - t0) * 1000, ", ".join(f"{k} {v * 1000:.1f}" for k, v in self.steps.items()),
+            )
             out = {
                 "old": old,
                 "new": new,

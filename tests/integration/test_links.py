@@ -1,12 +1,14 @@
 """Issue: links that follow — facade addresses, published ports, move, rule life-cycle."""
 from __future__ import annotations
 
+import socket
 import subprocess
+import threading
 import time
 
 import pytest
 
-from harness import FUSED, TETHER, Daemon, address_in_hosts, dnats_to, firewall_dump, firewall_state, forwards_host_port, host_port, sh, tcp_get, wait_for
+from harness import FUSED, TETHER, Daemon, address_in_hosts, dnats_to, in_netns, firewall_dump, firewall_state, forwards_host_port, host_port, sh, tcp_get, wait_for
 from fused.protocol import request
 
 SLEEP = ["sleep", "1000000"]
@@ -168,6 +170,64 @@ def test_host_port_pool_lru_and_running_holder(rootfs, driver):
         d.run("p6", b6)
         assert d.container("p6")["published"] == [f"0.0.0.0:{hp['p2']}->80/tcp"]
         assert d.container("p2")["published"] == [] and "p6" in d.container("p2")["note"]
+
+
+def udp_name_server(d: Daemon, name: str, port: int = 53) -> socket.socket:
+    """A UDP socket in `name`'s network namespace answering every datagram
+    with the name (busybox nc has no UDP); closing it stops the answers."""
+    def bound():
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("0.0.0.0", port))
+        return s
+
+    s = in_netns(d.container(name)["pid"], bound)
+    s.settimeout(0.2)  # a recv that blocked would outlive close()
+
+    def answer():
+        while True:
+            try:
+                _, peer = s.recvfrom(64)
+                s.sendto(name.encode(), peer)
+            except TimeoutError:
+                continue
+            except OSError:  # closed
+                return
+
+    threading.Thread(target=answer, daemon=True).start()
+    return s
+
+
+def test_a_udp_host_port_leased_anew_reaches_its_new_holder_from_the_same_source_port(rootfs, driver):
+    with Daemon(rootfs, driver=driver, strategy="facade") as d:
+        d.start()
+        port = d.port_base + 7
+        d.start_container("u1", SLEEP, "--expose", "53/udp", "--publish", f"{port}:53/udp")
+        servers = [udp_name_server(d, "u1")]
+        client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        client.bind(("127.0.0.1", 0))  # one source port for the whole test
+        client.settimeout(0.3)
+
+        def answer() -> str | None:
+            client.sendto(b"?", ("127.0.0.1", port))
+            try:
+                return client.recv(64).decode()
+            except TimeoutError:
+                return None
+
+        try:
+            assert wait_for(answer, timeout=5, what="u1 over udp") == "u1"
+            servers.pop().close()  # its netns goes with u1
+            d.kill("u1")
+            # held by a stopped container: taken over; the flow conntrack
+            # tracks for the client's source port still leads to u1
+            d.start_container("u2", SLEEP, "--expose", "53/udp", "--publish", f"{port}:53/udp")
+            assert d.container("u2")["published"] == [f"0.0.0.0:{port}->53/udp"]
+            servers.append(udp_name_server(d, "u2"))
+            assert wait_for(answer, timeout=5, what="u2 over udp from the old source port") == "u2"
+        finally:
+            client.close()
+            for s in servers:
+                s.close()
 
 
 def test_move_200_links_commits_once_and_rules_are_cleaned(rootfs, driver):

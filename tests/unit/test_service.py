@@ -278,3 +278,24 @@ def test_a_host_port_that_changes_hands_loses_its_old_flows(svc):
     call(svc, "register", state("u3", 203))  # no port changes hands: nothing cut
     trio.run(svc.worker.run, lambda: None)
     assert len(svc.wiring.cuts) == 1
+
+
+def test_an_address_given_to_another_or_freed_loses_its_old_flows(svc):
+    for i in range(5):  # /29: five addresses
+        call(svc, "register", state(f"c{i}", 200 + i))
+        DEAD.add(200 + i)
+        call(svc, "poststop", state(f"c{i}", 200 + i))
+    old = svc.store.snapshot().ip_leases["c0"].ip
+    assert call(svc, "register", state("new", 300))["ip"] == old  # c0 evicted
+    trio.run(svc.worker.run, lambda: None)
+    assert svc.wiring.cuts == [["-r", old]]
+    # removed: its address and host port go back to the pools, and their flows go
+    call(svc, "register", state("db", 301, publish="5432"))
+    ip, port = svc.store.snapshot().ip_leases["db"].ip, next(iter(svc.store.snapshot().port_leases))[0]
+    DEAD.add(301)
+    call(svc, "poststop", state("db", 301))
+    trio.run(svc.worker.run, lambda: None)  # db evicted c1: that cut done
+    svc.wiring.cuts.clear()
+    call(svc, "rm", {"name": "db"})
+    trio.run(svc.worker.run, lambda: None)
+    assert svc.wiring.cuts == [["-p", "tcp", "--orig-port-dst", str(port), "-r", ip], ["-r", ip]]
