@@ -69,7 +69,17 @@ class Nft:
             raise NftError("libnftables could not make a context")
         lib.nft_ctx_buffer_output(self._ctx)
         lib.nft_ctx_buffer_error(self._ctx)
+        lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
         self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Free the context (and its cache of the ruleset)."""
+        ctx, self._ctx = getattr(self, "_ctx", None), None
+        if ctx:
+            self._lib.nft_ctx_free(ctx)
+
+    def __del__(self) -> None:
+        self.close()
 
     def run(self, script: str, as_json: bool = False) -> str:
         """Run an nft script as one transaction; its output. NftError with nft's
@@ -77,6 +87,8 @@ class Nft:
         it was applied."""
         with self._lock:
             lib, ctx = self._lib, self._ctx
+            if not ctx:
+                raise NftError("libnftables context closed")
             flags = lib.nft_ctx_output_get_flags(ctx)
             lib.nft_ctx_output_set_flags(ctx, (flags | _OUTPUT_JSON) if as_json else (flags & ~_OUTPUT_JSON))
             rc = lib.nft_run_cmd_from_buffer(ctx, script.encode())
@@ -148,9 +160,15 @@ generation = _Generation()
 def available() -> str | None:
     """None when nftables works here, else why not (one line)."""
     try:
-        Nft().run("list tables")
+        nft = Nft()
     except NftError as e:
         return str(e)
+    try:
+        nft.run("list tables")
+    except NftError as e:
+        return str(e)
+    finally:
+        nft.close()
     return None
 
 
