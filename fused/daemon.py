@@ -65,7 +65,8 @@ def _lock(cfg: config_mod.Config) -> int:
 
 def _parts(cfg: config_mod.Config) -> tuple[Wiring, fw.Firewall]:
     net = cfg.network
-    return Wiring(net.bridge, str(net.gateway), net.network.prefixlen), fw.make(cfg.firewall.driver, cfg.firewall.chain_prefix)
+    wiring = Wiring(net.bridge, str(net.gateway), net.network.prefixlen, isolated=net.isolation == "links")
+    return wiring, fw.make(cfg.firewall.driver, cfg.firewall.chain_prefix)
 
 
 async def open_store(cfg: config_mod.Config, wiring: Wiring, worker: Worker, rebuild: bool = False) -> SqliteStore:

@@ -7,6 +7,10 @@ nat <prefix>-G<group>     -j DNAT --to-destination TARGET_IP        one per link
 nat <prefix>-POSTROUTING  masquerade the subnet leaving elsewhere, and DNAT'ed
                           connections leaving on the bridge (the reply path, see README)
 filter <prefix>-FORWARD   reject facade addresses nobody answers; accept the bridge
+filter <prefix>-ISOLATE   (isolation = "links") what may pass between two
+                          containers: replies, published ports, and each link's
+                          consumer -> target on the target's exposed ports
+                          (and ICMP); the rest is rejected
 
 Links are grouped: a move retargets a whole group by rewriting its one DNAT
 rule, however many links it holds.
@@ -26,6 +30,7 @@ class _NetworkSettings(Protocol):
     bridge: str
     subnet: str
     facade_subnet: str
+    isolation: str
 
 
 @dataclass(frozen=True)
@@ -36,11 +41,12 @@ class RuleSettings:
     bridge: str
     subnet: str  # container addresses (masqueraded)
     facade_subnet: str  # link addresses (rejected when dangling)
+    isolation: str = "none"  # "links": containers talk only along links
 
     @classmethod
     def of(cls, network: _NetworkSettings) -> RuleSettings:
         """From the `[network]` settings (config.NetworkConfig)."""
-        return cls(network.bridge, network.subnet, network.facade_subnet)
+        return cls(network.bridge, network.subnet, network.facade_subnet, network.isolation)
 
 
 @dataclass(frozen=True, order=True)
@@ -97,6 +103,42 @@ def build(settings: RuleSettings, topo: Topology | None = None, ports: list[Port
     rs.add("nat", "POSTROUTING", Rule("MASQUERADE", out_iface=settings.bridge, ctstate="DNAT", comment="tether reply path"))
     # a facade address with no target must not leave the host
     rs.add("filter", "FORWARD", Rule("REJECT", dst=settings.facade_subnet, comment="tether dangling link"))
+    if settings.isolation == "links":
+        # container to container, bridged or routed (a facade's DNAT): the
+        # bridge passes its traffic to these hooks (br_netfilter, see wiring)
+        rs.add("filter", "FORWARD", Rule("@ISOLATE", in_iface=bridge, out_iface=bridge))
+        rs.chains[("filter", "ISOLATE")] = isolation_rules(settings, topo)
     rs.add("filter", "FORWARD", Rule("ACCEPT", in_iface=settings.bridge, comment="tether from bridge"))
     rs.add("filter", "FORWARD", Rule("ACCEPT", out_iface=settings.bridge, comment="tether to bridge"))
     return rs
+
+
+def allowed(topo: Topology) -> list[Rule]:
+    """Each link's consumer -> target on the target's exposed ports, and
+    ICMP between the two (either way); in the topology's order, each once."""
+    out: dict[Rule, None] = {}
+    nodes = topo.nodes
+    for e in topo.edges:
+        c, t = nodes.get(e.consumer), nodes.get(e.target)
+        if c is None or t is None or not c.ip or not t.ip:
+            continue
+        for p in t.expose:
+            out[_allow(c.ip, t.ip, p.proto, p.port)] = None
+        out[_allow(c.ip, t.ip, "icmp", None)] = None
+        out[_allow(t.ip, c.ip, "icmp", None)] = None
+    return list(out)
+
+
+@functools.lru_cache(maxsize=65536)
+def _allow(src: str, dst: str, proto: str, port: int | None) -> Rule:
+    return Rule("ACCEPT", src=src, dst=dst, proto=proto, dport=port)
+
+
+def isolation_rules(settings: RuleSettings, topo: Topology) -> list[Rule]:
+    return [
+        Rule("ACCEPT", ctstate="ESTABLISHED,RELATED", comment="tether isolation: replies"),
+        # a host port published by a container, reached through a host address
+        Rule("ACCEPT", ctstate="DNAT", not_orig_dst=settings.facade_subnet, comment="tether isolation: published ports"),
+        *allowed(topo),
+        Rule("REJECT", comment="tether isolation: no link"),
+    ]

@@ -101,10 +101,14 @@ def _set_sysctl(path: str, value: str) -> None:
 
 
 class Wiring:
-    def __init__(self, bridge: str, gateway: str, prefixlen: int) -> None:
+    def __init__(self, bridge: str, gateway: str, prefixlen: int, isolated: bool = False) -> None:
         self.bridge = bridge
         self.gateway = gateway
         self.prefixlen = prefixlen
+        # isolation = "links": traffic between two containers on the bridge
+        # (bridged, not routed) passes the firewall's forward hooks too
+        # (br_netfilter), where the isolation chain decides
+        self.isolated = isolated
         self._ipr: IPRoute | None = None
 
     @property
@@ -143,6 +147,32 @@ class Wiring:
         # the host's own 127.0.0.1:HOSTPORT, DNAT'ed to a container, leaves
         # through the bridge with a loopback source (masqueraded on the way)
         _set_sysctl(f"/proc/sys/net/ipv4/conf/{self.bridge}/route_localnet", "1")
+        if self.isolated:
+            self._filter_bridged(idx)
+
+    def _filter_bridged(self, idx: int) -> None:
+        """Make this bridge's bridged IPv4/IPv6 traffic pass the inet forward
+        hooks (the bridge's own nf_call_iptables option: no host-wide sysctl).
+        br_netfilter must be loaded for that; when tether loads it, the
+        module's host-wide defaults (every bridge filtered) are set back to
+        off, so no other bridge on the host changes behaviour."""
+        knob = "/proc/sys/net/bridge/bridge-nf-call-iptables"
+        if not os.path.exists(knob):
+            try:
+                p = subprocess.run(["modprobe", "br_netfilter"], capture_output=True, text=True)
+                why = (p.stderr or p.stdout).strip() or "modprobe br_netfilter failed"
+            except OSError as e:
+                why = f"modprobe: {e.strerror}"
+            if not os.path.exists(knob):
+                raise WiringError(
+                    "isolation = \"links\" needs the br_netfilter kernel module, which could not be loaded "
+                    f"({why}): "
+                    "load it (`modprobe br_netfilter`), or set isolation = \"none\" in [network]"
+                )
+            for family in ("iptables", "ip6tables", "arptables"):
+                _set_sysctl(f"/proc/sys/net/bridge/bridge-nf-call-{family}", "0")
+            log.info("isolation: loaded br_netfilter, host-wide bridge filtering left off (only %s is filtered)", self.bridge)
+        self.ipr.link("set", index=idx, kind="bridge", br_nf_call_iptables=1, br_nf_call_ip6tables=1)
 
     def has_bridge(self) -> bool:
         return self._index(self.bridge) is not None
@@ -191,8 +221,9 @@ class Wiring:
             self.unwire(ep.veth)
             raise
 
-    def _inside(self, pid: int) -> IPRoute:
-        """A netlink socket opened in the netns of `pid` (this thread goes back to its own)."""
+    def _inside(self, pid: int, fn=IPRoute):
+        """fn() run in the netns of `pid` (default: a netlink socket opened
+        there); this thread goes back to its own."""
         ns = _open_netns(pid)
         own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         try:
@@ -200,7 +231,7 @@ class Wiring:
                 err = ctypes.get_errno()
                 raise WiringError(f"cannot enter the netns of pid {pid}: {os.strerror(err)}")
             try:
-                return IPRoute()
+                return fn()
             finally:
                 if _libc.setns(own, CLONE_NEWNET) != 0:  # pragma: no cover - would be fatal
                     os.abort()
@@ -239,6 +270,10 @@ class Wiring:
                     f"the container's network namespace already has a network ({what}): tether needs one "
                     "with only lo; podman: --network none"
                 )
+            if self.isolated:
+                # tether gives IPv4 only; IPv6 link-local between containers
+                # would pass where the iptables driver filters IPv4 alone
+                self._inside(ep.pid, lambda: _set_sysctl(f"/proc/sys/net/ipv6/conf/{peer}/disable_ipv6", "1"))
             inner.addr("add", index=idx, address=ep.ip, prefixlen=ep.prefixlen)
             inner.link("set", index=idx, state="up")
             lo = _index_of(inner, "lo")

@@ -87,6 +87,7 @@ class Daemon:
         ports: int = 100,
         upstreams: list[str] = (),
         driver: str = "iptables",
+        isolation: str = "none",
     ) -> None:
         tag = "%06x" % random.randrange(1 << 24)
         self.tag = tag
@@ -112,6 +113,7 @@ subnet = "{self.subnet}"
 facade_subnet = "{self.facade}"
 port_range = "{self.port_base}-{self.port_base + ports - 1}"
 strategy = "{strategy}"
+isolation = "{isolation}"
 
 [firewall]
 chain_prefix = "{self.chain_prefix}"

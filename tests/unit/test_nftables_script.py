@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fused import rules
 from fused.graph import Edge, Node, Topology
+from fused.model import PortSpec
 from fused.net.firewall.nftables import Desired, NftablesFirewall, rule_text
 from fused.net.firewall.base import Rule
 from fused.rules import PortForward, group_chain
@@ -71,3 +72,34 @@ def test_generic_rules_in_nft_words():
     assert rule_text(Rule("REJECT", dst="10.214.0.0/16", comment='a "b"')) == 'ip daddr 10.214.0.0/16 reject comment "a b"'
     assert rule_text(Rule("DNAT", proto="udp", dport=53, dst_local=True, to="1.2.3.4:53")) == \
         "udp dport 53 fib daddr type local dnat ip to 1.2.3.4:53"
+
+
+ISO = rules.RuleSettings(bridge="tb0", subnet="10.213.0.0/16", facade_subnet="10.214.0.0/16", isolation="links")
+
+
+def iso_topo(target: str = "db") -> Topology:
+    nodes = {n: Node(n, ip, True, (PortSpec(5432, "tcp"),)) for n, ip in
+             (("db", "10.213.0.3"), ("db2", "10.213.0.4"), ("web", "10.213.0.2"))}
+    return Topology(nodes, (Edge("web", "database", target, "10.214.0.1", target),), "facade")
+
+
+def test_isolation_tuples_are_set_elements_looked_up_before_the_reject():
+    d = Desired(rules.build(ISO, iso_topo(), PORTS))
+    assert d.allowed == {"10.213.0.2 . 10.213.0.3 . tcp . 5432": ""}
+    assert d.pairs == {"10.213.0.2 . 10.213.0.3": "", "10.213.0.3 . 10.213.0.2": ""}
+    assert d.chains["ISOLATE"] == (
+        'ct state established,related accept comment "tether isolation: replies"',
+        'ct status dnat ct original ip daddr != 10.214.0.0/16 accept comment "tether isolation: published ports"',
+        "ip saddr . ip daddr . meta l4proto . th dport @allowed accept",
+        "meta l4proto icmp ip saddr . ip daddr @pairs accept",
+        'reject comment "tether isolation: no link"',
+    )
+    assert 'iifname "tb0" oifname "tb0" goto ISOLATE' in d.chains["forward"]
+
+
+def test_a_retarget_with_isolation_is_elements_in_the_same_transaction():
+    lines = script(rules.build(ISO, iso_topo()), rules.build(ISO, iso_topo("db2")))
+    assert not [ln for ln in lines if "ISOLATE" in ln or "forward" in ln]  # no rule of the isolation rewritten
+    assert "delete element inet T allowed { 10.213.0.2 . 10.213.0.3 . tcp . 5432 }" in lines
+    assert "add element inet T allowed { 10.213.0.2 . 10.213.0.4 . tcp . 5432 }" in lines
+    assert any(ln.startswith("add element inet T links") for ln in lines)

@@ -224,3 +224,36 @@ def test_the_diff_helper_can_fail():
         b.add("nat", "X", r)
     assert diff(a, b) == {("nat", "X"): ([Rule("B")], [Rule("Z")])}
     assert diff(a, a) == {}
+
+
+ISO = RuleSettings(bridge="tb0", subnet="10.213.0.0/16", facade_subnet="10.214.0.0/16", isolation="links")
+
+
+def test_isolation_allows_each_links_exposed_ports_and_icmp_and_rejects_the_rest():
+    rs = rules.build(ISO, facade_topo(), PORTS)
+    assert rs.chains[("filter", "FORWARD")][1] == Rule("@ISOLATE", in_iface="tb0", out_iface="tb0")
+    web, api = "10.213.0.2", "10.213.0.6"
+    assert rs.chains[("filter", "ISOLATE")] == [
+        Rule("ACCEPT", ctstate="ESTABLISHED,RELATED", comment="tether isolation: replies"),
+        Rule("ACCEPT", ctstate="DNAT", not_orig_dst="10.214.0.0/16", comment="tether isolation: published ports"),
+        Rule("ACCEPT", src=api, dst=DB, proto="tcp", dport=5432),
+        Rule("ACCEPT", src=api, dst=DB, proto="icmp"),
+        Rule("ACCEPT", src=DB, dst=api, proto="icmp"),
+        Rule("ACCEPT", src=web, dst=CACHE, proto="tcp", dport=5432),
+        Rule("ACCEPT", src=web, dst=CACHE, proto="icmp"),
+        Rule("ACCEPT", src=CACHE, dst=web, proto="icmp"),
+        Rule("ACCEPT", src=web, dst=DB, proto="tcp", dport=5432),  # web's "database": the same target as api's
+        Rule("ACCEPT", src=web, dst=DB, proto="icmp"),
+        Rule("ACCEPT", src=DB, dst=web, proto="icmp"),
+        Rule("REJECT", comment="tether isolation: no link"),
+    ]
+    # a retarget: the tuples follow the target, in the same RuleSet as the DNAT
+    moved = rules.build(ISO, facade_topo("db2"), PORTS).chains[("filter", "ISOLATE")]
+    assert Rule("ACCEPT", src=web, dst=DB2, proto="tcp", dport=5432) in moved
+    assert Rule("ACCEPT", src=web, dst=DB, proto="tcp", dport=5432) not in moved
+
+
+def test_no_isolation_no_chain_and_a_target_without_address_allows_nothing():
+    assert ("filter", "ISOLATE") not in rules.build(S, facade_topo(), PORTS).chains
+    rs = rules.build(ISO, facade_topo(db=None), PORTS)
+    assert not [r for r in rs.chains[("filter", "ISOLATE")] if r.dst == DB]

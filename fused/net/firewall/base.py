@@ -37,6 +37,7 @@ class Rule(NamedTuple):
     to: str | None = None  # DNAT destination "ip[:port]"
     dst_local: bool = False  # -m addrtype --dst-type LOCAL
     ctstate: str | None = None  # -m conntrack --ctstate
+    not_orig_dst: str | None = None  # -m conntrack ! --ctorigdst: not DNAT'ed from there
     comment: str | None = None
 
 

@@ -103,9 +103,12 @@ class IptablesFirewall:
         if rule.dst_local:
             m = r.create_match("addrtype")
             m.dst_type = "LOCAL"
-        if rule.ctstate:
+        if rule.ctstate or rule.not_orig_dst:
             m = r.create_match("conntrack")
-            m.ctstate = rule.ctstate
+            if rule.ctstate:
+                m.ctstate = rule.ctstate
+            if rule.not_orig_dst:
+                m.ctorigdst = "!" + rule.not_orig_dst
         if rule.comment:
             m = r.create_match("comment")
             m.comment = rule.comment[:255]

@@ -4,16 +4,21 @@
         map links { type ipv4_addr : verdict }       facade -> goto <group chain>
         map ports { type inet_proto . inet_service : ipv4_addr . inet_service }
                                                     (proto, host port) -> address . port
+        set allowed { type ipv4_addr . ipv4_addr . inet_proto . inet_service }
+                                                    isolation: consumer . target . proto . port
+        set pairs { type ipv4_addr . ipv4_addr }    isolation: ICMP between linked pairs
         chain G<hash> { dnat ip to TARGET }         one per link group
         chain prerouting  (nat, dstnat)     iifname BRIDGE ip daddr vmap @links
                                             fib daddr type local dnat ip to meta l4proto . th dport map @ports
         chain output      (nat, -100)       the published ports again, for the host itself
         chain postrouting (nat, srcnat)     masquerade (rules.build's POSTROUTING)
         chain forward     (filter, filter)  dangling facades rejected, the bridge accepted
+        chain ISOLATE     (isolation = "links") replies, published ports, @allowed, @pairs; else reject
     }
 
 A move rewrites the one rule of a group chain and a retarget one element of
-@links: neither grows with the number of links. Every apply is one atomic
+@links (and, with isolation, of @allowed): neither grows with the number of
+links. Every apply is one atomic
 transaction through libnftables (the library `nft` itself is; in process, so
 no fork per change, like kube-proxy's knftables feeding `nft -f -`): the
 difference from the last write when the kernel still holds it, else (the
@@ -197,6 +202,8 @@ def rule_text(rule: Rule) -> str:
         parts.append("fib daddr type local")
     if rule.ctstate:
         parts.append(f"ct status {rule.ctstate.lower()}" if rule.ctstate == "DNAT" else f"ct state {rule.ctstate.lower()}")
+    if rule.not_orig_dst:
+        parts.append(f"ct original ip daddr != {rule.not_orig_dst}")
     t = rule.target
     if t.startswith("@"):
         parts.append(f"goto {t[1:]}")
@@ -211,13 +218,22 @@ def rule_text(rule: Rule) -> str:
 
 _BASE_NAMES = frozenset(name for name, _ in _BASE.values())
 _PORTS_LOOKUP = "fib daddr type local dnat ip to meta l4proto . th dport map @ports"
+_ISOLATE_LOOKUPS = ("ip saddr . ip daddr . meta l4proto . th dport @allowed accept",
+                    "meta l4proto icmp ip saddr . ip daddr @pairs accept")
+# the table's maps and sets: name -> (kind, type)
+_COLLECTIONS = {
+    "links": ("map", "ipv4_addr : verdict"),
+    "ports": ("map", "inet_proto . inet_service : ipv4_addr . inet_service"),
+    "allowed": ("set", "ipv4_addr . ipv4_addr . inet_proto . inet_service"),
+    "pairs": ("set", "ipv4_addr . ipv4_addr"),
+}
 
 
 class Desired:
     """What the table should hold: chains (name -> rules, base chains by
-    their hook name), and the two maps' elements (key -> value, as nft text).
-    rules.build's link jumps and port DNATs become elements; every other rule
-    is written as it is."""
+    their hook name), and the elements of its maps and sets (key -> value as
+    nft text; "" in a set). rules.build's link jumps, port DNATs and
+    isolation tuples become elements; every other rule is written as it is."""
 
     def __init__(self, rules: RuleSet) -> None:
         # the bridge: its forwarding is accepted (and let through other
@@ -226,13 +242,17 @@ class Desired:
                             if r.target == "ACCEPT" and r.in_iface), None)
         self.links: dict[str, str] = {}
         self.ports: dict[str, str] = {}
+        self.allowed: dict[str, str] = {}
+        self.pairs: dict[str, str] = {}
         lookups = {
             "prerouting": ([f"iifname {_quote(self.bridge)} ip daddr vmap @links"] if self.bridge else []) + [_PORTS_LOOKUP],
             "output": [_PORTS_LOOKUP],
         }
         self.chains: dict[str, tuple[str, ...]] = {}
         for key, rs in rules.chains.items():
-            if key not in _BASE:  # a link group's chain
+            if key == ("filter", "ISOLATE"):
+                self.chains["ISOLATE"] = self._isolate(rs)
+            elif key not in _BASE:  # a link group's chain
                 self.chains[key[1]] = tuple(rule_text(r) for r in rs)
         for key, (name, _) in _BASE.items():
             plain = list(lookups.get(name, []))
@@ -245,6 +265,22 @@ class Desired:
                 else:
                     plain.append(rule_text(r))
             self.chains[name] = tuple(plain)
+
+    def _isolate(self, rs: list[Rule]) -> tuple[str, ...]:
+        """The isolation chain: its consumer -> target accepts become
+        elements of @allowed (ICMP: @pairs), looked up before the final reject."""
+        out: list[str] = []
+        for r in rs:
+            if r.target == "ACCEPT" and r.src and r.dst and r.proto and r.comment is None:
+                if r.dport is not None:
+                    self.allowed[f"{r.src} . {r.dst} . {r.proto} . {r.dport}"] = ""
+                else:
+                    self.pairs[f"{r.src} . {r.dst}"] = ""
+                continue
+            if r.target == "REJECT":
+                out += _ISOLATE_LOOKUPS
+            out.append(rule_text(r))
+        return tuple(out)
 
 
 def _iptables_nft(chain: dict) -> bool:
@@ -272,7 +308,7 @@ def _element(e) -> tuple[str, str]:
 
 
 def _elements(d: dict[str, str]) -> str:
-    return ", ".join(f"{k} : {v}" for k, v in d.items())
+    return ", ".join(f"{k} : {v}" if v else k for k, v in d.items())
 
 
 class NftablesFirewall:
@@ -385,6 +421,8 @@ class NftablesFirewall:
                 rules.setdefault(item["rule"]["chain"], []).append(json.dumps(item["rule"]["expr"]))
             elif "map" in item:
                 maps[item["map"]["name"]] = dict(_element(e) for e in item["map"].get("elem", []))
+            elif "set" in item:
+                maps[item["set"]["name"]] = {_text(e): "" for e in item["set"].get("elem", [])}
         return rules, maps
 
     def missing(self, want: Desired | None = None) -> list[str]:
@@ -405,9 +443,9 @@ class NftablesFirewall:
             elif len(rules[name]) != len(rs):
                 out.append(f"chain {name}: {len(rules[name])} of its {len(rs)} rules")
         out += [f"chain {name} (not ours)" for name in rules if name not in want.chains]
-        for m in ("links", "ports"):
+        for m, (kind, _) in _COLLECTIONS.items():
             if m not in maps:
-                out.append(f"map {m}")
+                out.append(f"{kind} {m}")
                 continue
             w, h = getattr(want, m), maps[m]
             lost = [k for k, v in w.items() if h.get(k) != v]
@@ -442,7 +480,7 @@ class NftablesFirewall:
         chains, maps = listing
         elements = {m: len(e) for m, e in maps.items()}
         base = [n for n in _BASE_NAMES if n in chains]
-        if len(base) < len(_BASE) or set(elements) != {"links", "ports"}:
+        if len(base) < len(_BASE) or set(elements) != set(_COLLECTIONS):
             return (False, f"table {self.table} lacks {sorted(_BASE_NAMES - set(base))} "
                     f"or its maps ({sorted(elements)})", "restart tether-fused: it writes the whole table at start")
         drop, ours = self.exemptions()
@@ -453,7 +491,10 @@ class NftablesFirewall:
                     "restart tether-fused: it adds accepts for its bridge at the top of such chains")
         told = (f"; it added accepts for its bridge to the drop-policy forward chain(s) {', '.join(exempt)}"
                 if exempt else "")
-        return (True, f"table {self.table}: {len(base)} base chains, {len(chains) - len(base)} link group chains, "
+        isolated = "ISOLATE" in chains
+        if isolated:
+            told = f"; isolation: {elements['allowed']} consumer . target . port tuples allowed" + told
+        return (True, f"table {self.table}: {len(base)} base chains, {len(chains) - len(base) - isolated} link group chains, "
                 f"{elements['links']} links and {elements['ports']} published ports as map elements; {see} shows them"
                 + told, "")
 
@@ -483,9 +524,8 @@ class NftablesFirewall:
     # --- scripts ------------------------------------------------------------
     def _full(self, want: Desired) -> str:
         t = self.table
-        lines = [f"add table {t}", f"delete table {t}", f"add table {t}",
-                 f"add map {t} links {{ type ipv4_addr : verdict ; }}",
-                 f"add map {t} ports {{ type inet_proto . inet_service : ipv4_addr . inet_service ; }}"]
+        lines = [f"add table {t}", f"delete table {t}", f"add table {t}"]
+        lines += [f"add {kind} {t} {m} {{ type {type_} ; }}" for m, (kind, type_) in _COLLECTIONS.items()]
         for name in want.chains:
             if name not in _BASE_NAMES:
                 lines.append(f"add chain {t} {name}")
@@ -493,10 +533,9 @@ class NftablesFirewall:
             lines.append(f"add chain {t} {name} {{ {spec} }}")
         for name, rs in want.chains.items():
             lines += [f"add rule {t} {name} {r}" for r in rs]
-        if want.links:
-            lines.append(f"add element {t} links {{ {_elements(want.links)} }}")
-        if want.ports:
-            lines.append(f"add element {t} ports {{ {_elements(want.ports)} }}")
+        for m in _COLLECTIONS:
+            if elements := getattr(want, m):
+                lines.append(f"add element {t} {m} {{ {_elements(elements)} }}")
         return "\n".join(lines) + "\n"
 
     def _diff(self, have: Desired, want: Desired) -> str:
@@ -509,7 +548,7 @@ class NftablesFirewall:
             elif have.chains[name] != rs:
                 lines.append(f"flush chain {t} {name}")
                 lines += [f"add rule {t} {name} {r}" for r in rs]
-        for m in ("links", "ports"):
+        for m in _COLLECTIONS:
             a, b = getattr(have, m), getattr(want, m)
             gone = [k for k, v in a.items() if b.get(k) != v]
             new = {k: v for k, v in b.items() if a.get(k) != v}
