@@ -24,7 +24,7 @@ class NetworkConfig(_Strict):
     subnet: str = "10.213.0.0/16"
     facade_subnet: str = "10.214.0.0/16"
     port_range: str = "40000-44999"  # not Kubernetes' NodePort range (30000-32767)
-    strategy: Literal["facade", "direct"] = "facade"
+    strategy: Literal["facade", "direct", "veth-move", "reassign"] = "facade"
     # none: containers on the bridge reach each other (Docker's icc=true);
     # links: only along links, to the target's exposed ports (icc=false)
     isolation: Literal["none", "links"] = "none"

@@ -65,7 +65,8 @@ def _lock(cfg: config_mod.Config) -> int:
 
 def _parts(cfg: config_mod.Config) -> tuple[Wiring, fw.Firewall]:
     net = cfg.network
-    wiring = Wiring(net.bridge, str(net.gateway), net.network.prefixlen, isolated=net.isolation == "links")
+    wiring = Wiring(net.bridge, str(net.gateway), net.network.prefixlen, isolated=net.isolation == "links",
+                    strategy=net.strategy)
     return wiring, fw.make(cfg.firewall.driver, cfg.firewall.chain_prefix)
 
 

@@ -17,6 +17,7 @@ class Node(NamedTuple):
     ip: str | None  # None: no address lease (evicted)
     running: bool
     expose: tuple[PortSpec, ...] = ()
+    answers: tuple[str, ...] = ()  # others' addresses it answers at (a move: veth-move, reassign)
 
 
 class Edge(NamedTuple):

@@ -253,6 +253,9 @@ class Container:
     # the command that lists it: the runtime that started it and its state
     # root, e.g. ("/usr/sbin/runc", "--root", "/run/runc"); () when unknown
     runtime: tuple[str, ...] = ()
+    # addresses it answers at for others since a move (strategies veth-move
+    # and reassign): held until the move is undone or it is removed
+    answers: tuple[str, ...] = ()
 
     @property
     def running(self) -> bool:

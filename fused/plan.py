@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from . import allocator, model, rules
 from .allocator import Holder
@@ -43,7 +43,7 @@ def stamp(now: float) -> str:
 def _node(snap: StoreSnapshot, name: str) -> Node:
     c = snap.containers[name]
     lease = snap.ip_leases.get(name)
-    return Node(name, lease.ip if lease else None, c.running, model.exposed(c.expose))
+    return Node(name, lease.ip if lease else None, c.running, model.exposed(c.expose), c.answers)
 
 
 def topology(snap: StoreSnapshot, strategy: str) -> Topology:
@@ -140,8 +140,13 @@ def register(
         reg.name, reg.id, model.RUNNING, reg.pid, ino, reg.bundle,
         row.created_at if row else now, now, None, "",
         tuple(str(p) for p in reg.expose), tuple(str(p) for p in reg.publish), tuple(runtime),
+        row.answers if row else (),
     ))
     lease = d.ip_lease(reg.name)  # a lease kept is the same lease: its `since` stays
+    if lease is not None and lease.ip != ip:
+        by = next((c.name for c in d.containers() if lease.ip in c.answers), None)
+        if by is not None:
+            d.update(reg.name, note=f"its address {lease.ip} is answered by {by} since a move: it got {ip} at {stamp(now)}")
     d.put_ip_lease(IpLease(ip, reg.name, mac, lease.since if lease is not None and lease.ip == ip else now))
     lease_ports(d, reg.name, reg.publish, net, now, alive, port_busy, evicted, row.publish if row else ())
     for link in reg.links:
@@ -165,9 +170,15 @@ class _Holders(Mapping):
     def __init__(self, d: Draft, alive: Alive | None) -> None:
         self._d, self._alive = d, alive
         self._names = {lease.ip: lease.name for lease in d.ip_leases()}
+        # an address a container answers at for another (a move) is its
+        # until the move is undone or it is removed: never evicted
+        self._answered = {ip: c.name for c in d.containers() for ip in c.answers}
+        self._names.update(self._answered)
 
     def __getitem__(self, ip: str) -> Holder:
         name = self._names[ip]
+        if ip in self._answered:
+            return Holder(name, True, None)
         c = self._d.container(name)
         return Holder(name, c.running and (self._alive is None or self._alive(c)), c.stopped_at)
 
@@ -384,22 +395,46 @@ def link_retarget(d: Draft, consumer_name: str, alias: str, target: str, allow_d
     return old, new
 
 
+class Handover(NamedTuple):
+    """An address that now answers elsewhere (strategies veth-move, reassign)."""
+
+    ip: str
+    mac: str
+    giver: str  # the container that answered at it
+    taker: str  # the one that answers now
+    home: bool  # it is the taker's own address (an undo)
+
+
 @dataclass(frozen=True)
 class Moved:
     links: tuple[Link, ...]  # after the move
     ports: tuple[PortLease, ...]  # OLD's, before the move
+    addresses: tuple[Handover, ...] = ()
 
 
-def move(d: Draft, old: str, new: str) -> Moved:
+HANDING = ("veth-move", "reassign")  # the strategies that move addresses
+
+
+def move(d: Draft, old: str, new: str, strategy: str = "facade", alive: Alive | None = None,
+         now: float = 0.0) -> Moved:
     """Failover: every link to OLD now goes to NEW (groups unchanged: one rule
-    per group), and OLD's published host ports forward to NEW."""
+    per group), and OLD's published host ports forward to NEW. With veth-move
+    or reassign, NEW also answers at OLD's address (and those OLD answered
+    at for others), or, when NEW answers at OLD's (an undo), NEW's own address
+    comes back."""
     if old == new:
         raise ServiceError(f"cannot move {old!r} onto itself: name two different containers")
-    if d.container(old) is None:
+    old_row = d.container(old)
+    if old_row is None:
         raise ServiceError(f"no container named {old!r}: see `tether ps`")
     new_row = d.container(new)
     if new_row is None:
         raise ServiceError(f"no container named {new!r}: register it (start it) before moving to it")
+    if strategy in HANDING and not (new_row.running and (alive is None or alive(new_row))):
+        raise ServiceError(
+            f"{new!r} is not running, and with strategy {strategy} it takes over {old!r}'s address "
+            f"in its own network namespace: start {new!r} first"
+        )
     offered = set(new_row.expose) | {str(model.PortSpec(p.port, p.proto)) for p in model.parse_publish(",".join(new_row.publish))}
     ports = tuple(d.port_leases(old))
     missing = sorted({f"{l.port}/{l.proto}" for l in ports} - offered)
@@ -415,14 +450,35 @@ def move(d: Draft, old: str, new: str) -> Moved:
             d.put_link(moved[-1])
     for lease in ports:
         d.put_port_lease(PortLease(lease.host_port, lease.proto, new, lease.port, lease.since))
-    return Moved(tuple(moved), ports)
+    handed = _hand_addresses(d, old_row, new_row, strategy, now) if strategy in HANDING else ()
+    return Moved(tuple(moved), ports, handed)
+
+
+def _hand_addresses(d: Draft, old_row: Container, new_row: Container, strategy: str, now: float) -> tuple[Handover, ...]:
+    old, new = old_row.name, new_row.name
+    own_new = d.ip_lease(new)
+    if own_new is not None and own_new.ip in old_row.answers:
+        give = [own_new.ip]  # an undo: NEW's own address comes home
+    else:
+        own_old = d.ip_lease(old)
+        lent = own_old is not None and any(own_old.ip in c.answers for c in d.containers())
+        give = ([own_old.ip] if own_old is not None and not lent else []) + list(old_row.answers)
+    if not give:
+        return ()
+    home = {own_new.ip} if own_new is not None else set()
+    d.update(old, answers=tuple(a for a in old_row.answers if a not in give), note=(
+        f"{', '.join(give)} answered by {new} since a move ({strategy}) at {stamp(now)}"
+        if any(a not in home for a in give) else old_row.note))
+    d.update(new, answers=tuple(dict.fromkeys([*new_row.answers, *(a for a in give if a not in home)])),
+             note=f"{own_new.ip} answered by {new} again (the move undone) at {stamp(now)}" if home & set(give) else new_row.note)
+    return tuple(Handover(ip, model.mac_for(ip), old, new, ip in home) for ip in give)
 
 
 # --- stops and removals -----------------------------------------------------------------
 def _stopped(c: Container, now: float) -> Container:
     return Container(
         c.name, c.id, model.STOPPED, None, None, c.bundle, c.created_at, c.started_at, now, c.note,
-        c.expose, c.publish, c.runtime,
+        c.expose, c.publish, c.runtime, c.answers,
     )
 
 

@@ -122,10 +122,11 @@ def allowed(topo: Topology) -> list[Rule]:
         c, t = nodes.get(e.consumer), nodes.get(e.target)
         if c is None or t is None or not c.ip or not t.ip:
             continue
-        for p in t.expose:
-            out[_allow(c.ip, t.ip, p.proto, p.port)] = None
-        out[_allow(c.ip, t.ip, "icmp", None)] = None
-        out[_allow(t.ip, c.ip, "icmp", None)] = None
+        for ip in (t.ip, *t.answers):  # and the addresses a move gave it
+            for p in t.expose:
+                out[_allow(c.ip, ip, p.proto, p.port)] = None
+            out[_allow(c.ip, ip, "icmp", None)] = None
+            out[_allow(ip, c.ip, "icmp", None)] = None
     return list(out)
 
 

@@ -121,7 +121,7 @@ class Service:
         self.steps: dict[str, float] = {}
 
     # --- kernel helpers ---------------------------------------------------
-    def _endpoint(self, name: str, pid: int, ip: str, mac: str) -> Endpoint:
+    def _endpoint(self, name: str, pid: int, ip: str, mac: str, answers: tuple[str, ...] = ()) -> Endpoint:
         return Endpoint(
             pid=pid,
             veth=veth_name(self.cfg.network.bridge, name),
@@ -129,6 +129,7 @@ class Service:
             prefixlen=self.cfg.network.network.prefixlen,
             mac=mac,
             gateway=str(self.cfg.network.gateway),
+            answers=tuple((a, model.mac_for(a)) for a in answers),
         )
 
     def topology(self, snap: StoreSnapshot) -> Topology:
@@ -236,8 +237,9 @@ class Service:
                 lease = d.ip_lease(c.name)
                 if not c.running or lease is None:
                     continue
-                ep = self._endpoint(c.name, c.pid, lease.ip, lease.mac)
+                ep = self._endpoint(c.name, c.pid, lease.ip, lease.mac, c.answers)
                 keep.add(ep.veth)
+                keep.update(self.wiring.answer_veth(a) for a in c.answers)
                 if not await self.worker.run(self.wiring.veth_exists, ep.veth):
                     await self.worker.run(self.wiring.wire, ep)
                     rewired.append(c.name)
@@ -323,7 +325,7 @@ class Service:
             d = Draft(self.store.snapshot())
             done = plan.register(d, reg, ino, runtime, self.cfg.network, time.time(), self._alive, host_ports.in_use)
             t_plan = time.perf_counter()
-            ep = self._endpoint(reg.name, reg.pid, done.ip, done.mac)
+            ep = self._endpoint(reg.name, reg.pid, done.ip, done.mac, d.container(reg.name).answers)
             if done.same_start:
                 # the same start seen twice: its files are mounted already
                 if not await self.worker.run(self.wiring.veth_exists, ep.veth):
@@ -451,6 +453,7 @@ class Service:
             "published": [str(model.Published(l.host_port, l.port, l.proto)) for l in ports],
             "started_at": rfc3339(c.started_at),
             "stopped_at": rfc3339(c.stopped_at),
+            "answers": list(c.answers),  # others' addresses it answers at since a move (veth-move, reassign)
             "note": c.note,
         }
 
@@ -624,12 +627,17 @@ class Service:
             old = model.check_label(args.get("old"), "container name")
             new = model.check_label(args.get("new"), "container name")
             d = Draft(self.store.snapshot())
-            moved = plan.move(d, old, new)
+            strategy = self.cfg.network.strategy
+            moved = plan.move(d, old, new, strategy, self._alive, time.time())
             old_lease = d.snap.ip_leases.get(old)
             if old_lease is not None and (moved.links or moved.ports):
                 self._can_cut()
             await self._commit(d)
             warnings = []
+            if moved.addresses:
+                t_hand = time.perf_counter()
+                warnings += await self._hand_over(d, moved.addresses)
+                self.steps["hand over"] = time.perf_counter() - t_hand
             if old_lease is not None:
                 # connections through any facade, or a host port, answered by OLD
                 cuts = [["-d", self.cfg.network.facade_subnet, "-r", old_lease.ip]] if moved.links else []
@@ -647,11 +655,29 @@ class Service:
                 "links": len(moved.links),
                 "moved": [model.link_text(l.alias, l.target, l.consumer) for l in moved.links],
                 "ports": [str(model.Published(l.host_port, l.port, l.proto)) for l in moved.ports],
+                "addresses": [{"ip": h.ip, "from": h.giver, "to": h.taker} for h in moved.addresses],
                 "firewall_commits": self.last_commits,
             }
             if warnings:
                 out["warnings"] = warnings
             return out
+
+    async def _hand_over(self, d: Draft, handed: tuple[plan.Handover, ...]) -> list[str]:
+        """The kernel side of a committed move's address handovers (veth-move,
+        reassign): a failure is a warning, the store says who answers where."""
+        warnings = []
+        for h in handed:
+            giver, taker = d.snap.containers[h.giver], d.snap.containers[h.taker]
+            giver_pid = giver.pid if giver.running and self._alive(giver) else None
+            home = veth_name(self.cfg.network.bridge, h.taker) if h.home else None
+            try:
+                how = await self.worker.run(self.wiring.hand_over, h.ip, h.mac, giver_pid, taker.pid, home)
+            except Exception as e:  # noqa: BLE001 - committed: reported
+                log.warning("move: %s could not answer at %s: %s", h.taker, h.ip, e)
+                warnings.append(f"{h.taker} could not take over {h.ip} ({e}): restart {h.taker} to retry")
+                continue
+            log.info("move: %s answers at %s instead of %s (%s: %s)", h.taker, h.ip, h.giver, self.cfg.network.strategy, how)
+        return warnings
 
     async def link_ls(self, args: dict) -> list[dict]:
         async with self.lock:

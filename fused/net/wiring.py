@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -93,6 +94,7 @@ class Endpoint:
     prefixlen: int
     mac: str
     gateway: str
+    answers: tuple[tuple[str, str], ...] = ()  # others' (address, MAC) it answers at too (a move)
 
 
 def _set_sysctl(path: str, value: str) -> None:
@@ -101,8 +103,10 @@ def _set_sysctl(path: str, value: str) -> None:
 
 
 class Wiring:
-    def __init__(self, bridge: str, gateway: str, prefixlen: int, isolated: bool = False) -> None:
+    def __init__(self, bridge: str, gateway: str, prefixlen: int, isolated: bool = False,
+                 strategy: str = "facade") -> None:
         self.bridge = bridge
+        self.strategy = strategy  # veth-move and reassign hand addresses over (hand_over)
         self.gateway = gateway
         self.prefixlen = prefixlen
         # isolation = "links": traffic between two containers on the bridge
@@ -220,6 +224,140 @@ class Wiring:
         except BaseException:
             self.unwire(ep.veth)
             raise
+        for ip, mac in ep.answers:  # a restart of a container a move gave addresses to
+            self.answer(ip, mac, ep.pid, home=None)
+
+    # --- strategies veth-move and reassign (tether move) ------------------------
+    def answer_veth(self, ip: str) -> str:
+        """The host-side veth of an address answered for another container."""
+        return veth_name(self.bridge, "@" + ip)
+
+    def hand_over(self, ip: str, mac: str, giver_pid: int | None, taker_pid: int, home: str | None) -> str:
+        """Make the netns of `taker_pid` answer at `ip` instead of that of
+        `giver_pid` (None: gone). veth-move: the giver's interface with that
+        MAC moves over (same address, same MAC: no ARP change); without one,
+        a new veth with that address and MAC. reassign: the address moves to
+        the taker's eth0, announced by gratuitous ARP. `home`: it is the
+        taker's own address (an undo), and this the name of its host-side
+        veth: it becomes its eth0 again, with the default route. Returns what
+        was done, for the log."""
+        if self.strategy == "reassign":
+            if giver_pid is not None:
+                self._drop_address(giver_pid, ip)
+            self._add_address(taker_pid, ip, home)
+            self.garp(taker_pid, "eth0", ip)
+            return "address moved, gratuitous ARP sent"
+        if giver_pid is not None and self._move_interface(giver_pid, taker_pid, ip, mac, home):
+            return "interface moved"
+        self.answer(ip, mac, taker_pid, home)
+        return "interface created (the giver's was gone)"
+
+    def answer(self, ip: str, mac: str, pid: int, home: str | None) -> None:
+        """Make the netns of `pid` answer at `ip` (its MAC `mac`) by the
+        strategy's means, on a fresh interface (veth-move) or on eth0."""
+        if self.strategy == "reassign":
+            self._add_address(pid, ip, home)
+            self.garp(pid, "eth0", ip)
+            return
+        host = home or self.answer_veth(ip)
+        if self._index(host) is not None:
+            self.unwire(host)
+        inner = self._inside(pid)
+        try:
+            name = "eth0" if home else _free_name(inner)
+        finally:
+            inner.close()
+        self.ipr.link("add", ifname=host, kind="veth", peer={"ifname": name, "address": mac, "net_ns_pid": pid})
+        try:
+            self._up_inside(pid, name, ip, home)
+            self.ipr.link("set", index=self._index(host), master=self._index(self.bridge), state="up")
+        except BaseException:
+            self.unwire(host)
+            raise
+        self.garp(pid, name, ip)  # the bridge learns the MAC's new port
+
+    def _move_interface(self, giver_pid: int, taker_pid: int, ip: str, mac: str, home: str | None) -> bool:
+        inner = self._inside(giver_pid)
+        try:
+            idx = next((ln["index"] for ln in inner.get_links() if ln.get_attr("IFLA_ADDRESS") == mac), None)
+            if idx is None:
+                return False
+            peer = inner.get_links(idx)[0].get_attr("IFLA_LINK")  # the host side's index
+            tmp = "tt" + mac.replace(":", "")[-10:]
+            inner.link("set", index=idx, state="down")
+            inner.link("set", index=idx, ifname=tmp)  # the taker has an eth0 of its own
+            inner.link("set", index=idx, net_ns_pid=taker_pid)
+        finally:
+            inner.close()
+        taker = self._inside(taker_pid)
+        try:
+            name = "eth0" if home else _free_name(taker)
+            i = _index_of(taker, tmp)
+            taker.link("set", index=i, ifname=name)
+        finally:
+            taker.close()
+        if peer:  # the host side is named for who answers at it now
+            want = home or self.answer_veth(ip)
+            try:
+                self.ipr.link("set", index=peer, state="down")
+                self.ipr.link("set", index=peer, ifname=want)
+                self.ipr.link("set", index=peer, state="up")
+            except NetlinkError as e:
+                log.warning("veth-move: could not rename the host side of %s: %s", ip, os.strerror(e.code))
+        self._up_inside(taker_pid, name, ip, home)
+        return True
+
+    def _up_inside(self, pid: int, name: str, ip: str, home: str | None) -> None:
+        inner = self._inside(pid)
+        try:
+            idx = _index_of(inner, name)
+            # another's address: /32, so no second route to the subnet
+            inner.addr("add", index=idx, address=ip, prefixlen=self.prefixlen if home else 32)
+            inner.link("set", index=idx, state="up")
+            if home:
+                inner.route("replace", dst="0.0.0.0/0", gateway=self.gateway)
+        finally:
+            inner.close()
+        if not home:  # packets to it arrive here, replies leave by eth0
+            self._inside(pid, lambda: _set_sysctl(f"/proc/sys/net/ipv4/conf/{name}/rp_filter", "0"))
+
+    def _drop_address(self, pid: int, ip: str) -> None:
+        inner = self._inside(pid)
+        try:
+            for a in inner.get_addr(family=2):
+                if a.get_attr("IFA_ADDRESS") == ip:
+                    inner.addr("del", index=a["index"], address=ip, prefixlen=a["prefixlen"])
+        finally:
+            inner.close()
+
+    def _add_address(self, pid: int, ip: str, home: str | None) -> None:
+        inner = self._inside(pid)
+        try:
+            idx = _index_of(inner, "eth0")
+            if idx is None:
+                raise WiringError(f"reassign: the netns of pid {pid} has no eth0 to take {ip}")
+            try:
+                inner.addr("add", index=idx, address=ip, prefixlen=self.prefixlen if home else 32)
+            except NetlinkError as e:
+                if e.code != errno.EEXIST:
+                    raise
+            if home:
+                inner.route("replace", dst="0.0.0.0/0", gateway=self.gateway)
+        finally:
+            inner.close()
+
+    def garp(self, pid: int, ifname: str, ip: str) -> None:
+        """A gratuitous ARP (a request for its own address) from `ifname` in
+        the netns of `pid`: neighbours that know `ip` learn its new MAC."""
+        def send() -> None:
+            with socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0806)) as s:
+                s.bind((ifname, 0x0806))
+                mac = s.getsockname()[4][:6]
+                addr = socket.inet_aton(ip)
+                arp = struct.pack("!HHBBH", 1, 0x0800, 6, 4, 1) + mac + addr + b"\0" * 6 + addr
+                s.send(b"\xff" * 6 + mac + b"\x08\x06" + arp)
+
+        self._inside(pid, send)
 
     def _inside(self, pid: int, fn=IPRoute):
         """fn() run in the netns of `pid` (default: a netlink socket opened
@@ -321,6 +459,12 @@ class Wiring:
         except NetlinkError as e:
             if e.code != errno.ENODEV:
                 raise
+
+
+def _free_name(ipr: IPRoute) -> str:
+    """The first ethN (N >= 1) a netns has no interface of."""
+    names = {ln.get_attr("IFLA_IFNAME") for ln in ipr.get_links()}
+    return next(f"eth{n}" for n in range(1, 1000) if f"eth{n}" not in names)
 
 
 def _index_of(ipr: IPRoute, ifname: str) -> int | None:

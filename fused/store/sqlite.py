@@ -22,7 +22,7 @@ from ..errors import StoreError
 from ..model import Container, IpLease, Link, PortLease
 from .base import ChangeSet, Conflict, StoreSnapshot, apply
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 BUSY_TIMEOUT_MS = 2000  # well inside the hook's 10 s: a locked store is one clear line
 
 _SCHEMA = """
@@ -40,7 +40,8 @@ CREATE TABLE containers (
     started_at  REAL,
     stopped_at  REAL,
     note        TEXT NOT NULL DEFAULT '',
-    runtime     TEXT NOT NULL DEFAULT '[]'
+    runtime     TEXT NOT NULL DEFAULT '[]',
+    answers     TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX containers_id ON containers (id);
 CREATE TABLE ip_leases (
@@ -85,9 +86,9 @@ def _container(r: tuple) -> Container:
     if not all(v is None or isinstance(v, int) for v in (pid, ino)):
         raise ValueError(f"container {name!r}: pid or netns not a number")
     try:
-        lists = [_json_tuple(t) for t in r[10:13]]
+        lists = [_json_tuple(t) for t in r[10:14]]
     except ValueError as e:
-        raise ValueError(f"container {name!r}: expose, publish or runtime: {e}") from None
+        raise ValueError(f"container {name!r}: expose, publish, runtime or answers: {e}") from None
     return Container(*r[:10], *lists)
 
 
@@ -241,6 +242,9 @@ class SqliteStore:
                     )
                 if int(v) < 2:  # 1 -> 2: the runtime that started each container
                     self.db.execute("ALTER TABLE containers ADD COLUMN runtime TEXT NOT NULL DEFAULT '[]'")
+                if int(v) < 3:  # 2 -> 3: the addresses a container answers at for others (a move)
+                    self.db.execute("ALTER TABLE containers ADD COLUMN answers TEXT NOT NULL DEFAULT '[]'")
+                if int(v) < SCHEMA_VERSION:
                     self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('revision', '0')")
         except BaseException:
@@ -271,7 +275,7 @@ class SqliteStore:
             r[0]: _container(r)
             for r in self.db.execute(
                 "SELECT name, id, state, pid, netns_ino, bundle, created_at, started_at, stopped_at, note, "
-                "expose, publish, runtime FROM containers"
+                "expose, publish, runtime, answers FROM containers"
             )
         }
         ips = {r[1]: _ip_lease(r) for r in self.db.execute("SELECT ip, name, mac, since FROM ip_leases")}
@@ -317,16 +321,17 @@ class SqliteStore:
         many = self.db.executemany
         many(
             """INSERT INTO containers (name, id, state, pid, netns_ino, bundle, created_at, started_at,
-                                       stopped_at, note, expose, publish, runtime)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                                       stopped_at, note, expose, publish, runtime, answers)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (name) DO UPDATE SET id=excluded.id, state=excluded.state, pid=excluded.pid,
                    created_at=excluded.created_at,
                    netns_ino=excluded.netns_ino, bundle=excluded.bundle, started_at=excluded.started_at,
                    stopped_at=excluded.stopped_at, note=excluded.note, expose=excluded.expose,
-                   publish=excluded.publish, runtime=excluded.runtime""",
+                   publish=excluded.publish, runtime=excluded.runtime, answers=excluded.answers""",
             [
                 (c.name, c.id, c.state, c.pid, c.netns_ino, c.bundle, c.created_at, c.started_at, c.stopped_at,
-                 c.note, json.dumps(list(c.expose)), json.dumps(list(c.publish)), json.dumps(list(c.runtime)))
+                 c.note, json.dumps(list(c.expose)), json.dumps(list(c.publish)), json.dumps(list(c.runtime)),
+                 json.dumps(list(c.answers)))
                 for c in ch.containers.values() if c is not None
             ],
         )

@@ -233,7 +233,7 @@ def test_bad_chain_prefix(tmp_path, prefix):
 @pytest.mark.parametrize(
     "text, where",
     [
-        ('[network]\nstrategy = "veth-move"\n', "network.strategy"),
+        ('[network]\nstrategy = "teleport"\n', "network.strategy"),
         ('[firewall]\ndriver = "pf"\n', "firewall.driver"),
         ('[dns]\nupstreams = "host"\n', "dns.upstreams"),
     ],

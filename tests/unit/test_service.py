@@ -40,6 +40,13 @@ class FakeWiring:
     def cut_problem(self):
         return "conntrack(8) is not installed: install it" if self.missing_conntrack else None
 
+    def answer_veth(self, ip):
+        return "tt@" + ip
+
+    def hand_over(self, ip, mac, giver_pid, taker_pid, home):
+        self.handed = getattr(self, "handed", []) + [(ip, giver_pid, taker_pid, home)]
+        return "recorded"
+
     def cut(self, filters):
         if self.cut_fails:
             raise OSError("conntrack: operation failed")
@@ -299,3 +306,53 @@ def test_an_address_given_to_another_or_freed_loses_its_old_flows(svc):
     call(svc, "rm", {"name": "db"})
     trio.run(svc.worker.run, lambda: None)
     assert svc.wiring.cuts == [["-p", "tcp", "--orig-port-dst", str(port), "-r", ip], ["-r", ip]]
+
+
+
+@pytest.fixture
+def reassign(svc):
+    svc.cfg = svc.cfg.model_copy(update={"network": svc.cfg.network.model_copy(update={"strategy": "reassign"})})
+    return svc
+
+
+def test_a_handing_move_gives_olds_address_to_new_and_an_undo_takes_it_back(reassign):
+    s = reassign
+    x = call(s, "register", state("db", 101, expose="5432"))["ip"]
+    y = call(s, "register", state("db2", 102, expose="5432"))["ip"]
+    r = call(s, "move", {"old": "db", "new": "db2"})
+    assert r["addresses"] == [{"ip": x, "from": "db", "to": "db2"}]
+    assert s.wiring.handed == [(x, 101, 102, None)]
+    snap = s.store.snapshot()
+    assert snap.containers["db2"].answers == (x,) and snap.ip_leases["db"].ip == x
+    # nobody else is given x while db2 answers at it, not even db's next start
+    DEAD.add(101)
+    call(s, "poststop", state("db", 101))
+    z = call(s, "register", state("db", 103, expose="5432"))["ip"]
+    assert z not in (x, y) and "answered by db2" in s.store.snapshot().containers["db"].note
+    for i in range(2):
+        assert call(s, "register", state(f"n{i}", 200 + i))["ip"] not in (x, y, z)
+    # db2 -> db: db's own address is z now, so db2's addresses (x too) go to db
+    call(s, "move", {"old": "db2", "new": "db"})
+    assert s.store.snapshot().containers["db"].answers == (y, x)
+
+
+def test_an_undo_brings_new_its_own_address_home(reassign):
+    s = reassign
+    x = call(s, "register", state("db", 101, expose="5432"))["ip"]
+    call(s, "register", state("db2", 102, expose="5432"))
+    call(s, "move", {"old": "db", "new": "db2"})
+    call(s, "move", {"old": "db2", "new": "db"})
+    assert s.wiring.handed[-1] == (x, 102, 101, service_mod.veth_name(s.cfg.network.bridge, "db"))
+    snap = s.store.snapshot()
+    assert snap.containers["db2"].answers == () and snap.containers["db"].answers == ()
+
+
+def test_a_handing_move_to_a_stopped_container_changes_nothing(reassign):
+    s = reassign
+    call(s, "register", state("db", 101, expose="5432"))
+    call(s, "register", state("db2", 102, expose="5432"))
+    DEAD.add(102)
+    before = s.store.snapshot()
+    with pytest.raises(ServiceError, match="'db2' is not running"):
+        call(s, "move", {"old": "db", "new": "db2"})
+    assert s.store.snapshot() is before

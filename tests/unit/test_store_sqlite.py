@@ -236,7 +236,7 @@ def test_existing_file_is_tightened_to_0600(tmp_path):
 
 def test_schema_version_row(sqlite_store):
     (v,) = sqlite_store.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-    assert int(v) == SCHEMA_VERSION == 2
+    assert int(v) == SCHEMA_VERSION == 3
 
 
 def test_version_1_store_gains_the_runtime_column(tmp_path):
@@ -246,15 +246,16 @@ def test_version_1_store_gains_the_runtime_column(tmp_path):
     db = sqlite3.connect(p)
     from fused.store import sqlite as mod
 
-    v1 = mod._SCHEMA.replace(",\n    runtime     TEXT NOT NULL DEFAULT '[]'", "")
-    assert "runtime" not in v1
+    v1 = mod._SCHEMA.replace(",\n    runtime     TEXT NOT NULL DEFAULT '[]'", "").replace(
+        ",\n    answers     TEXT NOT NULL DEFAULT '[]'", "")
+    assert "runtime" not in v1 and "answers" not in v1
     db.executescript(v1)
     db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
     db.execute("INSERT INTO containers (name, id, state, bundle, created_at) VALUES ('db', 'db', 'stopped', '', 1.0)")
     db.commit()
     db.close()
     s = SqliteStore(p)
-    assert s.snapshot().containers["db"].runtime == ()
+    assert s.snapshot().containers["db"].runtime == () and s.snapshot().containers["db"].answers == ()
     d = Draft(s.snapshot())
     d.update("db", runtime=("runc", "--root", "/r"))
     s.commit(d.change, d.snap.revision)
@@ -262,7 +263,27 @@ def test_version_1_store_gains_the_runtime_column(tmp_path):
     s = SqliteStore(p)
     assert s.snapshot().containers["db"].runtime == ("runc", "--root", "/r")
     (v,) = s.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-    assert v == "2"
+    assert v == "3"
+    s.close()
+
+
+def test_version_2_store_gains_the_answers_column(tmp_path):
+    p = tmp_path / "x.db"
+    db = sqlite3.connect(p)
+    from fused.store import sqlite as mod
+
+    db.executescript(mod._SCHEMA.replace(",\n    answers     TEXT NOT NULL DEFAULT '[]'", ""))
+    db.execute("INSERT INTO meta VALUES ('schema_version', '2')")
+    db.execute("INSERT INTO containers (name, id, state, bundle, created_at) VALUES ('db2', 'db2', 'stopped', '', 1.0)")
+    db.commit()
+    db.close()
+    s = SqliteStore(p)
+    d = Draft(s.snapshot())
+    d.update("db2", answers=("10.0.0.5",))
+    s.commit(d.change, d.snap.revision)
+    s.close()
+    s = SqliteStore(p)
+    assert s.snapshot().containers["db2"].answers == ("10.0.0.5",)
     s.close()
 
 

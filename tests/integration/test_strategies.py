@@ -1,0 +1,98 @@
+"""Issue 14: the proposal's strategies 1 (veth-move) and 2 (reassign) for
+`tether move OLD NEW`: a consumer holding OLD's address reaches NEW.
+
+Real containers; traffic with busybox nc from inside the consumer.
+"""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from harness import FUSED, Daemon, serve, wait_for
+
+SLEEP = ["sleep", "1000000"]
+
+
+def ask(d: Daemon, cid: str, host: str, port: int = 5432) -> str:
+    return d.exec(cid, "nc", "-w", "2", host, str(port), check=False).stdout.strip()
+
+
+def reaches(d: Daemon, cid: str, host: str, want: str) -> str:
+    return wait_for(lambda: ask(d, cid, host) == want and want, timeout=5, what=f"{cid} -> {host}: {want}")
+
+
+@pytest.fixture(params=["veth-move", "reassign"])
+def strategy(request):
+    return request.param
+
+
+def test_a_consumer_holding_the_old_address_reaches_new_and_the_move_undoes(rootfs, strategy):
+    with Daemon(rootfs, driver="nftables", strategy=strategy) as d:
+        d.start()
+        d.start_container("db", serve("db"), "--expose", "5432")
+        d.start_container("db2", serve("db2"), "--expose", "5432")
+        d.start_container("web", SLEEP, "--link", "db:database")
+        x, y = d.container("db")["ip"], d.container("db2")["ip"]
+        assert ask(d, "web", x) == "db"
+        r = d.cli_json("move", "db", "db2")
+        assert r["addresses"] == [{"ip": x, "from": "db", "to": "db2"}]
+        # web cached db's address before the move, and is not restarted
+        reaches(d, "web", x, "db2")
+        assert ask(d, "web", y) == "db2"
+        assert ask(d, "web", "database") == "db2"  # its hosts file names db2 now
+        assert d.container("db2")["answers"] == [x]
+        assert "db2" in d.container("db")["note"]
+        # the undo: db answers at its own address again, db2 keeps its own
+        d.cli("move", "db2", "db")
+        reaches(d, "web", x, "db")
+        assert ask(d, "web", y) == "db2"
+        assert d.container("db2")["answers"] == []
+
+
+def test_olds_next_start_gets_an_address_nobody_holds(rootfs, strategy):
+    with Daemon(rootfs, driver="nftables", strategy=strategy) as d:
+        d.start()
+        d.start_container("db", serve("db"), "--expose", "5432")
+        d.start_container("db2", serve("db2"), "--expose", "5432")
+        d.start_container("web", SLEEP, "--link", "db:database")
+        x = d.container("db")["ip"]
+        d.cli("move", "db", "db2")
+        reaches(d, "web", x, "db2")
+        d.kill("db")
+        d.start_container("db", serve("db"), "--expose", "5432")
+        z = d.container("db")["ip"]
+        held = {c["ip"] for c in d.cli_json("ps", "--all") if c["name"] != "db"} | {x}
+        assert z not in held
+        assert f"{x} is answered by db2" in d.container("db")["note"]
+        assert ask(d, "web", x) == "db2" and ask(d, "web", z) == "db"
+        # db2 restarts: it answers at x again
+        d.kill("db2")
+        d.start_container("db2", serve("db2"), "--expose", "5432")
+        reaches(d, "web", x, "db2")
+
+
+def test_veth_move_to_a_stopped_container_is_refused_and_changes_nothing(rootfs):
+    with Daemon(rootfs, driver="nftables", strategy="veth-move") as d:
+        d.start()
+        d.start_container("db", serve("db"), "--expose", "5432")
+        d.start_container("db2", serve("db2"), "--expose", "5432")
+        d.start_container("web", SLEEP, "--link", "db:database")
+        d.kill("db2")
+        before = (d.cli_json("leases"), d.cli_json("link", "ls"), d.container("db"), d.container("db2"))
+        r = d.cli("move", "db", "db2", check=False)
+        assert r.returncode == 1
+        assert len(r.stderr.strip().splitlines()) == 1 and "'db2' is not running" in r.stderr and "start 'db2'" in r.stderr
+        assert (d.cli_json("leases"), d.cli_json("link", "ls"), d.container("db"), d.container("db2")) == before
+        assert ask(d, "web", d.container("db")["ip"]) == "db"
+
+
+def test_a_strategy_that_does_not_exist_stops_tether_fused_in_one_line(rootfs):
+    d = Daemon(rootfs, strategy="teleport")
+    try:
+        p = subprocess.run([FUSED, "--config", str(d.config)], capture_output=True, text=True, timeout=30)
+        assert p.returncode != 0
+        lines = p.stderr.strip().splitlines()
+        assert len(lines) == 1 and "network.strategy" in lines[0] and "veth-move" in lines[0], p.stderr
+    finally:
+        d.close()
