@@ -35,11 +35,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
-from bench import core, made, move, net, pct, peers, read_hosts, runc_hook, scale, track  # noqa: E402
+from bench import core, made, move, net, pct, peers, read_hosts, runc_hook, scale, strategies, track  # noqa: E402
 from harness import build_rootfs  # noqa: E402
 
-FULL = dict(net=100, runc=50, reads=50000, move=25, containers=1000, scale_reads=20000, scale_again=True, core=30)
-QUICK = dict(net=10, runc=8, reads=4000, move=5, containers=1000, scale_reads=4000, scale_again=False, core=10)
+FULL = dict(net=100, runc=50, reads=50000, move=25, containers=1000, scale_reads=20000, scale_again=True, core=30,
+            strategies=8)
+QUICK = dict(net=10, runc=8, reads=4000, move=5, containers=1000, scale_reads=4000, scale_again=False, core=10,
+             strategies=4)
 SIZES = (1, 10, 100, 1000)
 HOSTS_LINKS = 14  # a ~500-byte hosts file
 
@@ -178,6 +180,23 @@ def build_table(r: dict, quick: bool) -> Table:
                 t.add(f"retarget (tether move), {drv}, {size} link{'s' if size > 1 else ''}: until files show it (ms)",
                       mp(f), "(no peer retargets)", "", ratio, goal, met,
                       f"api returns {mp(m['api'])}; new TCP reaches the new target {mp(m['tcp'])}")
+    st = r.get("strategies")
+    if st:
+        for name in strategies.STRATEGIES:
+            m = st.get(name)
+            if not m:
+                continue
+            every = all(m["reached"])
+            goal = {"facade": ("≤ 20 ms", 20), "veth-move": ("≤ 10 ms, ≤ 10 lost", 10),
+                    "reassign": ("≤ 10 ms, ≤ 10 lost", 10)}.get(name)
+            met = None
+            if goal:
+                met = every and med(m["reach_ms"]) <= goal[1] and (name == "facade" or med(m["lost"]) <= 10)
+            t.add(f"strategy {name}: `tether move` until a new TCP connection to the cached address reaches NEW (ms)",
+                  mp(m["reach_ms"]) if every else "never (by design)" if name == "direct" else "never",
+                  "(no peer has strategies)", "", "", goal[0] if goal else "", met,
+                  f"UDP every 1 ms: {med(m['lost']):.0f} lost (max {max(m['lost'])}); "
+                  f"cached address reaches NEW: {'yes' if every else 'no'}; api returns {mp(m['api_ms'])}")
     sc = r.get("scale")
     if sc:
         N = sc["n"]
@@ -283,7 +302,7 @@ def plot(r: dict, path: Path) -> str | None:
 
 
 # --- main --------------------------------------------------------------------------
-PARTS = ("net", "runc", "read", "move", "scale", "core")
+PARTS = ("net", "runc", "read", "move", "strategies", "scale", "core")
 
 
 def run(parts: tuple[str, ...], cfg: dict, tmp: Path) -> dict:
@@ -334,6 +353,14 @@ def run(parts: tuple[str, ...], cfg: dict, tmp: Path) -> dict:
                 log(f"[move] tether move ({drv}) at {size} links, {cfg['move']} moves")
                 r["move"].setdefault(drv, {})[str(size)] = move.measure(rootfs, size, cfg["move"], drv)
         done("move")
+    if "strategies" in parts:
+        r["strategies"] = {}
+        for name in strategies.STRATEGIES:
+            log(f"[strategies] {name}: UDP every 1 ms and TCP every 5 ms to the cached address, {cfg['strategies']} moves")
+            m = strategies.measure(rootfs, name, cfg["strategies"])
+            m.pop("log", None)
+            r["strategies"][name] = m
+        done("strategies")
     if "scale" in parts:
         log(f"[scale] {cfg['containers']} runc containers against one tether-fused")
         sc = scale.measure(cfg["containers"], rootfs, tmp, cfg["scale_reads"], 8, log=log, again=cfg["scale_again"])
@@ -385,8 +412,11 @@ def main(argv=None) -> int:
     (a.out / "table.md").write_text(md)
     (a.out / "results.json").write_text(json.dumps(r, indent=1))
     err = plot(r, a.out / "bench.png")
+    if not err and r.get("strategies"):
+        strategies.plot(r["strategies"], a.out / "strategies.png")
     print(md)
-    print(f"written: {a.out / 'table.md'}, {a.out / 'results.json'}" + ("" if err else f", {a.out / 'bench.png'}"))
+    print(f"written: {a.out / 'table.md'}, {a.out / 'results.json'}" + ("" if err else f", {a.out / 'bench.png'}")
+          + (f", {a.out / 'strategies.png'}" if not err and r.get("strategies") else ""))
     if err:
         print(err)
     return 1 if left else 0

@@ -630,20 +630,29 @@ class Service:
             strategy = self.cfg.network.strategy
             moved = plan.move(d, old, new, strategy, self._alive, time.time())
             old_lease = d.snap.ip_leases.get(old)
-            if old_lease is not None and (moved.links or moved.ports):
+            if old_lease is not None and ((moved.links and strategy == "facade") or moved.ports):
                 self._can_cut()
-            await self._commit(d)
-            warnings = []
+            handed: list[plan.Handover] = []
             if moved.addresses:
+                # before the commit: NEW answers as early as it can, and a
+                # failure changes nothing (what was handed goes back)
                 t_hand = time.perf_counter()
-                warnings += await self._hand_over(d, moved.addresses)
+                handed = await self._hand_over(d, moved.addresses)
                 self.steps["hand over"] = time.perf_counter() - t_hand
+
+            async def hand_back():
+                await self._hand_back(d, handed)
+
+            await self._commit(d, undo=hand_back if handed else None)
+            warnings = []
             if old_lease is not None:
                 # connections through any facade, or a host port, answered by OLD
-                cuts = [["-d", self.cfg.network.facade_subnet, "-r", old_lease.ip]] if moved.links else []
+                # (a facade's flows are DNAT'ed to OLD; without facades the
+                # consumers' flows are their own, to an address: none to cut)
+                cuts = [["-d", self.cfg.network.facade_subnet, "-r", old_lease.ip]] if moved.links and strategy == "facade" else []
                 cuts += [["-p", l.proto, "--orig-port-dst", str(l.host_port), "-r", old_lease.ip] for l in moved.ports]
                 t_cut = time.perf_counter()
-                warnings = await self._cut(cuts)
+                warnings += await self._cut(cuts)
                 self.steps["cut"] = time.perf_counter() - t_cut
             log.info(
                 "moved %s to %s (%d links, %d ports) in %.1f ms (%s)", old, new, len(moved.links), len(moved.ports),
@@ -662,22 +671,41 @@ class Service:
                 out["warnings"] = warnings
             return out
 
-    async def _hand_over(self, d: Draft, handed: tuple[plan.Handover, ...]) -> list[str]:
-        """The kernel side of a committed move's address handovers (veth-move,
-        reassign): a failure is a warning, the store says who answers where."""
-        warnings = []
+    def _pid_if_alive(self, c: model.Container) -> int | None:
+        return c.pid if c.running and self._alive(c) else None
+
+    async def _hand_over(self, d: Draft, handed: tuple[plan.Handover, ...]) -> list[plan.Handover]:
+        """The kernel side of a move's address handovers (veth-move,
+        reassign), before its commit. A failure hands back what was handed
+        and refuses the move in one line."""
+        done: list[plan.Handover] = []
         for h in handed:
             giver, taker = d.snap.containers[h.giver], d.snap.containers[h.taker]
-            giver_pid = giver.pid if giver.running and self._alive(giver) else None
             home = veth_name(self.cfg.network.bridge, h.taker) if h.home else None
+            own = (lease := d.snap.ip_leases.get(h.giver)) is not None and lease.ip == h.ip
             try:
-                how = await self.worker.run(self.wiring.hand_over, h.ip, h.mac, giver_pid, taker.pid, home)
-            except Exception as e:  # noqa: BLE001 - committed: reported
-                log.warning("move: %s could not answer at %s: %s", h.taker, h.ip, e)
-                warnings.append(f"{h.taker} could not take over {h.ip} ({e}): restart {h.taker} to retry")
-                continue
+                how = await self.worker.run(self.wiring.hand_over, h.ip, h.mac, self._pid_if_alive(giver),
+                                            taker.pid, home, own)
+            except Exception as e:
+                await self._hand_back(d, done)
+                raise ServiceError(f"{h.taker} could not take over {h.ip}: {e}; nothing was moved") from None
+            done.append(h)
             log.info("move: %s answers at %s instead of %s (%s: %s)", h.taker, h.ip, h.giver, self.cfg.network.strategy, how)
-        return warnings
+        return done
+
+    async def _hand_back(self, d: Draft, handed: list[plan.Handover]) -> None:
+        """Undo handovers (a move that failed after them)."""
+        for h in reversed(handed):
+            giver, taker = d.snap.containers[h.giver], d.snap.containers[h.taker]
+            back_to = self._pid_if_alive(giver)
+            if back_to is None:
+                continue  # nobody to give it back to: it stays where it went, the store says where it was
+            own = (lease := d.snap.ip_leases.get(h.giver)) is not None and lease.ip == h.ip
+            home = veth_name(self.cfg.network.bridge, h.giver) if own else None
+            try:
+                await self.worker.run(self.wiring.hand_over, h.ip, h.mac, taker.pid, back_to, home, h.home)
+            except Exception as e:  # noqa: BLE001 - the failure being handled is the one to report
+                log.warning("move: could not give %s back to %s: %s", h.ip, h.giver, e)
 
     async def link_ls(self, args: dict) -> list[dict]:
         async with self.lock:

@@ -43,7 +43,7 @@ class FakeWiring:
     def answer_veth(self, ip):
         return "tt@" + ip
 
-    def hand_over(self, ip, mac, giver_pid, taker_pid, home):
+    def hand_over(self, ip, mac, giver_pid, taker_pid, home, giver_own=False):
         self.handed = getattr(self, "handed", []) + [(ip, giver_pid, taker_pid, home)]
         return "recorded"
 
@@ -354,5 +354,20 @@ def test_a_handing_move_to_a_stopped_container_changes_nothing(reassign):
     DEAD.add(102)
     before = s.store.snapshot()
     with pytest.raises(ServiceError, match="'db2' is not running"):
+        call(s, "move", {"old": "db", "new": "db2"})
+    assert s.store.snapshot() is before
+
+
+def test_a_failed_hand_over_refuses_the_move_and_changes_nothing(reassign):
+    s = reassign
+    call(s, "register", state("db", 101, expose="5432"))
+    call(s, "register", state("db2", 102, expose="5432"))
+
+    def refuse(*a, **kw):
+        raise OSError("netlink: operation not permitted")
+
+    s.wiring.hand_over = refuse
+    before = s.store.snapshot()
+    with pytest.raises(ServiceError, match="db2 could not take over .*nothing was moved"):
         call(s, "move", {"old": "db", "new": "db2"})
     assert s.store.snapshot() is before
