@@ -288,43 +288,51 @@ class Wiring:
         self.garp(pid, name, ip)  # the bridge learns the MAC's new port
 
     def _move_interface(self, giver_pid: int, taker_pid: int, ip: str, mac: str, home: str | None) -> bool:
+        t = [time.perf_counter()]
+        taker = self._inside(taker_pid)
+        try:
+            name = "eth0" if home else _free_name(taker)
+        finally:
+            taker.close()
         inner = self._inside(giver_pid)
         try:
             idx = next((ln["index"] for ln in inner.get_links() if ln.get_attr("IFLA_ADDRESS") == mac), None)
             if idx is None:
                 return False
             peer = inner.get_links(idx)[0].get_attr("IFLA_LINK")  # the host side's index
-            tmp = "tt" + mac.replace(":", "")[-10:]
-            t = [time.perf_counter()]
-            inner.link("set", index=idx, state="down")
             t.append(time.perf_counter())
-            inner.link("set", index=idx, ifname=tmp)  # the taker has an eth0 of its own
-            t.append(time.perf_counter())
-            inner.link("set", index=idx, net_ns_pid=taker_pid)
+            # one request: into the taker's netns, renamed on the way (the
+            # taker has an eth0 of its own); the kernel takes it down
+            inner.link("set", index=idx, net_ns_pid=taker_pid, ifname=name)
             t.append(time.perf_counter())
         finally:
             inner.close()
-        taker = self._inside(taker_pid)
-        try:
-            name = "eth0" if home else _free_name(taker)
-            i = _index_of(taker, tmp)
-            taker.link("set", index=i, ifname=name)
-        finally:
-            taker.close()
-        if peer:  # the host side is named for who answers at it now
-            want = home or self.answer_veth(ip)
-            try:
-                self.ipr.link("set", index=peer, state="down")
-                self.ipr.link("set", index=peer, ifname=want)
-                self.ipr.link("set", index=peer, state="up")
-            except NetlinkError as e:
-                log.warning("veth-move: could not rename the host side of %s: %s", ip, os.strerror(e.code))
-        t.append(time.perf_counter())
         self._up_inside(taker_pid, name, ip, home)
+        self.garp(taker_pid, name, ip)  # neighbours that learnt another MAC for it meanwhile
+        t.append(time.perf_counter())
+        if peer:  # the host side is named for who answers at it now (after: it carries traffic)
+            self._rename(peer, home or self.answer_veth(ip))
         t.append(time.perf_counter())
         self._steps = ", ".join(f"{what} {(b - a) * 1000:.1f}" for what, a, b in
-                                zip(("down", "rename", "netns", "taker's name", "address"), t, t[1:]))
+                                zip(("find", "netns", "up", "host name"), t, t[1:]))
         return True
+
+    def _rename(self, index: int, name: str) -> None:
+        """Rename a host interface, live where the kernel allows it (6.2+),
+        else down, rename, up."""
+        try:
+            self.ipr.link("set", index=index, ifname=name)
+            return
+        except NetlinkError as e:
+            if e.code != errno.EBUSY:
+                log.warning("veth-move: could not rename host interface %d to %s: %s", index, name, os.strerror(e.code))
+                return
+        try:
+            self.ipr.link("set", index=index, state="down")
+            self.ipr.link("set", index=index, ifname=name)
+            self.ipr.link("set", index=index, state="up")
+        except NetlinkError as e:
+            log.warning("veth-move: could not rename host interface %d to %s: %s", index, name, os.strerror(e.code))
 
     def _up_inside(self, pid: int, name: str, ip: str, home: str | None) -> None:
         inner = self._inside(pid)
