@@ -22,6 +22,14 @@ def reaches(d: Daemon, cid: str, host: str, want: str) -> str:
     return wait_for(lambda: ask(d, cid, host) == want and want, timeout=5, what=f"{cid} -> {host}: {want}")
 
 
+def start_three(d: Daemon) -> None:
+    """db and db2 answer their names on 5432; web links to db as "database"."""
+    d.start()
+    d.start_container("db", serve("db"), "--expose", "5432")
+    d.start_container("db2", serve("db2"), "--expose", "5432")
+    d.start_container("web", SLEEP, "--link", "db:database")
+
+
 @pytest.fixture(params=["veth-move", "reassign"])
 def strategy(request):
     return request.param
@@ -29,10 +37,7 @@ def strategy(request):
 
 def test_a_consumer_holding_the_old_address_reaches_new_and_the_move_undoes(rootfs, strategy):
     with Daemon(rootfs, driver="nftables", strategy=strategy) as d:
-        d.start()
-        d.start_container("db", serve("db"), "--expose", "5432")
-        d.start_container("db2", serve("db2"), "--expose", "5432")
-        d.start_container("web", SLEEP, "--link", "db:database")
+        start_three(d)
         x, y = d.container("db")["ip"], d.container("db2")["ip"]
         assert ask(d, "web", x) == "db"
         r = d.cli_json("move", "db", "db2")
@@ -52,10 +57,7 @@ def test_a_consumer_holding_the_old_address_reaches_new_and_the_move_undoes(root
 
 def test_olds_next_start_gets_an_address_nobody_holds(rootfs, strategy):
     with Daemon(rootfs, driver="nftables", strategy=strategy) as d:
-        d.start()
-        d.start_container("db", serve("db"), "--expose", "5432")
-        d.start_container("db2", serve("db2"), "--expose", "5432")
-        d.start_container("web", SLEEP, "--link", "db:database")
+        start_three(d)
         x = d.container("db")["ip"]
         d.cli("move", "db", "db2")
         reaches(d, "web", x, "db2")
@@ -74,10 +76,7 @@ def test_olds_next_start_gets_an_address_nobody_holds(rootfs, strategy):
 
 def test_veth_move_to_a_stopped_container_is_refused_and_changes_nothing(rootfs):
     with Daemon(rootfs, driver="nftables", strategy="veth-move") as d:
-        d.start()
-        d.start_container("db", serve("db"), "--expose", "5432")
-        d.start_container("db2", serve("db2"), "--expose", "5432")
-        d.start_container("web", SLEEP, "--link", "db:database")
+        start_three(d)
         d.kill("db2")
         before = (d.cli_json("leases"), d.cli_json("link", "ls"), d.container("db"), d.container("db2"))
         r = d.cli("move", "db", "db2", check=False)
