@@ -135,7 +135,11 @@ def _printer(op: str):
 def _move_text(r: dict) -> str:
     """A line, then what moved: each link and host port in its one notation."""
     head = f"moved {r['old']} to {r['new']}: {r['links']} link(s), {len(r['ports'])} host port(s)"
-    return "\n".join([head] + ["  " + x for x in r["moved"] + r["ports"]])
+    addresses = r.get("addresses", [])
+    if addresses:  # veth-move, reassign
+        head += f", {len(addresses)} address(es)"
+    lines = r["moved"] + r["ports"] + [f"{a['ip']}: {a['from']}->{a['to']}" for a in addresses]
+    return "\n".join([head] + ["  " + x for x in lines])
 
 
 def _links_text(items: list[dict]) -> str:

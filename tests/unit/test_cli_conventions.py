@@ -233,3 +233,6 @@ def test_link_and_move_messages_use_the_one_notation():
     assert cli._printer("move")(move).splitlines() == [
         "moved db to db2: 1 link(s), 1 host port(s)", "  web:database->db2", "  0.0.0.0:40000->5432/tcp",
     ]
+    handed = {**move, "addresses": [{"ip": "10.213.0.2", "from": "db", "to": "db2"}]}
+    assert cli._printer("move")(handed).splitlines()[0] == "moved db to db2: 1 link(s), 1 host port(s), 1 address(es)"
+    assert cli._printer("move")(handed).splitlines()[-1] == "  10.213.0.2: db->db2"
