@@ -150,3 +150,15 @@ def test_without_isolation_everything_reaches_everything(rootfs):
         assert ask(d, "b", a, 22) == "a:22"
         assert ask(d, "a", b, 80) == "b:80"
         assert ping(d, "a", b)
+
+
+def test_isolation_holds_through_kill_9_of_tether_fused_and_its_restart(iso):
+    d = iso
+    db = ip_of(d, "db")
+    d.kill9("fused")
+    assert ask(d, "web", "database", 5432) == "db:5432"  # the kernel keeps the rules
+    assert ask(d, "x", db, 5432) == ""
+    d.start()
+    assert ask(d, "web", "database", 5432) == "db:5432"
+    assert ask(d, "x", db, 5432) == ""
+    assert ask(d, "web", db, 22) == ""

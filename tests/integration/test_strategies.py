@@ -95,3 +95,19 @@ def test_a_strategy_that_does_not_exist_stops_tether_fused_in_one_line(rootfs):
         assert len(lines) == 1 and "network.strategy" in lines[0] and "veth-move" in lines[0], p.stderr
     finally:
         d.close()
+
+
+def test_a_handed_address_survives_kill_9_of_tether_fused_and_its_restart(rootfs, strategy):
+    """Never break a running container: after a move, kill -9 and a restart
+    (its reconcile) leave NEW answering at OLD's address."""
+    with Daemon(rootfs, driver="nftables", strategy=strategy) as d:
+        start_three(d)
+        x = d.container("db")["ip"]
+        d.cli("move", "db", "db2")
+        reaches(d, "web", x, "db2")
+        d.kill9("fused")
+        assert ask(d, "web", x) == "db2"  # while it is down
+        d.start()
+        assert ask(d, "web", x) == "db2"
+        assert d.container("db2")["answers"] == [x]
+        assert "belongs to no running container" not in d.log.read_text()
