@@ -211,6 +211,7 @@ class Doctor:
             ("mount", self.mount),
             ("file-server", self.file_server),
             ("firewall", self.firewall),
+            ("isolation", self.isolation),
             ("dns", self.dns),
             ("conntrack", self.conntrack),
             ("podman-hooks", self.podman_hooks),
@@ -548,6 +549,35 @@ class Doctor:
             return Result("firewall", FAIL, str(e), "see kernel-nat")
         ok, msg, fix = f.check()
         return Result("firewall", OK if ok else FAIL, f"{self.driver}: {msg}", fix)
+
+    def isolation(self) -> Result:
+        """isolation = "links": the bridge hands its switched traffic to the
+        firewall (br_netfilter, the bridge's own option) and the ISOLATE chain is there."""
+        net = self.cfg.network
+        if net.isolation == "none":
+            return Result("isolation", OK, "none: containers on the bridge reach each other (Docker's icc=true)")
+        knob = Path(f"/sys/class/net/{net.bridge}/bridge/nf_call_iptables")
+        try:
+            on = knob.read_text().strip() == "1"
+        except OSError:
+            return Result("isolation", FAIL, f"links, but bridge {net.bridge} is missing", "start tether-fused")
+        if not on:
+            return Result("isolation", FAIL, f"links, but {net.bridge} does not pass its traffic to the firewall "
+                          f"({knob} is 0): containers reach each other", "restart tether-fused: it sets it at start")
+        if self.driver == "none":
+            return Result("isolation", WARN, "links, but [firewall] driver = none writes no rules: nothing is isolated",
+                          'set driver = "auto" in [firewall]')
+        from .net import firewall as fw_mod
+
+        try:
+            chains = fw_mod.make(self.driver, self.cfg.firewall.chain_prefix).dump()
+        except fw_mod.FirewallError as e:
+            return Result("isolation", FAIL, str(e), "see kernel-nat")
+        if not any(chain.endswith("ISOLATE") for _, chain in chains):
+            return Result("isolation", FAIL, "links, but tether's ISOLATE chain is missing: containers reach each other",
+                          "restart tether-fused")
+        return Result("isolation", OK, f"links: {net.bridge}'s switched traffic passes the firewall (br_netfilter, "
+                      "this bridge only), and its ISOLATE chain lets containers talk only along links")
 
     def dns(self) -> Result:
         d, gw = self.cfg.dns, str(self.cfg.network.gateway)

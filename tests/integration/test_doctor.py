@@ -14,7 +14,7 @@ KEYS = {"name", "ok", "status", "detail", "fix"}
 NAMES = {
     "config", "user", "kernel-fuse", "dev-fuse", "fusermount3", "passthrough", "kernel-veth",
     "kernel-bridge", "kernel-nat", "iptables", "forwarding", "bridge", "daemon", "store", "mount", "file-server",
-    "firewall", "dns", "conntrack", "podman-hooks", "drift",
+    "firewall", "isolation", "dns", "conntrack", "podman-hooks", "drift",
 }  # fmt: skip
 
 

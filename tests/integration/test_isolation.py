@@ -6,6 +6,7 @@ between containers, and a retarget moves what is allowed with the DNAT.
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
@@ -162,3 +163,23 @@ def test_isolation_holds_through_kill_9_of_tether_fused_and_its_restart(iso):
     assert ask(d, "web", "database", 5432) == "db:5432"
     assert ask(d, "x", db, 5432) == ""
     assert ask(d, "web", db, 22) == ""
+
+
+def test_doctor_says_isolation_holds_and_names_a_bridge_that_stopped_filtering(iso):
+    d = iso
+
+    def line() -> dict:
+        items = json.loads(d.cli("--json", "doctor", check=False).stdout)
+        return next(i for i in items if i["name"] == "isolation")
+
+    assert line()["status"] == "ok" and "only along links" in line()["detail"]
+    knob = f"/sys/class/net/{d.bridge}/bridge/nf_call_iptables"
+    with open(knob, "w") as f:
+        f.write("0")
+    try:
+        bad = line()
+        assert bad["status"] == "fail" and "does not pass its traffic to the firewall" in bad["detail"]
+        assert "restart tether-fused" in bad["fix"]
+    finally:
+        with open(knob, "w") as f:
+            f.write("1")
