@@ -491,8 +491,11 @@ def stop_dead(d: Draft, alive: Alive, now: float) -> list[str]:
     return _mark_dead_stopped(d, alive, now)
 
 
-def remove(d: Draft, name: str) -> Container:
+def remove(d: Draft, name: str, now: float = 0.0) -> Container:
     c = d.container(name)
+    for lease in d.ip_leases():  # the addresses it answered at go back to their owners
+        if lease.ip in c.answers and lease.name != name:
+            d.update(lease.name, note=f"{lease.ip} answered by {lease.name} again ({name} removed at {stamp(now)})")
     d.delete(name)
     return c
 

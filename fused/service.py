@@ -510,11 +510,20 @@ class Service:
             if c.running and self._alive(c):
                 raise ServiceError(f"container {c.name!r} is running: stop it first (runc kill, runc delete)")
             lease = d.ip_lease(c.name)
-            plan.remove(d, c.name)
+            # addresses it answered at for others (a move) go home to a
+            # running owner; an owner that is stopped takes it at its start
+            owners = {l.ip: l.name for l in d.ip_leases() if l.ip in c.answers}
+            plan.remove(d, c.name, time.time())
             await self._commit(d)
             if released := self._released(d):
                 self.worker.submit(self._cut_quietly, released)
             warnings = await self._after_commit(f"removing {c.name}'s veth", self.wiring.unwire, veth_name(self.cfg.network.bridge, c.name))
+            for ip, owner in owners.items():
+                o = d.snap.containers[owner]
+                if self._pid_if_alive(o) is not None:
+                    warnings += await self._after_commit(
+                        f"giving {ip} back to {owner}", self.wiring.answer, ip, model.mac_for(ip), o.pid,
+                        veth_name(self.cfg.network.bridge, owner))
         freed = [lease.ip] if lease else []
         log.info("removed %s, freed %s", c.name, ", ".join(freed) or "nothing")
         return {"name": c.name, "freed": freed, **({"warnings": warnings} if warnings else {})}

@@ -111,3 +111,15 @@ def test_a_handed_address_survives_kill_9_of_tether_fused_and_its_restart(rootfs
         assert ask(d, "web", x) == "db2"
         assert d.container("db2")["answers"] == [x]
         assert "belongs to no running container" not in d.log.read_text()
+
+
+def test_removing_new_gives_the_address_back_to_a_running_old(rootfs, strategy):
+    with Daemon(rootfs, driver="nftables", strategy=strategy) as d:
+        start_three(d)
+        x = d.container("db")["ip"]
+        d.cli("move", "db", "db2")
+        reaches(d, "web", x, "db2")
+        d.kill("db2")
+        d.cli("rm", "db2")
+        reaches(d, "web", x, "db")  # db ran all along, without its address since the move
+        assert d.container("db")["ip"] == x and "db2 removed" in d.container("db")["note"]
