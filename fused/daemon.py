@@ -19,7 +19,7 @@ from .fs.server import log_format
 from .net import firewall as fw
 from .net.wiring import Wiring, Worker
 from .service import Service
-from .errors import FirewallError
+from .errors import FirewallError, WiringError
 from .store.sqlite import SqliteStore, StoreDamaged, StoreError, quarantine
 
 log = logging.getLogger("tether")
@@ -274,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
             cleanup(cfg)
             return
         trio.run(run, cfg, a.log_level, a.runc_root if a.rebuild_store else None)
-    except (StoreError, FirewallError, AlreadyRunning, session.MountError) as e:
+    except (StoreError, FirewallError, WiringError, AlreadyRunning, session.MountError) as e:
         print(f"tether-fused: {e}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:  # e.g. run_dir not writable

@@ -561,6 +561,9 @@ class Doctor:
             on = knob.read_text().strip() == "1"
         except OSError:
             return Result("isolation", FAIL, f"links, but bridge {net.bridge} is missing", "start tether-fused")
+        if not Path("/proc/sys/net/bridge").exists():
+            return Result("isolation", FAIL, "links, but br_netfilter is not loaded: the bridge's switched traffic "
+                          "never reaches the firewall", "modprobe br_netfilter, then restart tether-fused")
         if not on:
             return Result("isolation", FAIL, f"links, but {net.bridge} does not pass its traffic to the firewall "
                           f"({knob} is 0): containers reach each other", "restart tether-fused: it sets it at start")

@@ -233,9 +233,13 @@ class Service:
             d = Draft(self.store.snapshot())
             stopped = plan.stop_dead(d, self._alive, time.time())
             keep = set()
+            lent = {ip for c in d.containers() for ip in c.answers}
             for c in d.containers():
                 lease = d.ip_lease(c.name)
                 if not c.running or lease is None:
+                    continue
+                if lease.ip in lent:  # another answers at its address since a move: not a second one
+                    keep.add(veth_name(self.cfg.network.bridge, c.name))  # (reassign: its veth stays)
                     continue
                 ep = self._endpoint(c.name, c.pid, lease.ip, lease.mac, c.answers)
                 keep.add(ep.veth)
@@ -558,10 +562,14 @@ class Service:
             if old is not None and (new is None or old.name != new.name):
                 ip = d.snap.ip_leases.get(old.name)
                 out.append(["-p", proto, "--orig-port-dst", str(port), *(["-r", ip.ip] if ip else [])])
+        lent = None
         for name, new in d.change.ip_leases.items():
             old = d.snap.ip_leases.get(name)
             if old is not None and (new is None or new.ip != old.ip):
-                out.append(["-r", old.ip])
+                if lent is None:
+                    lent = {ip for c in d.containers() for ip in c.answers}
+                if old.ip not in lent:  # one another answers at since a move keeps its flows
+                    out.append(["-r", old.ip])
         return out
 
     def _cut_quietly(self, filters: list[list[str]]) -> None:
@@ -696,7 +704,7 @@ class Service:
                 how = await self.worker.run(self.wiring.hand_over, h.ip, h.mac, self._pid_if_alive(giver),
                                             taker.pid, home, own)
             except Exception as e:
-                await self._hand_back(d, done)
+                await self._hand_back(d, [*done, h])  # this one too: it may have got halfway
                 raise ServiceError(f"{h.taker} could not take over {h.ip}: {e}; nothing was moved") from None
             done.append(h)
             log.info("move: %s answers at %s instead of %s (%s: %s)", h.taker, h.ip, h.giver, self.cfg.network.strategy, how)
@@ -707,12 +715,13 @@ class Service:
         for h in reversed(handed):
             giver, taker = d.snap.containers[h.giver], d.snap.containers[h.taker]
             back_to = self._pid_if_alive(giver)
-            if back_to is None:
-                continue  # nobody to give it back to: it stays where it went, the store says where it was
             own = (lease := d.snap.ip_leases.get(h.giver)) is not None and lease.ip == h.ip
             home = veth_name(self.cfg.network.bridge, h.giver) if own else None
             try:
-                await self.worker.run(self.wiring.hand_over, h.ip, h.mac, taker.pid, back_to, home, h.home)
+                if back_to is None:  # nobody to give it back to: the taker must not keep it unrecorded
+                    await self.worker.run(self.wiring.unanswer, h.ip, taker.pid)
+                else:
+                    await self.worker.run(self.wiring.hand_over, h.ip, h.mac, taker.pid, back_to, home, h.home, False)
             except Exception as e:  # noqa: BLE001 - the failure being handled is the one to report
                 log.warning("move: could not give %s back to %s: %s", h.ip, h.giver, e)
 

@@ -104,6 +104,13 @@ def _set_sysctl(path: str, value: str) -> None:
         f.write(value)
 
 
+def _no_ipv6(ifname: str) -> None:
+    """IPv6 off on an interface of the current netns (nothing to do on a host without IPv6)."""
+    path = f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6"
+    if os.path.exists(path):
+        _set_sysctl(path, "1")
+
+
 class Wiring:
     def __init__(self, bridge: str, gateway: str, prefixlen: int, isolated: bool = False,
                  strategy: str = "facade") -> None:
@@ -156,6 +163,8 @@ class Wiring:
         _set_sysctl(f"/proc/sys/net/ipv4/conf/{self.bridge}/route_localnet", "1")
         if self.isolated:
             self._filter_bridged(idx)
+        else:  # isolation switched off: its traffic no longer goes to other tools' forward chains
+            self.ipr.link("set", index=idx, kind="bridge", br_nf_call_iptables=0, br_nf_call_ip6tables=0)
 
     def _filter_bridged(self, idx: int) -> None:
         """Make this bridge's bridged IPv4/IPv6 traffic pass the inet forward
@@ -179,7 +188,13 @@ class Wiring:
             for family in ("iptables", "ip6tables", "arptables"):
                 _set_sysctl(f"/proc/sys/net/bridge/bridge-nf-call-{family}", "0")
             log.info("isolation: loaded br_netfilter, host-wide bridge filtering left off (only %s is filtered)", self.bridge)
-        self.ipr.link("set", index=idx, kind="bridge", br_nf_call_iptables=1, br_nf_call_ip6tables=1)
+        try:
+            self.ipr.link("set", index=idx, kind="bridge", br_nf_call_iptables=1, br_nf_call_ip6tables=1)
+        except NetlinkError as e:
+            raise WiringError(
+                f"isolation = \"links\": cannot make bridge {self.bridge} pass its traffic to the firewall "
+                f"({os.strerror(e.code)}): set isolation = \"none\" in [network]"
+            ) from e
 
     def has_bridge(self) -> bool:
         return self._index(self.bridge) is not None
@@ -228,7 +243,10 @@ class Wiring:
             self.unwire(ep.veth)
             raise
         for ip, mac in ep.answers:  # a restart of a container a move gave addresses to
-            self.answer(ip, mac, ep.pid, home=None)
+            try:
+                self.answer(ip, mac, ep.pid, home=None)
+            except (WiringError, NetlinkError, OSError) as e:  # its own address works: a warning
+                log.warning("%s: could not answer at %s again: %s", ep.veth, ip, e)
 
     # --- strategies veth-move and reassign (tether move) ------------------------
     def answer_veth(self, ip: str) -> str:
@@ -236,7 +254,7 @@ class Wiring:
         return veth_name(self.bridge, "@" + ip)
 
     def hand_over(self, ip: str, mac: str, giver_pid: int | None, taker_pid: int, home: str | None,
-                  giver_own: bool = False) -> str:
+                  giver_own: bool = False, create: bool = True) -> str:
         """Make the netns of `taker_pid` answer at `ip` instead of that of
         `giver_pid` (None: gone). veth-move: the giver's interface with that
         MAC moves over (same address, same MAC: no ARP change); without one,
@@ -245,7 +263,8 @@ class Wiring:
         taker's own address (an undo), and this the name of its host-side
         veth: it becomes its eth0 again, with the default route. `giver_own`:
         it is the giver's own address (on its eth0 with the subnet's prefix,
-        not a /32). Returns what was done, for the log."""
+        not a /32). `create`: veth-move makes a new interface when the giver
+        has none (a hand-back does not). Returns what was done, for the log."""
         if self.strategy == "reassign":
             t0 = time.perf_counter()
             if giver_pid is not None:
@@ -253,22 +272,39 @@ class Wiring:
             t1 = time.perf_counter()
             self._add_address(taker_pid, ip, home)
             t2 = time.perf_counter()
-            self.garp(taker_pid, "eth0", ip)
+            self._garp_quietly(taker_pid, "eth0", ip)
             t3 = time.perf_counter()
             return (f"address moved, gratuitous ARP sent: off the giver {(t1 - t0) * 1000:.1f}, "
                     f"onto the taker {(t2 - t1) * 1000:.1f}, ARP {(t3 - t2) * 1000:.1f} ms")
         t0 = time.perf_counter()
         if giver_pid is not None and self._move_interface(giver_pid, taker_pid, ip, mac, home):
             return f"interface moved in {(time.perf_counter() - t0) * 1000:.1f} ms ({self._steps})"
+        if not create:
+            return "nothing to move"
         self.answer(ip, mac, taker_pid, home)
         return "interface created (the giver's was gone)"
+
+    def unanswer(self, ip: str, pid: int) -> None:
+        """Stop the netns of `pid` answering at another's `ip` (a hand-back
+        with nobody to take it)."""
+        if self.strategy == "reassign":
+            self._drop_address(pid, ip, 32)
+        else:
+            self.unwire(self.answer_veth(ip))
+
+    def _garp_quietly(self, pid: int, ifname: str, ip: str) -> None:
+        """A gratuitous ARP is a hint: neighbours learn the MAC anyway at their next probe."""
+        try:
+            self.garp(pid, ifname, ip)
+        except OSError as e:
+            log.warning("gratuitous ARP for %s from %s could not be sent: %s", ip, ifname, e)
 
     def answer(self, ip: str, mac: str, pid: int, home: str | None) -> None:
         """Make the netns of `pid` answer at `ip` (its MAC `mac`) by the
         strategy's means, on a fresh interface (veth-move) or on eth0."""
         if self.strategy == "reassign":
             self._add_address(pid, ip, home)
-            self.garp(pid, "eth0", ip)
+            self._garp_quietly(pid, "eth0", ip)
             return
         host = home or self.answer_veth(ip)
         if self._index(host) is not None:
@@ -285,7 +321,7 @@ class Wiring:
         except BaseException:
             self.unwire(host)
             raise
-        self.garp(pid, name, ip)  # the bridge learns the MAC's new port
+        self._garp_quietly(pid, name, ip)  # the bridge learns the MAC's new port
 
     def _move_interface(self, giver_pid: int, taker_pid: int, ip: str, mac: str, home: str | None) -> bool:
         t = [time.perf_counter()]
@@ -308,10 +344,13 @@ class Wiring:
         finally:
             inner.close()
         self._up_inside(taker_pid, name, ip, home)
-        self.garp(taker_pid, name, ip)  # neighbours that learnt another MAC for it meanwhile
+        self._garp_quietly(taker_pid, name, ip)  # neighbours that learnt another MAC for it meanwhile
         t.append(time.perf_counter())
-        if peer:  # the host side is named for who answers at it now (after: it carries traffic)
-            self._rename(peer, home or self.answer_veth(ip))
+        # the host side is named for who answers at it now (after: it carries
+        # traffic); under its old name, OLD's stop or start would delete it
+        if not peer:
+            raise WiringError(f"veth-move: the host side of {ip}'s interface is unknown")
+        self._rename(peer, home or self.answer_veth(ip))
         t.append(time.perf_counter())
         self._steps = ", ".join(f"{what} {(b - a) * 1000:.1f}" for what, a, b in
                                 zip(("find", "netns", "up", "host name"), t, t[1:]))
@@ -325,14 +364,13 @@ class Wiring:
             return
         except NetlinkError as e:
             if e.code != errno.EBUSY:
-                log.warning("veth-move: could not rename host interface %d to %s: %s", index, name, os.strerror(e.code))
-                return
+                raise WiringError(f"veth-move: cannot rename host interface {index} to {name}: {os.strerror(e.code)}") from e
         try:
             self.ipr.link("set", index=index, state="down")
             self.ipr.link("set", index=index, ifname=name)
             self.ipr.link("set", index=index, state="up")
         except NetlinkError as e:
-            log.warning("veth-move: could not rename host interface %d to %s: %s", index, name, os.strerror(e.code))
+            raise WiringError(f"veth-move: cannot rename host interface {index} to {name}: {os.strerror(e.code)}") from e
 
     def _up_inside(self, pid: int, name: str, ip: str, home: str | None) -> None:
         inner = self._inside(pid)
@@ -347,6 +385,8 @@ class Wiring:
             inner.close()
         if not home:  # packets to it arrive here, replies leave by eth0
             self._inside(pid, lambda: _set_sysctl(f"/proc/sys/net/ipv4/conf/{name}/rp_filter", "0"))
+        if self.isolated:  # a moved device comes with IPv6 again
+            self._inside(pid, lambda: _no_ipv6(name))
 
     def _drop_address(self, pid: int, ip: str, prefixlen: int) -> None:
         inner = self._inside(pid)
@@ -405,7 +445,11 @@ class Wiring:
         """fn() run in the netns of `pid` (default: a netlink socket opened
         there); this thread goes back to its own."""
         ns = _open_netns(pid)
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        try:
+            own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+        except OSError:
+            os.close(ns)
+            raise
         try:
             if _libc.setns(ns, CLONE_NEWNET) != 0:
                 err = ctypes.get_errno()
@@ -453,7 +497,7 @@ class Wiring:
             if self.isolated:
                 # tether gives IPv4 only; IPv6 link-local between containers
                 # would pass where the iptables driver filters IPv4 alone
-                self._inside(ep.pid, lambda: _set_sysctl(f"/proc/sys/net/ipv6/conf/{peer}/disable_ipv6", "1"))
+                self._inside(ep.pid, lambda: _no_ipv6(peer))
             inner.addr("add", index=idx, address=ep.ip, prefixlen=ep.prefixlen)
             inner.link("set", index=idx, state="up")
             lo = _index_of(inner, "lo")

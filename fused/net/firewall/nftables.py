@@ -139,6 +139,7 @@ class _Generation:
     def _ask(self) -> int:
         if self._sock is None:
             self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC, NETLINK_NETFILTER)
+            self._sock.settimeout(2)  # an answer never lost so far; a lost one must not hang the worker
             self._sock.bind((0, 0))
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         self._sock.sendto(struct.pack("=IHHII", 20, _GETGEN, 1, self._seq, 0) + struct.pack("=BBH", 0, 0, 0), (0, 0))
