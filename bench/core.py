@@ -46,6 +46,9 @@ class RecordingWiring:
     def unwire(self, veth) -> None:
         self.veths.discard(veth)
 
+    def unwire_all(self, veths) -> None:
+        self.veths.difference_update(veths)
+
     def veth_exists(self, veth) -> bool:
         return veth in self.veths
 

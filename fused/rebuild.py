@@ -135,7 +135,7 @@ async def rebuild(store: Store, cfg, wiring, worker, runc_roots: list[str], netn
         if eth0 is None:
             log.warning("rebuild: %s (pid %d) has no eth0 from tether: skipped", f.name, f.pid)
             continue
-        ip, mac = eth0
+        ip, mac, answers = eth0
         if any(l.ip == ip for l in d.ip_leases()):
             log.warning("rebuild: %s has %s, which another container has too: skipped", f.name, ip)
             continue
@@ -146,9 +146,11 @@ async def rebuild(store: Store, cfg, wiring, worker, runc_roots: list[str], netn
         d.put(Container(
             f.name, s.id if s is not None else f.name, model.RUNNING, f.pid, ino, s.bundle if s else "",
             now, now, None, f"rebuilt from the running container at {plan.stamp(now)}", expose, publish,
+            answers=answers,  # the addresses a move gave it
         ))
         d.put_ip_lease(IpLease(ip, f.name, mac, now))
-        lines.append(f"{f.name}: {ip} {mac}, id {s.id if s else '(unknown: its name for now)'}")
+        lines.append(f"{f.name}: {ip} {mac}, id {s.id if s else '(unknown: its name for now)'}"
+                     + (f", answering at {', '.join(answers)} too" if answers else ""))
         try:
             with open(cfg.fs_dir / f.name / "hosts") as h:
                 text = h.read()

@@ -251,7 +251,7 @@ class Service:
             # bridge that no running container of the store has is a live
             # container's all the same (a store rebuilt without it, a netns
             # pinned by a mount). Removing it would cut that container off.
-            gone = {veth_name(self.cfg.network.bridge, n) for n in stopped}
+            gone = {v for n in stopped for v in self._veths_of(d.snap.containers[n])}
             for veth in gone:  # their process is gone; a netns that outlives it keeps no veth of ours
                 await self.worker.run(self.wiring.unwire, veth)
             unknown = [v for v in await self.worker.run(self.wiring.bridge_ports) if v not in keep and v not in gone]
@@ -277,7 +277,7 @@ class Service:
             if dead:
                 await self._commit(d)
                 for name in dead:  # the netns took the veth with it; this is for one that outlives it
-                    self.worker.submit(self.wiring.unwire, veth_name(self.cfg.network.bridge, name))
+                    self.worker.submit(self.wiring.unwire_all, self._veths_of(d.snap.containers[name]))
         for name in dead:
             log.info("%s: its process is gone and no poststop came: marked stopped", name)
         return dead
@@ -344,7 +344,7 @@ class Service:
 
             snap = await self._commit(d, undo=unwire)
             for name in done.dead:  # found dead and marked stopped: a netns that outlives them keeps no veth
-                self.worker.submit(self.wiring.unwire, veth_name(self.cfg.network.bridge, name))
+                self.worker.submit(self.wiring.unwire_all, self._veths_of(d.snap.containers[name]))
             if released := self._released(d):
                 # a host port or an address that changed hands: a flow still
                 # tracked for it (UDP above all: a client that keeps its source
@@ -432,7 +432,7 @@ class Service:
             # delete (for a netns that outlives the container) need not delay
             # the runtime. Kernel calls run in order: a restart's wire() queues
             # after this.
-            self.worker.submit(self.wiring.unwire, veth_name(self.cfg.network.bridge, c.name))
+            self.worker.submit(self.wiring.unwire_all, self._veths_of(c))
         log.info("stopped %s (id %s)", c.name, c.id)
         return {"known": True, "name": c.name}
 
@@ -521,7 +521,9 @@ class Service:
             await self._commit(d)
             if released := self._released(d):
                 self.worker.submit(self._cut_quietly, released)
-            warnings = await self._after_commit(f"removing {c.name}'s veth", self.wiring.unwire, veth_name(self.cfg.network.bridge, c.name))
+            # (a dying netns can take a while: its interface that answered at
+            # an address must not go on answering next to the owner's)
+            warnings = await self._after_commit(f"removing {c.name}'s veth", self.wiring.unwire_all, self._veths_of(c))
             for ip, owner in owners.items():
                 o = d.snap.containers[owner]
                 if self._pid_if_alive(o) is not None:
@@ -687,6 +689,10 @@ class Service:
             if warnings:
                 out["warnings"] = warnings
             return out
+
+    def _veths_of(self, c: model.Container) -> list[str]:
+        """Its own veth, and those it answers at others' addresses on (veth-move)."""
+        return [veth_name(self.cfg.network.bridge, c.name), *(self.wiring.answer_veth(a) for a in c.answers)]
 
     def _pid_if_alive(self, c: model.Container) -> int | None:
         return c.pid if c.running and self._alive(c) else None

@@ -293,11 +293,21 @@ class Wiring:
             self.unwire(self.answer_veth(ip))
 
     def _garp_quietly(self, pid: int, ifname: str, ip: str) -> None:
-        """A gratuitous ARP is a hint: neighbours learn the MAC anyway at their next probe."""
-        try:
-            self.garp(pid, ifname, ip)
-        except OSError as e:
-            log.warning("gratuitous ARP for %s from %s could not be sent: %s", ip, ifname, e)
+        """A gratuitous ARP now, and again after 0.1 and 0.5 s off this thread
+        (as `arping -U -c 3`): a bridge port that just came up forwards only
+        once the kernel has seen its carrier, and a neighbour that missed the
+        first would go on sending to the old MAC until its entry goes stale.
+        A hint all the same: a failure is logged."""
+        def send(delay: float) -> None:
+            time.sleep(delay)
+            try:
+                self.garp(pid, ifname, ip)
+            except (OSError, WiringError) as e:
+                if delay == 0:
+                    log.warning("gratuitous ARP for %s from %s could not be sent: %s", ip, ifname, e)
+
+        send(0)
+        threading.Thread(target=lambda: (send(0.1), send(0.4)), daemon=True).start()
 
     def answer(self, ip: str, mac: str, pid: int, home: str | None) -> None:
         """Make the netns of `pid` answer at `ip` (its MAC `mac`) by the
@@ -384,7 +394,16 @@ class Wiring:
         finally:
             inner.close()
         if not home:  # packets to it arrive here, replies leave by eth0
-            self._inside(pid, lambda: _set_sysctl(f"/proc/sys/net/ipv4/conf/{name}/rp_filter", "0"))
+            def quiet() -> None:
+                _set_sysctl(f"/proc/sys/net/ipv4/conf/{name}/rp_filter", "0")
+                # eth0 must not answer ARP for the address on ethN (nor ethN
+                # for eth0's): a neighbour would learn eth0's MAC for it, and
+                # lose it when the address goes home
+                for dev in ("eth0", name):
+                    if os.path.exists(f"/proc/sys/net/ipv4/conf/{dev}/arp_ignore"):
+                        _set_sysctl(f"/proc/sys/net/ipv4/conf/{dev}/arp_ignore", "1")
+
+            self._inside(pid, quiet)
         if self.isolated:  # a moved device comes with IPv6 again
             self._inside(pid, lambda: _no_ipv6(name))
 
@@ -463,16 +482,21 @@ class Wiring:
             os.close(ns)
             os.close(own)
 
-    def eth0_of(self, pid: int) -> tuple[str, str] | None:
-        """(address, MAC) of eth0 in the netns of `pid`, as tether configured it; None without one."""
+    def eth0_of(self, pid: int) -> tuple[str, str, tuple[str, ...]] | None:
+        """(address, MAC, others' addresses) in the netns of `pid`, as tether
+        configured them: eth0's address with the subnet's prefix, and the /32s
+        a move gave it (veth-move, reassign); None without one."""
         inner = self._inside(pid)
         try:
             idx = _index_of(inner, "eth0")
             if idx is None:
                 return None
             mac = inner.get_links(idx)[0].get_attr("IFLA_ADDRESS")
-            addrs = [a.get_attr("IFA_ADDRESS") for a in inner.get_addr(family=2, index=idx)]
-            return (addrs[0], mac) if addrs and mac else None
+            addrs = inner.get_addr(family=2)
+            own = [a.get_attr("IFA_ADDRESS") for a in addrs if a["index"] == idx and a["prefixlen"] == self.prefixlen]
+            answers = tuple(a.get_attr("IFA_ADDRESS") for a in addrs if a["prefixlen"] == 32 and a["index"] != 1
+                            and not a.get_attr("IFA_ADDRESS").startswith("127."))
+            return (own[0], mac, answers) if own and mac else None
         finally:
             inner.close()
 
@@ -535,6 +559,10 @@ class Wiring:
                 if "flow" in words[1:]:
                     n += int(words[words.index("flow") - 1])
         return n
+
+    def unwire_all(self, veths: list[str]) -> None:
+        for veth in veths:
+            self.unwire(veth)
 
     def unwire(self, veth: str) -> None:
         idx = self._index(veth)

@@ -19,7 +19,10 @@ def ask(d: Daemon, cid: str, host: str, port: int = 5432) -> str:
 
 
 def reaches(d: Daemon, cid: str, host: str, want: str) -> str:
-    return wait_for(lambda: ask(d, cid, host) == want and want, timeout=5, what=f"{cid} -> {host}: {want}")
+    try:
+        return wait_for(lambda: ask(d, cid, host) == want and want, timeout=5, what=f"{cid} -> {host}: {want}")
+    except AssertionError as e:
+        raise AssertionError(f"{e}; it answers {ask(d, cid, host)!r}\n--- daemon log:\n{d.log.read_text()[-2500:]}") from None
 
 
 def start_three(d: Daemon) -> None:
@@ -123,3 +126,17 @@ def test_removing_new_gives_the_address_back_to_a_running_old(rootfs, strategy):
         d.cli("rm", "db2")
         reaches(d, "web", x, "db")  # db ran all along, without its address since the move
         assert d.container("db")["ip"] == x and "db2 removed" in d.container("db")["note"]
+
+
+def test_rebuild_store_finds_the_addresses_a_move_handed_over(rootfs, strategy):
+    with Daemon(rootfs, driver="nftables", strategy=strategy) as d:
+        start_three(d)
+        x = d.container("db")["ip"]
+        d.cli("move", "db", "db2")
+        reaches(d, "web", x, "db2")
+        d.stop()
+        (d.state_dir / "tether.db").unlink()
+        d.start(args=("--rebuild-store", "--runc-root", str(d.runc_root)))
+        assert d.container("db2")["answers"] == [x]  # so x is given to nobody else
+        assert ask(d, "web", x) == "db2"
+        assert f"answering at {x} too" in d.log.read_text()

@@ -40,6 +40,10 @@ class FakeWiring:
     def cut_problem(self):
         return "conntrack(8) is not installed: install it" if self.missing_conntrack else None
 
+    def unwire_all(self, veths):
+        for v in veths:
+            self.unwire(v)
+
     def answer_veth(self, ip):
         return "tt@" + ip
 
