@@ -14,8 +14,6 @@ Medians and p90 in ms. All traffic stays inside the benchmark's containers.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import os
 import shutil
 import socket
 import statistics
@@ -26,12 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
 from bench import pct  # noqa: E402
-from harness import build_rootfs, serve  # noqa: E402
+from harness import build_rootfs, enter_netns, serve  # noqa: E402
 from bench.track import Daemon, mkdtemp  # noqa: E402
 from fused.protocol import request  # noqa: E402
 
-CLONE_NEWNET = 0x40000000
-_libc = ctypes.CDLL(None, use_errno=True)
 
 
 
@@ -49,9 +45,7 @@ class Prober(threading.Thread):
         self.stop = False
 
     def run(self) -> None:
-        fd = os.open(f"/proc/{self.pid}/ns/net", os.O_RDONLY)
-        assert _libc.setns(fd, CLONE_NEWNET) == 0
-        os.close(fd)
+        enter_netns(self.pid)
         while not self.stop:
             self.go.wait()
             if self.stop:

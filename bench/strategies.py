@@ -17,8 +17,6 @@ All traffic stays inside the benchmark's own containers.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import os
 import socket
 import statistics
 import sys
@@ -28,25 +26,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
 from bench import pct  # noqa: E402
-from harness import address_in_hosts, build_rootfs, serve  # noqa: E402
+from harness import address_in_hosts, build_rootfs, enter_netns, serve  # noqa: E402
 from bench.track import Daemon, mkdtemp  # noqa: E402
 from fused.protocol import request  # noqa: E402
 
 STRATEGIES = ("facade", "direct", "veth-move", "reassign")
 UDP_PORT = 9999
 WINDOW = 2.0  # s of stream after each move: a strategy that never reaches NEW shows as "no"
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _enter(pid: int) -> None:
-    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-    try:
-        if _libc.setns(fd, 0x40000000) != 0:
-            raise OSError(ctypes.get_errno(), "setns")
-    finally:
-        os.close(fd)
-
-
 class Counter(threading.Thread):
     """UDP receiver in a target's netns: the sequence numbers it got."""
 
@@ -56,7 +42,7 @@ class Counter(threading.Thread):
         self.ready, self.stop = threading.Event(), False
 
     def run(self) -> None:
-        _enter(self.pid)
+        enter_netns(self.pid)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.bind(("0.0.0.0", UDP_PORT))
             s.settimeout(0.1)
@@ -85,7 +71,7 @@ class Stream(threading.Thread):
     def run(self) -> None:
         tcp = threading.Thread(target=self._tcp, daemon=True)
         tcp.start()
-        _enter(self.pid)
+        enter_netns(self.pid)
         udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # one source port: one tracked flow
         seq = 0
         while not self.stop:
@@ -98,14 +84,14 @@ class Stream(threading.Thread):
         tcp.join(2)
 
     def _tcp(self) -> None:
-        _enter(self.pid)
+        enter_netns(self.pid)
         while not self.stop:
             t = time.perf_counter()
             threading.Thread(target=self._connect, args=(t,), daemon=True).start()
             time.sleep(max(0.0, 0.005 - (time.perf_counter() - t)))
 
     def _connect(self, started: float) -> None:
-        _enter(self.pid)
+        enter_netns(self.pid)
         try:
             with socket.create_connection((self.addr, 5432), timeout=1) as s:
                 who = s.recv(64).decode().strip()

@@ -144,8 +144,7 @@ def register(
     ))
     lease = d.ip_lease(reg.name)  # a lease kept is the same lease: its `since` stays
     if lease is not None and lease.ip != ip:
-        by = next((c.name for c in d.containers() if lease.ip in c.answers), None)
-        if by is not None:
+        if (by := d.answered().get(lease.ip)) is not None:
             d.update(reg.name, note=f"its address {lease.ip} is answered by {by} since a move: it got {ip} at {stamp(now)}")
     d.put_ip_lease(IpLease(ip, reg.name, mac, lease.since if lease is not None and lease.ip == ip else now))
     lease_ports(d, reg.name, reg.publish, net, now, alive, port_busy, evicted, row.publish if row else ())
@@ -172,7 +171,7 @@ class _Holders(Mapping):
         self._names = {lease.ip: lease.name for lease in d.ip_leases()}
         # an address a container answers at for another (a move) is its
         # until the move is undone or it is removed: never evicted
-        self._answered = {ip: c.name for c in d.containers() for ip in c.answers}
+        self._answered = d.answered()
         self._names.update(self._answered)
 
     def __getitem__(self, ip: str) -> Holder:
@@ -461,7 +460,7 @@ def _hand_addresses(d: Draft, old_row: Container, new_row: Container, strategy: 
         give = [own_new.ip]  # an undo: NEW's own address comes home
     else:
         own_old = d.ip_lease(old)
-        lent = own_old is not None and any(own_old.ip in c.answers for c in d.containers())
+        lent = own_old is not None and own_old.ip in d.answered()
         give = ([own_old.ip] if own_old is not None and not lent else []) + list(old_row.answers)
     if not give:
         return ()

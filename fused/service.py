@@ -233,7 +233,7 @@ class Service:
             d = Draft(self.store.snapshot())
             stopped = plan.stop_dead(d, self._alive, time.time())
             keep = set()
-            lent = {ip for c in d.containers() for ip in c.answers}
+            lent = d.answered()
             for c in d.containers():
                 lease = d.ip_lease(c.name)
                 if not c.running or lease is None:
@@ -569,7 +569,7 @@ class Service:
             old = d.snap.ip_leases.get(name)
             if old is not None and (new is None or new.ip != old.ip):
                 if lent is None:
-                    lent = {ip for c in d.containers() for ip in c.answers}
+                    lent = d.answered()
                 if old.ip not in lent:  # one another answers at since a move keeps its flows
                     out.append(["-r", old.ip])
         return out
@@ -705,7 +705,7 @@ class Service:
         for h in handed:
             giver, taker = d.snap.containers[h.giver], d.snap.containers[h.taker]
             home = veth_name(self.cfg.network.bridge, h.taker) if h.home else None
-            own = (lease := d.snap.ip_leases.get(h.giver)) is not None and lease.ip == h.ip
+            own = _owns(d, h.giver, h.ip)
             try:
                 how = await self.worker.run(self.wiring.hand_over, h.ip, h.mac, self._pid_if_alive(giver),
                                             taker.pid, home, own)
@@ -721,7 +721,7 @@ class Service:
         for h in reversed(handed):
             giver, taker = d.snap.containers[h.giver], d.snap.containers[h.taker]
             back_to = self._pid_if_alive(giver)
-            own = (lease := d.snap.ip_leases.get(h.giver)) is not None and lease.ip == h.ip
+            own = _owns(d, h.giver, h.ip)
             home = veth_name(self.cfg.network.bridge, h.giver) if own else None
             try:
                 if back_to is None:  # nobody to give it back to: the taker must not keep it unrecorded
@@ -775,3 +775,9 @@ class Service:
             return await self.reconcile()
         return await getattr(self, op)(args)
 
+
+
+def _owns(d: Draft, name: str, ip: str) -> bool:
+    """`ip` is `name`'s own address (its lease) before the draft's change."""
+    lease = d.snap.ip_leases.get(name)
+    return lease is not None and lease.ip == ip

@@ -123,7 +123,6 @@ class Wiring:
         # (br_netfilter), where the isolation chain decides
         self.isolated = isolated
         self._ipr: IPRoute | None = None
-        self._steps = ""  # the last veth-move's steps, for the log
 
     @property
     def ipr(self) -> IPRoute:
@@ -277,8 +276,8 @@ class Wiring:
             return (f"address moved, gratuitous ARP sent: off the giver {(t1 - t0) * 1000:.1f}, "
                     f"onto the taker {(t2 - t1) * 1000:.1f}, ARP {(t3 - t2) * 1000:.1f} ms")
         t0 = time.perf_counter()
-        if giver_pid is not None and self._move_interface(giver_pid, taker_pid, ip, mac, home):
-            return f"interface moved in {(time.perf_counter() - t0) * 1000:.1f} ms ({self._steps})"
+        if giver_pid is not None and (steps := self._move_interface(giver_pid, taker_pid, ip, mac, home)):
+            return f"interface moved in {(time.perf_counter() - t0) * 1000:.1f} ms ({steps})"
         if not create:
             return "nothing to move"
         self.answer(ip, mac, taker_pid, home)
@@ -333,7 +332,9 @@ class Wiring:
             raise
         self._garp_quietly(pid, name, ip)  # the bridge learns the MAC's new port
 
-    def _move_interface(self, giver_pid: int, taker_pid: int, ip: str, mac: str, home: str | None) -> bool:
+    def _move_interface(self, giver_pid: int, taker_pid: int, ip: str, mac: str, home: str | None) -> str | None:
+        """The giver's interface with `mac` into the taker's netns; its steps'
+        times for the log, None when the giver has no such interface."""
         t = [time.perf_counter()]
         taker = self._inside(taker_pid)
         try:
@@ -344,7 +345,7 @@ class Wiring:
         try:
             idx = next((ln["index"] for ln in inner.get_links() if ln.get_attr("IFLA_ADDRESS") == mac), None)
             if idx is None:
-                return False
+                return None
             peer = inner.get_links(idx)[0].get_attr("IFLA_LINK")  # the host side's index
             t.append(time.perf_counter())
             # one request: into the taker's netns, renamed on the way (the
@@ -362,9 +363,7 @@ class Wiring:
             raise WiringError(f"veth-move: the host side of {ip}'s interface is unknown")
         self._rename(peer, home or self.answer_veth(ip))
         t.append(time.perf_counter())
-        self._steps = ", ".join(f"{what} {(b - a) * 1000:.1f}" for what, a, b in
-                                zip(("find", "netns", "up", "host name"), t, t[1:]))
-        return True
+        return ", ".join(f"{what} {(b - a) * 1000:.1f}" for what, a, b in zip(("find", "netns", "up", "host name"), t, t[1:]))
 
     def _rename(self, index: int, name: str) -> None:
         """Rename a host interface, live where the kernel allows it (6.2+),

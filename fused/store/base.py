@@ -159,6 +159,11 @@ class Draft:
         for link in self.links(name):
             self.delete_link(name, link.alias)
 
+    def answered(self) -> dict[str, str]:
+        """address -> the container that answers at it for another since a
+        move (strategies veth-move, reassign)."""
+        return {ip: c.name for c in self.containers() for ip in c.answers}
+
     def find_running_by_id(self, cid: str) -> Container | None:
         return next((c for c in self._all("containers") if c.id == cid and c.running), None)
 

@@ -383,22 +383,29 @@ def iptables_dump(prefix: str) -> str:
     )
 
 
+def enter_netns(pid: int) -> None:
+    """Move the calling thread into the network namespace of `pid` (for good:
+    a thread made for it)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
+    try:
+        if libc.setns(fd, 0x40000000) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+    finally:
+        os.close(fd)
+
+
 def in_netns(pid: int, fn, *args):
     """Run fn(*args) on a thread that entered the network namespace of `pid`
     (so its packets come from that container's address); return its result."""
-    import ctypes
     import threading
 
-    libc = ctypes.CDLL(None, use_errno=True)
     box: dict = {}
 
     def run():
-        fd = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY)
-        try:
-            if libc.setns(fd, 0x40000000) != 0:
-                raise OSError(ctypes.get_errno(), "setns")
-        finally:
-            os.close(fd)
+        enter_netns(pid)
         try:
             box["r"] = fn(*args)
         except BaseException as e:  # re-raised in the caller

@@ -5,6 +5,7 @@ Real containers; traffic with busybox nc from inside the consumer.
 """
 from __future__ import annotations
 
+import contextlib
 import subprocess
 
 import pytest
@@ -33,6 +34,17 @@ def start_three(d: Daemon) -> None:
     d.start_container("web", SLEEP, "--link", "db:database")
 
 
+@contextlib.contextmanager
+def moved(rootfs, strategy: str):
+    """start_three, then `move db db2`: (the daemon, db's address, which db2 answers at now)."""
+    with Daemon(rootfs, driver="nftables", strategy=strategy) as d:
+        start_three(d)
+        x = d.container("db")["ip"]
+        d.cli("move", "db", "db2")
+        reaches(d, "web", x, "db2")
+        yield d, x
+
+
 @pytest.fixture(params=["veth-move", "reassign"])
 def strategy(request):
     return request.param
@@ -59,11 +71,7 @@ def test_a_consumer_holding_the_old_address_reaches_new_and_the_move_undoes(root
 
 
 def test_olds_next_start_gets_an_address_nobody_holds(rootfs, strategy):
-    with Daemon(rootfs, driver="nftables", strategy=strategy) as d:
-        start_three(d)
-        x = d.container("db")["ip"]
-        d.cli("move", "db", "db2")
-        reaches(d, "web", x, "db2")
+    with moved(rootfs, strategy) as (d, x):
         d.kill("db")
         d.start_container("db", serve("db"), "--expose", "5432")
         z = d.container("db")["ip"]
@@ -103,11 +111,7 @@ def test_a_strategy_that_does_not_exist_stops_tether_fused_in_one_line(rootfs):
 def test_a_handed_address_survives_kill_9_of_tether_fused_and_its_restart(rootfs, strategy):
     """Never break a running container: after a move, kill -9 and a restart
     (its reconcile) leave NEW answering at OLD's address."""
-    with Daemon(rootfs, driver="nftables", strategy=strategy) as d:
-        start_three(d)
-        x = d.container("db")["ip"]
-        d.cli("move", "db", "db2")
-        reaches(d, "web", x, "db2")
+    with moved(rootfs, strategy) as (d, x):
         d.kill9("fused")
         assert ask(d, "web", x) == "db2"  # while it is down
         d.start()
@@ -117,11 +121,7 @@ def test_a_handed_address_survives_kill_9_of_tether_fused_and_its_restart(rootfs
 
 
 def test_removing_new_gives_the_address_back_to_a_running_old(rootfs, strategy):
-    with Daemon(rootfs, driver="nftables", strategy=strategy) as d:
-        start_three(d)
-        x = d.container("db")["ip"]
-        d.cli("move", "db", "db2")
-        reaches(d, "web", x, "db2")
+    with moved(rootfs, strategy) as (d, x):
         d.kill("db2")
         d.cli("rm", "db2")
         reaches(d, "web", x, "db")  # db ran all along, without its address since the move
@@ -129,11 +129,7 @@ def test_removing_new_gives_the_address_back_to_a_running_old(rootfs, strategy):
 
 
 def test_rebuild_store_finds_the_addresses_a_move_handed_over(rootfs, strategy):
-    with Daemon(rootfs, driver="nftables", strategy=strategy) as d:
-        start_three(d)
-        x = d.container("db")["ip"]
-        d.cli("move", "db", "db2")
-        reaches(d, "web", x, "db2")
+    with moved(rootfs, strategy) as (d, x):
         d.stop()
         (d.state_dir / "tether.db").unlink()
         d.start(args=("--rebuild-store", "--runc-root", str(d.runc_root)))
