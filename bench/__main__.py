@@ -177,9 +177,10 @@ def build_table(r: dict, quick: bool) -> Table:
                     ratio = f"{x:.2f}× 10 links"
                     limit = (1.1 if drv == "nftables" else 1.3) if size == 1000 else 2
                     goal, met = f"≤ {limit}× of 10 links", x <= limit
+                tcp_ratio = f" ({med(m['tcp']) / med(by[10]['tcp']):.2f}× 10 links)" if size in (100, 1000) and 10 in by else ""
                 t.add(f"retarget (tether move), {drv}, {size} link{'s' if size > 1 else ''}: until files show it (ms)",
                       mp(f), "(no peer retargets)", "", ratio, goal, met,
-                      f"api returns {mp(m['api'])}; new TCP reaches the new target {mp(m['tcp'])}")
+                      f"api returns {mp(m['api'])}; new TCP reaches the new target {mp(m['tcp'])}{tcp_ratio}")
     st = r.get("strategies")
     if st:
         for name in strategies.STRATEGIES:

@@ -32,6 +32,10 @@ class Topology(NamedTuple):
     nodes: dict[str, Node] = {}
     edges: tuple[Edge, ...] = ()
     strategy: str = "direct"
+    # the same object while every edge keeps its consumer, alias, facade and
+    # group (a move changes only targets): what depends on those alone, the
+    # firewall's link jumps, is computed once for it (None: never cached)
+    shape: object = None
 
 
 class Resolved(NamedTuple):
@@ -50,16 +54,19 @@ class View(NamedTuple):
     links: tuple[Resolved, ...]  # sorted by alias
 
 
+_make = tuple.__new__  # a NamedTuple without its keyword-parsing __new__: a move resolves thousands
+
+
 def resolve_edge(topo: Topology, e: Edge) -> Resolved:
     t = topo.nodes.get(e.target)
     if t is None:
-        return Resolved(e.alias, e.target, None, (), "dangling")
+        return _make(Resolved, (e.alias, e.target, None, (), "dangling"))
     if topo.strategy == "facade":
         address = e.facade if t.ip else None
     else:
         address = t.ip
     state = ("running" if t.running else "stopped") if address else "dangling"
-    return Resolved(e.alias, e.target, address, t.expose, state)
+    return _make(Resolved, (e.alias, e.target, address, t.expose, state))
 
 
 def views(topo: Topology) -> dict[str, View]:
@@ -78,7 +85,12 @@ def views(topo: Topology) -> dict[str, View]:
 
 def view(topo: Topology, name: str, out_links: list[Edge]) -> View:
     node = topo.nodes[name]
-    return View(name, node.ip, tuple(resolve_edge(topo, e) for e in sorted(out_links, key=lambda e: e.alias)))
+    out_links.sort(key=_alias)
+    return View(name, node.ip, tuple([resolve_edge(topo, e) for e in out_links]))
+
+
+def _alias(e: Edge) -> str:
+    return e.alias
 
 
 def affected(old: Topology, new: Topology, touched: set[str]) -> set[str]:

@@ -48,7 +48,7 @@ def _node(snap: StoreSnapshot, name: str) -> Node:
 
 def topology(snap: StoreSnapshot, strategy: str) -> Topology:
     nodes = {name: _node(snap, name) for name in snap.containers}
-    return Topology(nodes, tuple(sorted(snap.links.values())), strategy)
+    return Topology(nodes, tuple(sorted(snap.links.values())), strategy, object())
 
 
 def changed_names(old: StoreSnapshot, new: StoreSnapshot) -> set[str]:
@@ -87,8 +87,23 @@ def update_topology(prev: Topology, old: StoreSnapshot, new: StoreSnapshot, name
                 nodes[name] = _node(new, name)
             else:
                 nodes.pop(name, None)
-    edges = prev.edges if old.links is new.links else tuple(sorted(new.links.values()))
-    return Topology(nodes, edges, prev.strategy)
+    if old.links is new.links:
+        return Topology(nodes, prev.edges, prev.strategy, prev.shape)
+    edges = tuple(sorted(new.links.values()))
+    return Topology(nodes, edges, prev.strategy, prev.shape if _targets_only(old, new) else object())
+
+
+def _targets_only(old: StoreSnapshot, new: StoreSnapshot) -> bool:
+    """`new` is `old` with only link targets changed (a move): no link
+    added or removed, each keeps its facade and group."""
+    if new.delta is None or new.delta[0] != old.revision:
+        return False
+    had = old.links
+    for k, link in new.delta[1].links.items():
+        was = had.get(k)
+        if link is None or was is None or was.facade != link.facade or was.group != link.group:
+            return False
+    return True
 
 
 def forwards(snap: StoreSnapshot) -> list[rules.PortForward]:
@@ -442,11 +457,12 @@ def move(d: Draft, old: str, new: str, strategy: str = "facade", alive: Alive | 
             f"{new!r} does not expose {', '.join(missing)}, which {old!r} publishes: "
             f"start {new!r} with --expose {missing[0]}"
         )
-    moved = []
-    for link in d.links():
-        if link.target == old:
-            moved.append(link._replace(target=new))
-            d.put_link(moved[-1])
+    # a thousand links at a move: built as plain tuples (NamedTuple's
+    # _replace costs three times as much), written straight into the change
+    make, changes = tuple.__new__, d.change.links
+    moved = [make(Link, (l.consumer, l.alias, new, l.facade, l.group)) for l in d.links() if l.target == old]
+    for link in moved:
+        changes[(link.consumer, link.alias)] = link
     for lease in ports:
         d.put_port_lease(PortLease(lease.host_port, lease.proto, new, lease.port, lease.since))
     handed = _hand_addresses(d, old_row, new_row, strategy, now) if strategy in HANDING else ()

@@ -72,22 +72,52 @@ def _link_rule(facade: str, group: str, bridge: str) -> Rule:
     return Rule("@" + group_chain(group), dst=f"{facade}/32", in_iface=bridge)
 
 
+# the last topology shape's link jumps (and its groups' first links): a
+# move changes no facade or group, so its rules are built without a pass
+# over a thousand links; one entry, replaced when the shape changes
+_JUMPS: dict[object, tuple[tuple, list[Rule]]] = {}
+_MEMBERS: dict[object, dict[str, int]] = {}
+
+
+def _members(topo: Topology) -> dict[str, int]:
+    """Each link group with a facade: the index of its first edge."""
+    if topo.shape is not None and (m := _MEMBERS.get(topo.shape)) is not None:
+        return m
+    m = {}
+    for i, e in enumerate(topo.edges):
+        if e.facade and e.group not in m:
+            m[e.group] = i
+    if topo.shape is not None:
+        _MEMBERS.clear()
+        _MEMBERS[topo.shape] = m
+    return m
+
+
 def build(settings: RuleSettings, topo: Topology | None = None, ports: list[PortForward] = ()) -> RuleSet:
     rs = RuleSet()
     topo = topo or Topology()
     # links (facade strategy): one jump per link into its group's chain
+    nodes, edges = topo.nodes, topo.edges
     group_ip: dict[str, str] = {}
-    for e in topo.edges:
-        t = topo.nodes.get(e.target)
-        if e.facade and t is not None and t.ip:
-            group_ip[e.group] = t.ip
+    for g, i in _members(topo).items():  # one link of each group: all go to one target
+        t = nodes.get(edges[i].target)
+        if t is not None and t.ip:
+            group_ip[g] = t.ip
     # in the topology's order (by consumer, then alias): no sort of a
     # thousand rules on every change, and a new link lands next to its
     # consumer's others
     bridge = settings.bridge
-    rs.chains[("nat", "PREROUTING")] = [
-        _link_rule(e.facade, e.group, bridge) for e in topo.edges if e.facade and e.group in group_ip
-    ]
+    key = (bridge, frozenset(group_ip))
+    cached = _JUMPS.get(topo.shape) if topo.shape is not None else None
+    if cached is not None and cached[0] == key:
+        jumps = cached[1]
+    else:
+        jumps = [_link_rule(e.facade, e.group, bridge) for e in edges if e.facade and e.group in group_ip]
+        if topo.shape is not None:
+            _JUMPS.clear()
+            _JUMPS[topo.shape] = (key, jumps)
+    rs.jumps = jumps
+    rs.chains[("nat", "PREROUTING")] = list(jumps)
     for g, ip in sorted(group_ip.items()):
         rs.add("nat", group_chain(g), Rule("DNAT", to=ip, comment=f"tether group {g}"))
     # published ports: from elsewhere (PREROUTING) and from the host (OUTPUT)

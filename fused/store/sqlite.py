@@ -337,16 +337,17 @@ class SqliteStore:
         )
         # a link that keeps its facade (a move: only the target changes) is
         # updated in place; any other is deleted and inserted again
-        kept = {
-            k for k, l in ch.links.items()
-            if before is not None and l is not None and (old := before.links.get(k)) is not None and old.facade == l.facade
-        }
         # a move changes the target of every link to OLD and nothing else of
-        # them: one statement by target, not one per link
+        # them: one statement by target, not one per link (one pass: a move
+        # at 1000 links is here)
+        kept: set = set()
         by_target: dict[tuple[str, str], list] = {}
-        for k in kept:
-            old, new = before.links[k], ch.links[k]
-            by_target.setdefault((old.target, new.target) if old.group == new.group else ("", ""), []).append(k)
+        if before is not None:
+            had = before.links
+            for k, new in ch.links.items():
+                if new is not None and (old := had.get(k)) is not None and old.facade == new.facade:
+                    kept.add(k)
+                    by_target.setdefault((old.target, new.target) if old.group == new.group else ("", ""), []).append(k)
         whole = {}
         if len(by_target) == 1 and ("", "") not in by_target:
             ((old_t, new_t), ks), = by_target.items()

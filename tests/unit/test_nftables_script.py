@@ -103,3 +103,19 @@ def test_a_retarget_with_isolation_is_elements_in_the_same_transaction():
     assert "delete element inet T allowed { 10.213.0.2 . 10.213.0.3 . tcp . 5432 }" in lines
     assert "add element inet T allowed { 10.213.0.2 . 10.213.0.4 . tcp . 5432 }" in lines
     assert any(ln.startswith("add element inet T links") for ln in lines)
+
+
+def test_a_move_within_one_shape_reuses_the_link_elements():
+    """A move keeps the topology's shape: the thousand @links elements are the
+    very same dict (not made again, not compared), and the script is still the
+    group's one rule; a Desired after another shape has its own elements."""
+    shape = object()
+    a = Desired(rules.build(S, topo(1000)._replace(shape=shape), PORTS))
+    b = Desired(rules.build(S, topo(1000, "db2")._replace(shape=shape), PORTS))
+    assert b.links is a.links and len(a.links) == 1000 and b.ports == a.ports
+    fw = NftablesFirewall.__new__(NftablesFirewall)
+    fw.table = "inet T"
+    assert fw._diff(a, b).splitlines() == [f"flush chain inet T {group_chain('db')}",
+                                           f'add rule inet T {group_chain("db")} dnat ip to 10.213.0.4 comment "tether group db"']
+    c = Desired(rules.build(S, topo(999)._replace(shape=object()), PORTS))
+    assert c.links is not a.links and len(c.links) == 999 and len(a.links) == 1000

@@ -257,3 +257,54 @@ def test_no_isolation_no_chain_and_a_target_without_address_allows_nothing():
     assert ("filter", "ISOLATE") not in rules.build(S, facade_topo(), PORTS).chains
     rs = rules.build(ISO, facade_topo(db=None), PORTS)
     assert not [r for r in rs.chains[("filter", "ISOLATE")] if r.dst == DB]
+
+
+def test_a_move_keeps_the_shapes_jumps_and_retargets_its_group():
+    """Same shape (a move: only targets change): the jump list is the same
+    object, the group's DNAT names the new target; a target without an
+    address drops its group's jumps even with the shape kept."""
+    shape = object()
+    before = facade_topo()._replace(shape=shape)
+    after = facade_topo("db2")._replace(shape=shape)
+    a, b = rules.build(S, before), rules.build(S, after)
+    assert b.jumps is a.jumps and b.chains[("nat", "PREROUTING")] == a.chains[("nat", "PREROUTING")]
+    assert b.chains[("nat", group_chain("db"))] == [Rule("DNAT", to=DB2, comment="tether group db")]
+    gone = rules.build(S, facade_topo("db2", db2=None)._replace(shape=shape))
+    assert gone.jumps == [jump("10.214.0.10", "cache")] and gone.jumps is not a.jumps
+    assert rules.build(S, after).jumps == a.jumps
+
+
+def test_a_new_shape_builds_its_jumps_again():
+    """A link added (a new shape): its jump is there, in the topology's order."""
+    a = rules.build(S, facade_topo()._replace(shape=object()))
+    t = facade_topo()
+    grown = t._replace(edges=t.edges + (Edge("web", "db3", "db", "10.214.0.11", "db"),), shape=object())
+    b = rules.build(S, grown)
+    assert b.jumps == [*a.jumps, jump("10.214.0.11", "db")]
+
+
+def test_a_topology_keeps_its_shape_only_while_links_change_targets_alone():
+    from fused import plan
+    from fused.model import Link
+    from fused.store.base import Draft, StoreSnapshot
+
+    links = {("c", f"s{i}"): Link("c", f"s{i}", "t1", f"10.214.0.{i + 1}", "t1") for i in range(3)}
+    snap = StoreSnapshot(1, links=links)
+    topo = plan.topology(snap, "facade")
+
+    def after(*edits: Link | tuple) -> Topology:
+        d = Draft(snap)
+        for e in edits:
+            if isinstance(e, Link):
+                d.put_link(e)
+            else:
+                d.delete_link(*e)
+        new = d.after()
+        return plan.update_topology(topo, snap, new, plan.delta_names(snap, new))
+
+    moved = after(*(l._replace(target="t2") for l in links.values()))
+    assert moved.shape is topo.shape and {e.target for e in moved.edges} == {"t2"}
+    assert after(links[("c", "s0")]._replace(group="t2")).shape is not topo.shape
+    assert after(links[("c", "s0")]._replace(facade="10.214.0.9")).shape is not topo.shape
+    assert after(("c", "s1")).shape is not topo.shape
+    assert after(Link("c", "s9", "t1", "10.214.0.9", "t1")).shape is not topo.shape

@@ -48,6 +48,10 @@ class RuleSet:
     are jumped to from that built-in chain; others only from our rules."""
 
     chains: dict[tuple[str, str], list[Rule]] = field(default_factory=lambda: {h: [] for h in HOOKS})
+    # the links' jumps, the first rules of nat PREROUTING: the very same list
+    # object while no link's facade or group changes (a move), so a driver
+    # may keep what it made of them (None: not known)
+    jumps: list[Rule] | None = None
 
     def add(self, table: str, chain: str, rule: Rule) -> None:
         self.chains.setdefault((table, chain), []).append(rule)

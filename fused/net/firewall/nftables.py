@@ -230,6 +230,11 @@ _COLLECTIONS = {
 }
 
 
+# the @links elements of the last jump list (RuleSet.jumps), by its identity:
+# a move keeps the list, and its thousand elements are not made again
+_LINKS: dict[int, tuple[list[Rule], dict[str, str]]] = {}
+
+
 class Desired:
     """What the table should hold: chains (name -> rules, base chains by
     their hook name), and the elements of its maps and sets (key -> value as
@@ -255,9 +260,16 @@ class Desired:
                 self.chains["ISOLATE"] = self._isolate(rs)
             elif key not in _BASE:  # a link group's chain
                 self.chains[key[1]] = tuple(rule_text(r) for r in rs)
+        jumps = rules.jumps
+        cached = _LINKS.get(id(jumps)) if jumps is not None else None
+        if cached is not None and cached[0] is jumps:
+            self.links = cached[1]  # the same object: the diff skips it
         for key, (name, _) in _BASE.items():
             plain = list(lookups.get(name, []))
-            for r in rules.chains.get(key, []):
+            rs = rules.chains.get(key, [])
+            if key == ("nat", "PREROUTING") and cached is not None:
+                rs = rs[len(jumps):]
+            for r in rs:
                 if r.target.startswith("@") and r.dst and key == ("nat", "PREROUTING"):
                     self.links[r.dst.removesuffix("/32")] = f"goto {r.target[1:]}"
                 elif r.target == "DNAT" and r.dst_local and r.proto and r.dport is not None:
@@ -266,6 +278,9 @@ class Desired:
                 else:
                     plain.append(rule_text(r))
             self.chains[name] = tuple(plain)
+        if jumps is not None and cached is None:
+            _LINKS.clear()
+            _LINKS[id(jumps)] = (jumps, self.links)
 
     def _isolate(self, rs: list[Rule]) -> tuple[str, ...]:
         """The isolation chain: its consumer -> target accepts become
@@ -551,6 +566,8 @@ class NftablesFirewall:
                 lines += [f"add rule {t} {name} {r}" for r in rs]
         for m in _COLLECTIONS:
             a, b = getattr(have, m), getattr(want, m)
+            if a is b:
+                continue
             gone = [k for k, v in a.items() if b.get(k) != v]
             new = {k: v for k, v in b.items() if a.get(k) != v}
             if gone:
