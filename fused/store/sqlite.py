@@ -355,9 +355,9 @@ class SqliteStore:
                 whole[(old_t, new_t)] = ks
         for (old_t, new_t) in whole:
             self.db.execute("UPDATE links SET target=? WHERE target=?", (new_t, old_t))
-        many("UPDATE links SET target=?, grp=? WHERE consumer=? AND alias=?",
-             [(ch.links[k].target, ch.links[k].group, *k) for k in kept
-              if (before.links[k].target, ch.links[k].target) not in whole])
+        if not whole:  # else every kept link was in that one statement
+            many("UPDATE links SET target=?, grp=? WHERE consumer=? AND alias=?",
+                 [(ch.links[k].target, ch.links[k].group, *k) for k in kept])
         many("DELETE FROM links WHERE consumer=? AND alias=?", [k for k in ch.links if k not in kept])
         many("DELETE FROM port_leases WHERE host_port=? AND proto=?", list(ch.port_leases))
         many("DELETE FROM ip_leases WHERE name=?", [(name,) for name in ch.ip_leases])
