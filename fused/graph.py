@@ -73,17 +73,11 @@ def views(topo: Topology) -> dict[str, View]:
     out_links: dict[str, list[Edge]] = {}
     for e in topo.edges:
         out_links.setdefault(e.consumer, []).append(e)
-    return {
-        name: View(
-            name,
-            node.ip,
-            tuple(resolve_edge(topo, e) for e in sorted(out_links.get(name, []), key=lambda e: e.alias)),
-        )
-        for name, node in topo.nodes.items()
-    }
+    return {name: view(topo, name, out_links.get(name, [])) for name in topo.nodes}
 
 
 def view(topo: Topology, name: str, out_links: list[Edge]) -> View:
+    """`name`'s view; `out_links` (its edges, a list of the caller's) is sorted in place."""
     node = topo.nodes[name]
     out_links.sort(key=_alias)
     return View(name, node.ip, tuple([resolve_edge(topo, e) for e in out_links]))

@@ -458,11 +458,11 @@ def move(d: Draft, old: str, new: str, strategy: str = "facade", alive: Alive | 
             f"start {new!r} with --expose {missing[0]}"
         )
     # a thousand links at a move: built as plain tuples (NamedTuple's
-    # _replace costs three times as much), written straight into the change
-    make, changes = tuple.__new__, d.change.links
+    # _replace costs three times as much)
+    make = tuple.__new__
     moved = [make(Link, (l.consumer, l.alias, new, l.facade, l.group)) for l in d.links() if l.target == old]
     for link in moved:
-        changes[(link.consumer, link.alias)] = link
+        d.put_link(link)
     for lease in ports:
         d.put_port_lease(PortLease(lease.host_port, lease.proto, new, lease.port, lease.since))
     handed = _hand_addresses(d, old_row, new_row, strategy, now) if strategy in HANDING else ()

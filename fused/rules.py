@@ -72,34 +72,32 @@ def _link_rule(facade: str, group: str, bridge: str) -> Rule:
     return Rule("@" + group_chain(group), dst=f"{facade}/32", in_iface=bridge)
 
 
-# the last topology shape's link jumps (and its groups' first links): a
-# move changes no facade or group, so its rules are built without a pass
-# over a thousand links; one entry, replaced when the shape changes
-_JUMPS: dict[object, tuple[tuple, list[Rule]]] = {}
-_MEMBERS: dict[object, dict[str, int]] = {}
+# the last topology shape's groups (the index of each one's first link) and
+# link jumps: a move changes no facade or group, so its rules are built
+# without a pass over a thousand links; replaced when the shape changes
+_last: tuple[object, dict[str, int], tuple, list[Rule]] | None = None
 
 
 def _members(topo: Topology) -> dict[str, int]:
     """Each link group with a facade: the index of its first edge."""
-    if topo.shape is not None and (m := _MEMBERS.get(topo.shape)) is not None:
-        return m
+    if topo.shape is not None and _last is not None and _last[0] is topo.shape:
+        return _last[1]
     m = {}
     for i, e in enumerate(topo.edges):
         if e.facade and e.group not in m:
             m[e.group] = i
-    if topo.shape is not None:
-        _MEMBERS.clear()
-        _MEMBERS[topo.shape] = m
     return m
 
 
 def build(settings: RuleSettings, topo: Topology | None = None, ports: list[PortForward] = ()) -> RuleSet:
+    global _last
     rs = RuleSet()
     topo = topo or Topology()
     # links (facade strategy): one jump per link into its group's chain
     nodes, edges = topo.nodes, topo.edges
     group_ip: dict[str, str] = {}
-    for g, i in _members(topo).items():  # one link of each group: all go to one target
+    members = _members(topo)
+    for g, i in members.items():  # one link of each group: all go to one target
         t = nodes.get(edges[i].target)
         if t is not None and t.ip:
             group_ip[g] = t.ip
@@ -108,14 +106,12 @@ def build(settings: RuleSettings, topo: Topology | None = None, ports: list[Port
     # consumer's others
     bridge = settings.bridge
     key = (bridge, frozenset(group_ip))
-    cached = _JUMPS.get(topo.shape) if topo.shape is not None else None
-    if cached is not None and cached[0] == key:
-        jumps = cached[1]
+    if topo.shape is not None and _last is not None and _last[0] is topo.shape and _last[2] == key:
+        jumps = _last[3]
     else:
         jumps = [_link_rule(e.facade, e.group, bridge) for e in edges if e.facade and e.group in group_ip]
         if topo.shape is not None:
-            _JUMPS.clear()
-            _JUMPS[topo.shape] = (key, jumps)
+            _last = (topo.shape, members, key, jumps)
     rs.jumps = jumps
     rs.chains[("nat", "PREROUTING")] = list(jumps)
     for g, ip in sorted(group_ip.items()):

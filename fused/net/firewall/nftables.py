@@ -230,9 +230,9 @@ _COLLECTIONS = {
 }
 
 
-# the @links elements of the last jump list (RuleSet.jumps), by its identity:
-# a move keeps the list, and its thousand elements are not made again
-_LINKS: dict[int, tuple[list[Rule], dict[str, str]]] = {}
+# the last jump list (RuleSet.jumps) and the @links elements made of it: a
+# move keeps the list, and its thousand elements are not made again
+_last_links: tuple[list[Rule], dict[str, str]] | None = None
 
 
 class Desired:
@@ -242,6 +242,7 @@ class Desired:
     isolation tuples become elements; every other rule is written as it is."""
 
     def __init__(self, rules: RuleSet) -> None:
+        global _last_links
         # the bridge: its forwarding is accepted (and let through other
         # tables' drop policies), its facades are looked up in @links
         self.bridge = next((r.in_iface for r in rules.chains.get(("filter", "FORWARD"), [])
@@ -261,13 +262,13 @@ class Desired:
             elif key not in _BASE:  # a link group's chain
                 self.chains[key[1]] = tuple(rule_text(r) for r in rs)
         jumps = rules.jumps
-        cached = _LINKS.get(id(jumps)) if jumps is not None else None
-        if cached is not None and cached[0] is jumps:
-            self.links = cached[1]  # the same object: the diff skips it
+        cached = jumps is not None and _last_links is not None and _last_links[0] is jumps
+        if cached:
+            self.links = _last_links[1]  # the same object: the diff skips it
         for key, (name, _) in _BASE.items():
             plain = list(lookups.get(name, []))
             rs = rules.chains.get(key, [])
-            if key == ("nat", "PREROUTING") and cached is not None:
+            if key == ("nat", "PREROUTING") and cached:
                 rs = rs[len(jumps):]
             for r in rs:
                 if r.target.startswith("@") and r.dst and key == ("nat", "PREROUTING"):
@@ -278,9 +279,8 @@ class Desired:
                 else:
                     plain.append(rule_text(r))
             self.chains[name] = tuple(plain)
-        if jumps is not None and cached is None:
-            _LINKS.clear()
-            _LINKS[id(jumps)] = (jumps, self.links)
+        if jumps is not None and not cached:
+            _last_links = (jumps, self.links)
 
     def _isolate(self, rs: list[Rule]) -> tuple[str, ...]:
         """The isolation chain: its consumer -> target accepts become
