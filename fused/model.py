@@ -284,11 +284,12 @@ class PortLease:
 
 
 class Link(NamedTuple):
-    """consumer --alias--> target; `facade` its stable address (strategy
-    facade), `group` the links a move retargets together."""
+    """consumer --alias--> the target of its `group` (the links a move
+    retargets together: the store keeps one target per group, so a move
+    rewrites one record per group, not one per link); `facade` its stable
+    address (strategy facade)."""
 
     consumer: str
     alias: str
-    target: str
     facade: str | None = None
     group: str = ""

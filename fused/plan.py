@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, NamedTuple
 from . import allocator, model, rules
 from .allocator import Holder
 from .errors import ServiceError
-from .graph import Node, Topology
+from .graph import Node, Shape, Topology
 from .model import Container, IpLease, Link, PortLease
 from .store.base import Draft, StoreSnapshot
 
@@ -48,13 +48,15 @@ def _node(snap: StoreSnapshot, name: str) -> Node:
 
 def topology(snap: StoreSnapshot, strategy: str) -> Topology:
     nodes = {name: _node(snap, name) for name in snap.containers}
-    return Topology(nodes, tuple(sorted(snap.links.values())), strategy, object())
+    edges = tuple(sorted(snap.links.values()))
+    return Topology(nodes, edges, strategy, snap.groups, Shape(edges))
 
 
 def changed_names(old: StoreSnapshot, new: StoreSnapshot) -> set[str]:
     """The containers whose record, address or outgoing links differ (the
     untouched records of a snapshot after a commit are the same objects:
-    identity says it)."""
+    identity says it). A group's new target is not here: the topologies'
+    groups say it (graph.affected)."""
     out = set()
     for table in ("containers", "ip_leases"):
         a, b = getattr(old, table), getattr(new, table)
@@ -77,7 +79,8 @@ def delta_names(old: StoreSnapshot, new: StoreSnapshot) -> set[str]:
 
 
 def update_topology(prev: Topology, old: StoreSnapshot, new: StoreSnapshot, names: set[str]) -> Topology:
-    """`topology(new)` from `prev` (that of `old`), rebuilding only `names`' nodes."""
+    """`topology(new)` from `prev` (that of `old`), rebuilding only `names`'
+    nodes, and the edges only when a link changed (a move changes groups)."""
     if old.containers is new.containers and old.ip_leases is new.ip_leases:
         nodes = prev.nodes
     else:
@@ -88,22 +91,9 @@ def update_topology(prev: Topology, old: StoreSnapshot, new: StoreSnapshot, name
             else:
                 nodes.pop(name, None)
     if old.links is new.links:
-        return Topology(nodes, prev.edges, prev.strategy, prev.shape)
+        return Topology(nodes, prev.edges, prev.strategy, new.groups, prev.shape)
     edges = tuple(sorted(new.links.values()))
-    return Topology(nodes, edges, prev.strategy, prev.shape if _targets_only(old, new) else object())
-
-
-def _targets_only(old: StoreSnapshot, new: StoreSnapshot) -> bool:
-    """`new` is `old` with only link targets changed (a move): no link
-    added or removed, each keeps its facade and group."""
-    if new.delta is None or new.delta[0] != old.revision:
-        return False
-    had = old.links
-    for k, link in new.delta[1].links.items():
-        was = had.get(k)
-        if link is None or was is None or was.facade != link.facade or was.group != link.group:
-            return False
-    return True
+    return Topology(nodes, edges, prev.strategy, new.groups, Shape(edges))
 
 
 def forwards(snap: StoreSnapshot) -> list[rules.PortForward]:
@@ -350,22 +340,28 @@ def facade(d: Draft, net: NetworkConfig) -> str | None:
 
 
 def group(d: Draft, target: str) -> str:
-    """A link group for a link to `target`: one whose links all go to it."""
-    targets: dict[str, set[str]] = {}
-    for l in d.links():
-        targets.setdefault(l.group, set()).add(l.target)
+    """A link group for a link to `target`: one that goes to it, or a new one."""
+    groups = d.groups()
     n = 0
     while True:
         g = target if n == 0 else f"{target}#{n}"
-        if targets.get(g, set()) <= {target}:
+        if groups.get(g, target) == target:
             return g
         n += 1
 
 
 def add_link(d: Draft, consumer: str, alias: str, target: str, net: NetworkConfig) -> Link:
-    link = Link(consumer, alias, target, facade(d, net), group(d, target))
+    link = Link(consumer, alias, facade(d, net), join_group(d, target))
     d.put_link(link)
     return link
+
+
+def join_group(d: Draft, target: str) -> str:
+    """The group a new link to `target` joins, recorded if new."""
+    g = group(d, target)
+    if d.group_target(g) is None:
+        d.put_group(g, target)
+    return g
 
 
 def existing_link(d: Draft, consumer: str, alias: str) -> Link:
@@ -386,27 +382,26 @@ def link_add(d: Draft, consumer_name: str, target: str, alias: str, net: Network
     consumer(d, consumer_name)
     if (old := d.link(consumer_name, alias)) is not None:
         raise ServiceError(
-            f"{consumer_name!r} already has a link {alias!r} to {old.target!r}: "
+            f"{consumer_name!r} already has a link {alias!r} to {d.target(old)!r}: "
             "use `tether link retarget` or another --alias"
         )
     return add_link(d, consumer_name, alias, target, net)
 
 
-def link_retarget(d: Draft, consumer_name: str, alias: str, target: str, allow_dangling: bool) -> tuple[Link, Link]:
-    """(before, after)."""
+def link_retarget(d: Draft, consumer_name: str, alias: str, target: str, allow_dangling: bool) -> tuple[Link, str, Link]:
+    """(the link, the target it had, the link now)."""
     consumer(d, consumer_name)
     old = existing_link(d, consumer_name, alias)
-    if target != old.target and d.container(target) is None and not allow_dangling:
+    before = d.target(old)
+    if target != before and d.container(target) is None and not allow_dangling:
         # a typo here would take the link's hosts line away: an outage
         raise ServiceError(
             f"no container named {target!r}: check the name (`tether ps`), or pass --allow-dangling "
             f"to point {consumer_name!r}'s {alias!r} at a name that registers later"
         )
-    if target == old.target:
-        return old, old
-    new = old._replace(target=target, group=group(d, target))
-    d.put_link(new)
-    return old, new
+    if target != before:
+        d.put_link(old._replace(group=join_group(d, target)))
+    return old, before, d.link(consumer_name, alias)
 
 
 class Handover(NamedTuple):
@@ -421,7 +416,7 @@ class Handover(NamedTuple):
 
 @dataclass(frozen=True)
 class Moved:
-    links: tuple[Link, ...]  # after the move
+    links: tuple[Link, ...]  # the links that go to NEW now, and no more to OLD
     ports: tuple[PortLease, ...]  # OLD's, before the move
     addresses: tuple[Handover, ...] = ()
 
@@ -431,8 +426,8 @@ HANDING = ("veth-move", "reassign")  # the strategies that move addresses
 
 def move(d: Draft, old: str, new: str, strategy: str = "facade", alive: Alive | None = None,
          now: float = 0.0) -> Moved:
-    """Failover: every link to OLD now goes to NEW (groups unchanged: one rule
-    per group), and OLD's published host ports forward to NEW. With veth-move
+    """Failover: every link to OLD now goes to NEW (each of OLD's groups
+    does: one record and one firewall rule per group), and OLD's published host ports forward to NEW. With veth-move
     or reassign, NEW also answers at OLD's address (and those OLD answered
     at for others), or, when NEW answers at OLD's (an undo), NEW's own address
     comes back."""
@@ -457,12 +452,11 @@ def move(d: Draft, old: str, new: str, strategy: str = "facade", alive: Alive | 
             f"{new!r} does not expose {', '.join(missing)}, which {old!r} publishes: "
             f"start {new!r} with --expose {missing[0]}"
         )
-    # a thousand links at a move: built as plain tuples (NamedTuple's
-    # _replace costs three times as much)
-    make = tuple.__new__
-    moved = [make(Link, (l.consumer, l.alias, new, l.facade, l.group)) for l in d.links() if l.target == old]
-    for link in moved:
-        d.put_link(link)
+    # one record per group: its links (a thousand at a move) stay as they are
+    groups = {g for g, t in d.groups().items() if t == old}
+    for g in groups:
+        d.put_group(g, new)
+    moved = [l for l in d.links() if l.group in groups] if groups else []
     for lease in ports:
         d.put_port_lease(PortLease(lease.host_port, lease.proto, new, lease.port, lease.since))
     handed = _hand_addresses(d, old_row, new_row, strategy, now) if strategy in HANDING else ()

@@ -174,7 +174,7 @@ async def rebuild(store: Store, cfg, wiring, worker, runc_roots: list[str], netn
             d.update(target, expose=tuple(sorted(ports)))
     for consumer, alias, target, addr in links:
         facade = addr if cfg.network.strategy == "facade" and ipaddress.ip_address(addr) in facades else None
-        d.put_link(Link(consumer, alias, target, facade, plan.group(d, target)))
+        d.put_link(Link(consumer, alias, facade, plan.join_group(d, target)))
         lines.append(f"link {model.link_text(alias, target, consumer)}" + (f" at {facade}" if facade else ""))
     store.commit(d.change, d.snap.revision)
     return lines

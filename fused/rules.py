@@ -72,21 +72,17 @@ def _link_rule(facade: str, group: str, bridge: str) -> Rule:
     return Rule("@" + group_chain(group), dst=f"{facade}/32", in_iface=bridge)
 
 
-# the last topology shape's groups (the index of each one's first link) and
-# link jumps: a move changes no facade or group, so its rules are built
-# without a pass over a thousand links; replaced when the shape changes
-_last: tuple[object, dict[str, int], tuple, list[Rule]] | None = None
+# the last topology shape's groups with a facade link, and its link jumps:
+# a move changes no link, so its rules are built without a pass over a
+# thousand links; replaced when the shape changes
+_last: tuple[object, frozenset[str], tuple, list[Rule]] | None = None
 
 
-def _members(topo: Topology) -> dict[str, int]:
-    """Each link group with a facade: the index of its first edge."""
+def _members(topo: Topology) -> frozenset[str]:
+    """The link groups with a facade."""
     if topo.shape is not None and _last is not None and _last[0] is topo.shape:
         return _last[1]
-    m = {}
-    for i, e in enumerate(topo.edges):
-        if e.facade and e.group not in m:
-            m[e.group] = i
-    return m
+    return frozenset(e.group for e in topo.edges if e.facade)
 
 
 def build(settings: RuleSettings, topo: Topology | None = None, ports: list[PortForward] = ()) -> RuleSet:
@@ -94,11 +90,11 @@ def build(settings: RuleSettings, topo: Topology | None = None, ports: list[Port
     rs = RuleSet()
     topo = topo or Topology()
     # links (facade strategy): one jump per link into its group's chain
-    nodes, edges = topo.nodes, topo.edges
+    nodes, edges, groups = topo.nodes, topo.edges, topo.groups
     group_ip: dict[str, str] = {}
     members = _members(topo)
-    for g, i in members.items():  # one link of each group: all go to one target
-        t = nodes.get(edges[i].target)
+    for g in members:
+        t = nodes.get(groups.get(g, ""))
         if t is not None and t.ip:
             group_ip[g] = t.ip
     # in the topology's order (by consumer, then alias): no sort of a
@@ -145,7 +141,7 @@ def allowed(topo: Topology) -> list[Rule]:
     out: dict[Rule, None] = {}
     nodes = topo.nodes
     for e in topo.edges:
-        c, t = nodes.get(e.consumer), nodes.get(e.target)
+        c, t = nodes.get(e.consumer), nodes.get(topo.groups.get(e.group, ""))
         if c is None or t is None or not c.ip or not t.ip:
             continue
         for ip in (t.ip, *t.answers):  # and the addresses a move gave it

@@ -453,7 +453,7 @@ class Service:
             "pid": c.pid,
             "expose": list(c.expose),
             "publish": list(c.publish),
-            "links": [model.link_text(l.alias, l.target) for l in links],
+            "links": [model.link_text(l.alias, snap.groups[l.group]) for l in links],
             "published": [str(model.Published(l.host_port, l.port, l.proto)) for l in ports],
             "started_at": rfc3339(c.started_at),
             "stopped_at": rfc3339(c.stopped_at),
@@ -494,7 +494,8 @@ class Service:
             out["leases"] = self._leases(snap, c.name)
             out["veth"] = veth_name(self.cfg.network.bridge, c.name)
             topo = self.topology(snap)
-            out["links_in"] = [model.link_text(e.alias, e.target, e.consumer) for e in topo.edges if e.target == c.name]
+            groups = {g for g, t in topo.groups.items() if t == c.name}
+            out["links_in"] = [model.link_text(e.alias, c.name, e.consumer) for e in topo.edges if e.group in groups]
             pub = self._pub
             if pub is not None and pub.snap is snap and c.name in pub.files:
                 fs = pub.files[c.name]
@@ -538,10 +539,10 @@ class Service:
     def _link_row(self, topo: Topology, e: Edge) -> dict:
         r = resolve_edge(topo, e)
         return {
-            "link": model.link_text(e.alias, e.target, e.consumer),
+            "link": model.link_text(e.alias, r.target, e.consumer),
             "consumer": e.consumer,
             "alias": e.alias,
-            "target": e.target,
+            "target": r.target,
             "state": r.state,
             "address": r.address,
             "ports": [str(p) for p in r.ports],
@@ -610,14 +611,15 @@ class Service:
             d = Draft(self.store.snapshot())
             plan.consumer(d, consumer)
             link = plan.existing_link(d, consumer, alias)
+            target = d.target(link)
             if link.facade:
                 self._can_cut()
             d.delete_link(consumer, alias)
             await self._commit(d)
             warnings = await self._cut([["-d", link.facade]] if link.facade else [])
             return {
-                "link": model.link_text(alias, link.target, consumer), "consumer": consumer, "alias": alias,
-                "target": link.target, **({"warnings": warnings} if warnings else {}),
+                "link": model.link_text(alias, target, consumer), "consumer": consumer, "alias": alias,
+                "target": target, **({"warnings": warnings} if warnings else {}),
             }
 
     async def link_retarget(self, args: dict) -> dict:
@@ -626,13 +628,13 @@ class Service:
             alias = model.check_label(args.get("alias"), "alias")
             target = model.check_label(args.get("target"), "target name")
             d = Draft(self.store.snapshot())
-            before, after = plan.link_retarget(d, consumer, alias, target, bool(args.get("allow_dangling")))
+            before, previous, after = plan.link_retarget(d, consumer, alias, target, bool(args.get("allow_dangling")))
             if after != before and before.facade:
                 self._can_cut()
             snap = await self._commit(d)
             warnings = await self._cut([["-d", before.facade]]) if after != before and before.facade else []
             out = self._link_row(self.topology(snap), after)
-            out["previous"] = before.target
+            out["previous"] = previous
             out["firewall_commits"] = self.last_commits
             if warnings:
                 out["warnings"] = warnings
@@ -681,7 +683,7 @@ class Service:
                 "old": old,
                 "new": new,
                 "links": len(moved.links),
-                "moved": [model.link_text(l.alias, l.target, l.consumer) for l in moved.links],
+                "moved": [model.link_text(l.alias, new, l.consumer) for l in moved.links],
                 "ports": [str(model.Published(l.host_port, l.port, l.proto)) for l in moved.ports],
                 "addresses": [{"ip": h.ip, "from": h.giver, "to": h.taker} for h in moved.addresses],
                 "firewall_commits": self.last_commits,

@@ -9,7 +9,9 @@
 This is the shape an etcd backend needs too (a read at a revision, then a
 transaction conditioned on it), and what the in-memory twin (memory.py)
 implements for unit tests. Records are model's: Container, IpLease,
-PortLease, Link. Pure: no I/O here.
+PortLease, Link; and each link group's target (a name), which a move
+rewrites: one record per group, however many links it holds. Pure: no I/O
+here.
 """
 from __future__ import annotations
 
@@ -39,6 +41,7 @@ class StoreSnapshot:
     ip_leases: dict[str, IpLease] = field(default_factory=dict)  # by container name
     port_leases: dict[PortKey, PortLease] = field(default_factory=dict)
     links: dict[LinkKey, Link] = field(default_factory=dict)
+    groups: dict[str, str] = field(default_factory=dict)  # link group -> its target
     # (revision, change): this snapshot is the one at `revision` with `change`
     # applied (None: read whole). Whoever holds the snapshot at that revision
     # knows what differs without comparing every record.
@@ -53,9 +56,10 @@ class ChangeSet:
     ip_leases: dict[str, IpLease | None] = field(default_factory=dict)
     port_leases: dict[PortKey, PortLease | None] = field(default_factory=dict)
     links: dict[LinkKey, Link | None] = field(default_factory=dict)
+    groups: dict[str, str | None] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.containers or self.ip_leases or self.port_leases or self.links)
+        return bool(self.containers or self.ip_leases or self.port_leases or self.links or self.groups)
 
     def names(self) -> set[str]:
         """The containers whose records (or leases, or outgoing links) change."""
@@ -86,6 +90,7 @@ def apply(snap: StoreSnapshot, change: ChangeSet, revision: int | None = None) -
         _merged(snap.ip_leases, change.ip_leases),
         _merged(snap.port_leases, change.port_leases),
         _merged(snap.links, change.links),
+        _merged(snap.groups, change.groups),
         (snap.revision, change),
     )
 
@@ -98,6 +103,7 @@ def inverse(snap: StoreSnapshot, change: ChangeSet) -> ChangeSet:
         {k: snap.ip_leases.get(k) for k in change.ip_leases},
         {k: snap.port_leases.get(k) for k in change.port_leases},
         {k: snap.links.get(k) for k in change.links},
+        {k: snap.groups.get(k) for k in change.groups},
     )
 
 
@@ -118,16 +124,31 @@ class Draft:
 
     def __init__(self, snap: StoreSnapshot) -> None:
         self.snap = snap
-        self.change = ChangeSet()
+        self._change = ChangeSet()
+        self._left: set[str] = set()  # groups a link left: deleted once no link is in them
+
+    @property
+    def change(self) -> ChangeSet:
+        if self._left:  # one pass over the links for every group left, not one per link
+            used = {l.group for l in self._all("links")}
+            for g in self._left - used:
+                if self.group_target(g) is not None:
+                    self._change.groups[g] = None
+            self._left = set()
+        return self._change
+
+    @change.setter
+    def change(self, change: ChangeSet) -> None:
+        self._change, self._left = change, set()
 
     def _get(self, table: str, key):
-        changes = getattr(self.change, table)
+        changes = getattr(self._change, table)
         if key in changes:
             return changes[key]
         return getattr(self.snap, table).get(key)
 
     def _all(self, table: str) -> Iterable:
-        changes = getattr(self.change, table)
+        changes = getattr(self._change, table)
         base = getattr(self.snap, table)
         if not changes:
             return base.values()
@@ -144,7 +165,7 @@ class Draft:
         return sorted(self._all("containers"), key=lambda c: c.name)
 
     def put(self, c: Container) -> Container:
-        self.change.containers[c.name] = c
+        self._change.containers[c.name] = c
         return c
 
     def update(self, name: str, **fields) -> Container:
@@ -152,7 +173,7 @@ class Draft:
 
     def delete(self, name: str) -> None:
         """The container and everything that is its own: leases, its links."""
-        self.change.containers[name] = None
+        self._change.containers[name] = None
         self.drop_ip_lease(name)
         for lease in self.port_leases(name):
             self.drop_port_lease(lease.host_port, lease.proto)
@@ -178,11 +199,11 @@ class Draft:
         holder = next((l for l in self._all("ip_leases") if l.ip == lease.ip and l.name != lease.name), None)
         if holder is not None:
             raise StoreError(f"address {lease.ip} is leased to {holder.name!r}: evict it first")
-        self.change.ip_leases[lease.name] = lease
+        self._change.ip_leases[lease.name] = lease
 
     def drop_ip_lease(self, name: str) -> None:
         if self.ip_lease(name) is not None:
-            self.change.ip_leases[name] = None
+            self._change.ip_leases[name] = None
 
     # --- host ports -------------------------------------------------------------
     def port_leases(self, name: str | None = None) -> list[PortLease]:
@@ -192,11 +213,11 @@ class Draft:
         )
 
     def put_port_lease(self, lease: PortLease) -> None:
-        self.change.port_leases[lease.key] = lease
+        self._change.port_leases[lease.key] = lease
 
     def drop_port_lease(self, host_port: int, proto: str) -> None:
         if self._get("port_leases", (host_port, proto)) is not None:
-            self.change.port_leases[(host_port, proto)] = None
+            self._change.port_leases[(host_port, proto)] = None
 
     # --- links ---------------------------------------------------------------
     def link(self, consumer: str, alias: str) -> Link | None:
@@ -207,8 +228,28 @@ class Draft:
         return sorted(l for l in self._all("links") if consumer is None or l.consumer == consumer)
 
     def put_link(self, link: Link) -> None:
-        self.change.links[(link.consumer, link.alias)] = link
+        """A link to its group's target: the group must have one (put_group)."""
+        old = self.link(link.consumer, link.alias)
+        self._change.links[(link.consumer, link.alias)] = link
+        if old is not None and old.group != link.group:
+            self._left.add(old.group)
 
     def delete_link(self, consumer: str, alias: str) -> None:
-        if self.link(consumer, alias) is not None:
-            self.change.links[(consumer, alias)] = None
+        if (old := self.link(consumer, alias)) is not None:
+            self._change.links[(consumer, alias)] = None
+            self._left.add(old.group)
+
+    def target(self, link: Link) -> str:
+        """The name `link` goes to: its group's target."""
+        return self._get("groups", link.group)
+
+    def group_target(self, group: str) -> str | None:
+        return self._get("groups", group)
+
+    def groups(self) -> dict[str, str]:
+        """link group -> target."""
+        return _merged(self.snap.groups, self._change.groups)
+
+    def put_group(self, group: str, target: str) -> None:
+        self._change.groups[group] = target
+        self._left.discard(group)

@@ -15,7 +15,8 @@ def _constraints(snap: StoreSnapshot) -> None:
         raise StoreError("UNIQUE constraint failed: links.facade")
     names = snap.containers
     if any(n not in names for n in snap.ip_leases) or any(l.name not in names for l in snap.port_leases.values()) \
-            or any(c not in names for c, _ in snap.links):
+            or any(c not in names for c, _ in snap.links) \
+            or any(l.group not in snap.groups for l in snap.links.values()):
         raise StoreError("FOREIGN KEY constraint failed")
 
 

@@ -22,7 +22,7 @@ from ..errors import StoreError
 from ..model import Container, IpLease, Link, PortLease
 from .base import ChangeSet, Conflict, StoreSnapshot, apply
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 2000  # well inside the hook's 10 s: a locked store is one clear line
 
 _SCHEMA = """
@@ -59,15 +59,36 @@ CREATE TABLE port_leases (
     PRIMARY KEY (host_port, proto)
 );
 CREATE INDEX port_leases_name ON port_leases (name, port, proto);
+CREATE TABLE groups (
+    grp      TEXT PRIMARY KEY,
+    target   TEXT NOT NULL
+);
 CREATE TABLE links (
     consumer TEXT NOT NULL REFERENCES containers (name) ON DELETE CASCADE,
     alias    TEXT NOT NULL,
-    target   TEXT NOT NULL,
     facade   TEXT UNIQUE,
-    grp      TEXT NOT NULL DEFAULT '',
+    grp      TEXT NOT NULL REFERENCES groups (grp),
     PRIMARY KEY (consumer, alias)
 );
 """
+_LINKS = _SCHEMA[_SCHEMA.index("CREATE TABLE groups"):]
+
+
+def _grouped(rows: list[tuple]) -> tuple[dict[str, str], list[tuple]]:
+    """Schema 3's links (consumer, alias, target, facade, grp) as groups
+    (grp -> target) and links (consumer, alias, facade, grp): a group keeps
+    its name while its links go to one target (what tether wrote), a link
+    that disagrees joins TARGET#n."""
+    groups: dict[str, str] = {}
+    links = []
+    for consumer, alias, target, facade, grp in sorted(rows):
+        base = g = grp or target
+        n = 0
+        while groups.setdefault(g, target) != target:
+            n += 1
+            g = f"{base}#{n}"
+        links.append((consumer, alias, facade, g))
+    return groups, links
 
 
 
@@ -93,7 +114,7 @@ def _container(r: tuple) -> Container:
 
 
 HEADER = b"SQLite format 3\x00"
-TABLES = {"meta", "containers", "ip_leases", "port_leases", "links"}
+TABLES = {"meta", "containers", "ip_leases", "port_leases", "groups", "links"}
 
 
 class StoreDamaged(StoreError):
@@ -137,10 +158,16 @@ def _port_lease(r: tuple) -> PortLease:
 
 
 def _link(r: tuple) -> Link:
-    consumer, alias, target, facade, grp = r
-    if not all(isinstance(x, str) for x in (consumer, alias, target, grp)) or not (facade is None or undotted(facade) is not None):
+    consumer, alias, facade, grp = r
+    if not all(isinstance(x, str) for x in (consumer, alias, grp)) or not (facade is None or undotted(facade) is not None):
         raise ValueError(f"link {str(consumer)[:40]!r}:{str(alias)[:40]!r} is not a link")
-    return Link(consumer, alias, target, facade, grp)
+    return Link(consumer, alias, facade, grp)
+
+
+def _group(r: tuple) -> tuple[str, str]:
+    if not all(isinstance(x, str) for x in r):
+        raise ValueError(f"link group {str(r[0])[:40]!r} is not a group")
+    return r
 
 
 class SqliteStore:
@@ -244,6 +271,15 @@ class SqliteStore:
                     self.db.execute("ALTER TABLE containers ADD COLUMN runtime TEXT NOT NULL DEFAULT '[]'")
                 if int(v) < 3:  # 2 -> 3: the addresses a container answers at for others (a move)
                     self.db.execute("ALTER TABLE containers ADD COLUMN answers TEXT NOT NULL DEFAULT '[]'")
+                if int(v) < 4:  # 3 -> 4: a target per link group, not per link (a move writes one row per group)
+                    groups, links = _grouped(self.db.execute("SELECT consumer, alias, target, facade, grp FROM links").fetchall())
+                    self.db.execute("ALTER TABLE links RENAME TO links_3")
+                    for stmt in _LINKS.split(";"):
+                        if stmt.strip():
+                            self.db.execute(stmt)
+                    self.db.executemany("INSERT INTO groups (grp, target) VALUES (?, ?)", list(groups.items()))
+                    self.db.executemany("INSERT INTO links (consumer, alias, facade, grp) VALUES (?, ?, ?, ?)", links)
+                    self.db.execute("DROP TABLE links_3")
                 if int(v) < SCHEMA_VERSION:
                     self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('revision', '0')")
@@ -283,10 +319,9 @@ class SqliteStore:
             (r[0], r[1]): _port_lease(r)
             for r in self.db.execute("SELECT host_port, proto, name, port, since FROM port_leases")
         }
-        links = {
-            (r[0], r[1]): _link(r) for r in self.db.execute("SELECT consumer, alias, target, facade, grp FROM links")
-        }
-        return StoreSnapshot(int(rev), containers, ips, ports, links)
+        links = {(r[0], r[1]): _link(r) for r in self.db.execute("SELECT consumer, alias, facade, grp FROM links")}
+        groups = dict(_group(r) for r in self.db.execute("SELECT grp, target FROM groups"))
+        return StoreSnapshot(int(rev), containers, ips, ports, links, groups)
 
     # --- writing ----------------------------------------------------------------
     def commit(self, change: ChangeSet, revision: int) -> StoreSnapshot:
@@ -300,7 +335,7 @@ class SqliteStore:
             (rev,) = self.db.execute("SELECT value FROM meta WHERE key='revision'").fetchone()
             if int(rev) != revision:
                 raise Conflict(f"the store is at revision {rev}, not {revision}: plan again")
-            self._write(change, before if before.revision == revision else None)
+            self._write(change)
             self.db.execute("UPDATE meta SET value=? WHERE key='revision'", (str(revision + 1),))
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -312,12 +347,13 @@ class SqliteStore:
         self._snap = None
         return self._snapshot()
 
-    def _write(self, ch: ChangeSet, before: StoreSnapshot | None = None) -> None:
-        """Containers first (leases and links refer to them); every touched
-        lease and link is deleted, then the new values inserted (an address
-        or a facade may change hands among them, in any order); removed
-        containers last (their leases and links go with them). Batched: a
-        move at 1000 links is two statements per table, not two thousand."""
+    def _write(self, ch: ChangeSet) -> None:
+        """Containers and groups first (leases and links refer to them);
+        every touched lease and link is deleted, then the new values inserted
+        (an address or a facade may change hands among them, in any order);
+        groups no link is in, and removed containers, last (their leases and
+        links go with them). Batched: statements per table, not per record.
+        A move writes its groups' rows, not its links'."""
         many = self.db.executemany
         many(
             """INSERT INTO containers (name, id, state, pid, netns_ino, bundle, created_at, started_at,
@@ -335,36 +371,16 @@ class SqliteStore:
                 for c in ch.containers.values() if c is not None
             ],
         )
-        # a link that keeps its facade (a move: only the target changes) is
-        # updated in place; any other is deleted and inserted again
-        # a move changes the target of every link to OLD and nothing else of
-        # them: one statement by target, not one per link (one pass: a move
-        # at 1000 links is here)
-        kept: set = set()
-        by_target: dict[tuple[str, str], list] = {}
-        if before is not None:
-            had = before.links
-            for k, new in ch.links.items():
-                if new is not None and (old := had.get(k)) is not None and old.facade == new.facade:
-                    kept.add(k)
-                    by_target.setdefault((old.target, new.target) if old.group == new.group else ("", ""), []).append(k)
-        whole = {}
-        if len(by_target) == 1 and ("", "") not in by_target:
-            ((old_t, new_t), ks), = by_target.items()
-            if sum(1 for l in before.links.values() if l.target == old_t) == len(ks):
-                whole[(old_t, new_t)] = ks
-        for (old_t, new_t) in whole:
-            self.db.execute("UPDATE links SET target=? WHERE target=?", (new_t, old_t))
-        if not whole:  # else every kept link was in that one statement
-            many("UPDATE links SET target=?, grp=? WHERE consumer=? AND alias=?",
-                 [(ch.links[k].target, ch.links[k].group, *k) for k in kept])
-        many("DELETE FROM links WHERE consumer=? AND alias=?", [k for k in ch.links if k not in kept])
+        many("INSERT INTO groups (grp, target) VALUES (?, ?) ON CONFLICT (grp) DO UPDATE SET target=excluded.target",
+             [(g, t) for g, t in ch.groups.items() if t is not None])
+        many("DELETE FROM links WHERE consumer=? AND alias=?", list(ch.links))
         many("DELETE FROM port_leases WHERE host_port=? AND proto=?", list(ch.port_leases))
         many("DELETE FROM ip_leases WHERE name=?", [(name,) for name in ch.ip_leases])
         many("INSERT INTO ip_leases (ip, name, mac, since) VALUES (?, ?, ?, ?)",
              [(l.ip, l.name, l.mac, l.since) for l in ch.ip_leases.values() if l is not None])
         many("INSERT INTO port_leases (host_port, proto, name, port, since) VALUES (?, ?, ?, ?, ?)",
              [(l.host_port, l.proto, l.name, l.port, l.since) for l in ch.port_leases.values() if l is not None])
-        many("INSERT INTO links (consumer, alias, target, facade, grp) VALUES (?, ?, ?, ?, ?)",
-             [(l.consumer, l.alias, l.target, l.facade, l.group) for k, l in ch.links.items() if l is not None and k not in kept])
+        many("INSERT INTO links (consumer, alias, facade, grp) VALUES (?, ?, ?, ?)",
+             [(l.consumer, l.alias, l.facade, l.group) for l in ch.links.values() if l is not None])
+        many("DELETE FROM groups WHERE grp=?", [(g,) for g, t in ch.groups.items() if t is None])
         many("DELETE FROM containers WHERE name=?", [(name,) for name, c in ch.containers.items() if c is None])

@@ -11,7 +11,7 @@ import random
 import pytest
 
 from fused import rules
-from fused.graph import Edge, Node, Topology
+from fused.graph import Node, Topology
 from fused.net import firewall as fw_mod
 from fused.net.firewall.nftables import NftablesFirewall
 from fused.rules import PortForward, group_chain
@@ -28,8 +28,8 @@ PORTS = [PortForward(40000, "tcp", "10.213.0.3", 5432), PortForward(40001, "udp"
 def topo(n: int, target: str = "db") -> Topology:
     nodes = {"db": Node("db", "10.213.0.3", True), "db2": Node("db2", "10.213.0.4", True)}
     nodes |= {f"c{i}": Node(f"c{i}", None, True) for i in range(n)}
-    edges = tuple(Edge(f"c{i}", "db", target, f"10.214.{i // 250}.{i % 250 + 1}", "db") for i in range(n))
-    return Topology(nodes, edges, "facade")
+    links = [(f"c{i}", "db", target, f"10.214.{i // 250}.{i % 250 + 1}", "db") for i in range(n)]
+    return Topology.of(nodes, links, "facade")
 
 
 def prefix() -> str:

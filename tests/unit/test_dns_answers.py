@@ -6,7 +6,7 @@ import dns.rdatatype
 
 from fused import render
 from fused.dns import Responder
-from fused.graph import Edge, Node, Topology
+from fused.graph import Node, Topology
 from fused.model import PortSpec
 
 
@@ -16,7 +16,7 @@ def topo(target: str = "db") -> Topology:
         "db": Node("db", "10.0.0.3", True, (PortSpec(5432, "tcp"),)),
         "db2": Node("db2", "10.0.0.4", True, (PortSpec(5432, "tcp"),)),
     }
-    return Topology(nodes, (Edge("web", "database", target, "10.1.0.1", target),), "facade")
+    return Topology.of(nodes, [("web", "database", target, "10.1.0.1", target)], "facade")
 
 
 def a_record(r: Responder, name: str, src: str = "10.0.0.2") -> str | None:
@@ -49,7 +49,7 @@ def test_a_target_name_on_a_link_line_resolves_like_the_hosts_file():
 
 def test_the_first_hosts_line_naming_a_target_wins():
     nodes = {"web": Node("web", "10.0.0.2", True), "db": Node("db", "10.0.0.3", True)}
-    t = Topology(nodes, (Edge("web", "zeta", "db", "10.1.0.9", "db"), Edge("web", "alpha", "db", "10.1.0.5", "db#1")), "facade")
+    t = Topology.of(nodes, [("web", "zeta", "db", "10.1.0.9", "db"), ("web", "alpha", "db", "10.1.0.5", "db#1")], "facade")
     r = Responder("10.0.0.1", [], [])
     r.publish(render.dns_data(t))
     assert a_record(r, "db") == hosts_address(t, "web", "db") == "10.1.0.5"

@@ -16,24 +16,25 @@ import pytest
 
 from fused import graph, render
 from fused.dns import Responder
-from fused.graph import Edge, Node, Topology
+from fused.graph import Node, Topology
 from fused.model import PortSpec
 
 GATEWAY = "10.213.0.1"
 WEB, DB, NS, CACHE = "10.213.0.2", "10.213.0.3", "10.213.0.5", "10.213.0.6"
 F_DB, F_NS = "10.214.0.1", "10.214.0.3"
 
-TOPO = Topology(
+LINKS = [
+    ("web", "database", "db", F_DB, "db"),
+    ("web", "ns", "ns", F_NS, "ns"),  # alias == target name
+]
+TOPO = Topology.of(
     {
         "web": Node("web", WEB, True),
         "db": Node("db", DB, True, (PortSpec(5432, "tcp"), PortSpec(5433, "tcp"))),
         "ns": Node("ns", NS, True, (PortSpec(53, "tcp"), PortSpec(53, "udp"), PortSpec(8053, "udp"))),
         "cache": Node("cache", CACHE, False, (PortSpec(6379, "tcp"),)),
     },
-    (
-        Edge("web", "database", "db", F_DB, "db"),
-        Edge("web", "ns", "ns", F_NS, "ns"),  # alias == target name
-    ),
+    LINKS,
     "facade",
 )
 
@@ -229,9 +230,9 @@ def test_localhost_is_the_loopback_address():
 def test_localhost_stays_loopback_with_an_alias_or_a_container_of_that_name():
     # the hosts file has 127.0.0.1 localhost first: a hosts lookup answers it,
     # and so does DNS (tether refuses the alias elsewhere; here: defence in depth)
-    topo = Topology(
+    topo = Topology.of(
         TOPO.nodes | {"localhost": Node("localhost", "10.213.0.9", True)},
-        TOPO.edges + (Edge("web", "localhost", "db", "10.214.0.9", "db"),),
+        [*LINKS, ("web", "localhost", "db", "10.214.0.9", "db")],
         "facade",
     )
     hosts = render.hosts(graph.views(topo)["web"]).decode()
@@ -262,7 +263,7 @@ def test_an_answer_too_big_for_udp_is_truncated_and_whole_over_tcp():
 def test_a_new_graph_is_answered_from_the_next_query():
     r = responder()
     assert records(ask(r, "db")) == [("db.", "A", 0, F_DB)]
-    moved = TOPO._replace(edges=tuple(e._replace(target="cache") if e.target == "db" else e for e in TOPO.edges))
+    moved = TOPO._replace(groups={**TOPO.groups, "db": "cache"})  # a move: the group's target
     r.publish(render.dns_data(moved))
     # db left web's hosts file: its own address, as for anyone
     assert records(ask(r, "db")) == [("db.", "A", 0, DB)]

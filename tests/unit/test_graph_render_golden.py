@@ -20,7 +20,7 @@ from typing import NamedTuple
 import pytest
 
 from fused import graph, render
-from fused.graph import Edge, Node, Topology
+from fused.graph import Node, Topology
 from fused.model import PortSpec
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -50,57 +50,57 @@ CACHE = Node("cache", "10.213.0.6", True, (PortSpec(6379, "tcp"),))
 
 # web's links, given out of alias order: files list them sorted by alias
 WEB_LINKS = (
-    Edge("web", "resolver", "ns", "10.214.0.3", "ns"),
-    Edge("web", "database", "db", "10.214.0.1", "db"),
-    Edge("web", "cache", "cache", "10.214.0.2", "cache"),  # alias == target name
-    Edge("web", "db-replica", "db", "10.214.0.4", "db"),  # a second alias, '-' in env
+    ("web", "resolver", "ns", "10.214.0.3", "ns"),
+    ("web", "database", "db", "10.214.0.1", "db"),
+    ("web", "cache", "cache", "10.214.0.2", "cache"),  # alias == target name
+    ("web", "db-replica", "db", "10.214.0.4", "db"),  # a second alias, '-' in env
 )
 
 
-def _direct(edges: tuple[Edge, ...]) -> tuple[Edge, ...]:
-    return tuple(e._replace(facade=None) for e in edges)
+def _direct(links: tuple[tuple, ...]) -> tuple[tuple, ...]:
+    return tuple((c, a, t) for c, a, t, *_ in links)
 
 
 CASES: dict[str, Case] = {
-    "facade": Case(Topology(_nodes(WEB, DB, NS, CACHE), WEB_LINKS, "facade")),
-    "direct": Case(Topology(_nodes(WEB, DB, NS, CACHE), _direct(WEB_LINKS), "direct"), search=("corp.example",)),
+    "facade": Case(Topology.of(_nodes(WEB, DB, NS, CACHE), WEB_LINKS, "facade")),
+    "direct": Case(Topology.of(_nodes(WEB, DB, NS, CACHE), _direct(WEB_LINKS), "direct"), search=("corp.example",)),
     # after `tether move db db2`: same facades, new target name on the lines
     "facade-moved": Case(
-        Topology(_nodes(WEB, DB, DB2, NS, CACHE), tuple(e._replace(target="db2") if e.target == "db" else e for e in WEB_LINKS), "facade")
+        Topology.of(_nodes(WEB, DB, DB2, NS, CACHE), tuple((c, a, "db2" if t == "db" else t, f, g) for c, a, t, f, g in WEB_LINKS), "facade")
     ),
     # a link to a name that never registered (or was removed): no line anywhere
     "dangling": Case(
-        Topology(
+        Topology.of(
             _nodes(WEB, DB),
-            (Edge("web", "ghost", "gone", "10.214.0.7", "gone"), Edge("web", "db", "db", "10.214.0.1", "db")),
+            (("web", "ghost", "gone", "10.214.0.7", "gone"), ("web", "db", "db", "10.214.0.1", "db")),
             "facade",
         )
     ),
     # a stopped target keeps its address: its lines stay, in both strategies
     "stopped-facade": Case(
-        Topology(_nodes(WEB, DB._replace(running=False)), (Edge("web", "database", "db", "10.214.0.1", "db"),), "facade")
+        Topology.of(_nodes(WEB, DB._replace(running=False)), (("web", "database", "db", "10.214.0.1", "db"),), "facade")
     ),
     "stopped-direct": Case(
-        Topology(_nodes(WEB, DB._replace(running=False)), (Edge("web", "database", "db"),), "direct"),
+        Topology.of(_nodes(WEB, DB._replace(running=False)), (("web", "database", "db"),), "direct"),
         dns_enabled=False,
     ),
     # an evicted target has no address: its links dangle; an evicted consumer
     # has no own line but still sees its links
     "evicted": Case(
-        Topology(
+        Topology.of(
             _nodes(WEB, DB._replace(ip=None, running=False), Node("old", None, False), CACHE),
             (
-                Edge("web", "database", "db", "10.214.0.1", "db"),
-                Edge("web", "cache", "cache", "10.214.0.2", "cache"),
-                Edge("old", "cache", "cache", "10.214.0.5", "cache"),
+                ("web", "database", "db", "10.214.0.1", "db"),
+                ("web", "cache", "cache", "10.214.0.2", "cache"),
+                ("old", "cache", "cache", "10.214.0.5", "cache"),
             ),
             "facade",
         )
     ),
     "evicted-direct": Case(
-        Topology(
+        Topology.of(
             _nodes(WEB, DB._replace(ip=None, running=False), CACHE),
-            (Edge("web", "database", "db"), Edge("web", "cache", "cache")),
+            (("web", "database", "db"), ("web", "cache", "cache")),
             "direct",
         )
     ),

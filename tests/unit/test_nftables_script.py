@@ -3,7 +3,7 @@ for a RuleSet (rules.build's), and what a move or a retarget writes."""
 from __future__ import annotations
 
 from fused import rules
-from fused.graph import Edge, Node, Topology
+from fused.graph import Node, Shape, Topology
 from fused.model import PortSpec
 from fused.net.firewall.nftables import Desired, NftablesFirewall, rule_text
 from fused.net.firewall.base import Rule
@@ -16,8 +16,8 @@ PORTS = [PortForward(40000, "tcp", "10.213.0.3", 5432)]
 def topo(n: int, target: str = "db") -> Topology:
     nodes = {"db": Node("db", "10.213.0.3", True), "db2": Node("db2", "10.213.0.4", True)}
     nodes |= {f"c{i}": Node(f"c{i}", None, True) for i in range(n)}
-    edges = tuple(Edge(f"c{i}", "db", target, f"10.214.{i // 250}.{i % 250 + 1}", "db") for i in range(n))
-    return Topology(nodes, edges, "facade")
+    links = [(f"c{i}", "db", target, f"10.214.{i // 250}.{i % 250 + 1}", "db") for i in range(n)]
+    return Topology.of(nodes, links, "facade")
 
 
 def script(before, after) -> list[str]:
@@ -46,8 +46,8 @@ def test_a_move_of_1000_links_is_one_chain_rewritten():
 def test_a_retarget_of_one_link_is_one_element_and_a_new_group_chain():
     before = topo(3)
     edges = list(before.edges)
-    edges[1] = edges[1]._replace(target="db2", group="db2")
-    after = before._replace(edges=tuple(edges))
+    edges[1] = edges[1]._replace(group="db2")
+    after = before._replace(edges=tuple(edges), groups={"db": "db", "db2": "db2"}, shape=Shape(tuple(edges)))
     lines = script(rules.build(S, before), rules.build(S, after))
     g2 = group_chain("db2")
     assert lines == [f"add chain inet T {g2}", f'add rule inet T {g2} dnat ip to 10.213.0.4 comment "tether group db2"',
@@ -80,7 +80,7 @@ ISO = rules.RuleSettings(bridge="tb0", subnet="10.213.0.0/16", facade_subnet="10
 def iso_topo(target: str = "db") -> Topology:
     nodes = {n: Node(n, ip, True, (PortSpec(5432, "tcp"),)) for n, ip in
              (("db", "10.213.0.3"), ("db2", "10.213.0.4"), ("web", "10.213.0.2"))}
-    return Topology(nodes, (Edge("web", "database", target, "10.214.0.1", target),), "facade")
+    return Topology.of(nodes, [("web", "database", target, "10.214.0.1", target)], "facade")
 
 
 def test_isolation_tuples_are_set_elements_looked_up_before_the_reject():
@@ -109,13 +109,13 @@ def test_a_move_within_one_shape_reuses_the_link_elements():
     """A move keeps the topology's shape: the thousand @links elements are the
     very same dict (not made again, not compared), and the script is still the
     group's one rule; a Desired after another shape has its own elements."""
-    shape = object()
-    a = Desired(rules.build(S, topo(1000)._replace(shape=shape), PORTS))
-    b = Desired(rules.build(S, topo(1000, "db2")._replace(shape=shape), PORTS))
+    a_topo = topo(1000)
+    a = Desired(rules.build(S, a_topo, PORTS))
+    b = Desired(rules.build(S, a_topo._replace(groups={"db": "db2"}), PORTS))
     assert b.links is a.links and len(a.links) == 1000 and b.ports == a.ports
     fw = NftablesFirewall.__new__(NftablesFirewall)
     fw.table = "inet T"
     assert fw._diff(a, b).splitlines() == [f"flush chain inet T {group_chain('db')}",
                                            f'add rule inet T {group_chain("db")} dnat ip to 10.213.0.4 comment "tether group db"']
-    c = Desired(rules.build(S, topo(999)._replace(shape=object()), PORTS))
+    c = Desired(rules.build(S, topo(999), PORTS))
     assert c.links is not a.links and len(c.links) == 999 and len(a.links) == 1000

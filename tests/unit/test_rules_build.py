@@ -3,7 +3,7 @@ what a change does to them as the driver sees it (a diff of two RuleSets)."""
 from __future__ import annotations
 
 from fused import rules
-from fused.graph import Edge, Node, Topology
+from fused.graph import Edge, Node, Shape, Topology
 from fused.model import PortSpec
 from fused.net.firewall.base import HOOKS, Rule, RuleSet
 from fused.rules import PortForward, RuleSettings, group_chain
@@ -20,12 +20,12 @@ def nodes(**ips: str | None) -> dict[str, Node]:
 def facade_topo(db_target: str = "db", **ips: str | None) -> Topology:
     # edges as a Topology holds them (plan.topology): by consumer, then alias;
     # build keeps that order for the jumps (no sort per change)
-    edges = (
-        Edge("api", "db", db_target, "10.214.0.2", "db"),
-        Edge("web", "cache", "cache", "10.214.0.10", "cache"),
-        Edge("web", "database", db_target, "10.214.0.9", "db"),
-    )
-    return Topology(nodes(**ips), edges, "facade")
+    links = [
+        ("api", "db", db_target, "10.214.0.2", "db"),
+        ("web", "cache", "cache", "10.214.0.10", "cache"),
+        ("web", "database", db_target, "10.214.0.9", "db"),
+    ]
+    return Topology.of(nodes(**ips), links, "facade")
 
 
 PORTS = [PortForward(40001, "udp", DB, 5353), PortForward(40000, "tcp", DB, 5432)]
@@ -110,9 +110,9 @@ def test_two_groups_never_share_a_chain():
     # first took the links of both groups
     a, b = "c59796", "c67177"
     assert group_chain(a) != group_chain(b)
-    topo = Topology(
+    topo = Topology.of(
         {"web": Node("web", "10.213.0.2", True), a: Node(a, DB, True), b: Node(b, DB2, True)},
-        (Edge("web", a, a, "10.214.0.1", a), Edge("web", b, b, "10.214.0.2", b)),
+        [("web", a, a, "10.214.0.1", a), ("web", b, b, "10.214.0.2", b)],
         "facade",
     )
     rs = rules.build(S, topo)
@@ -141,10 +141,10 @@ def test_a_move_rewrites_one_group_dnat_rule_only():
 
 def test_a_move_of_1000_links_is_still_one_rule():
     n = 1000
-    edges = tuple(Edge(f"c{i}", "db", "db", f"10.214.{i // 250}.{i % 250 + 1}", "db") for i in range(n))
-    topo = Topology(nodes() | {f"c{i}": Node(f"c{i}", None, True) for i in range(n)}, edges, "facade")
+    links = [(f"c{i}", "db", "db", f"10.214.{i // 250}.{i % 250 + 1}", "db") for i in range(n)]
+    topo = Topology.of(nodes() | {f"c{i}": Node(f"c{i}", None, True) for i in range(n)}, links, "facade")
     before = rules.build(S, topo)
-    moved = topo._replace(edges=tuple(e._replace(target="db2") for e in edges))
+    moved = topo._replace(groups={"db": "db2"})
     after = rules.build(S, moved)
     assert len(before.chains[("nat", "PREROUTING")]) == n
     assert diff(before, after) == {
@@ -161,8 +161,8 @@ def test_a_retarget_moves_one_link_into_another_group():
     # chain appears
     before = rules.build(S, facade_topo())
     topo = facade_topo()
-    edges = tuple(e._replace(target="db2", group="db2") if e.alias == "database" else e for e in topo.edges)
-    after = rules.build(S, topo._replace(edges=edges))
+    edges = tuple(e._replace(group="db2") if e.alias == "database" else e for e in topo.edges)
+    after = rules.build(S, topo._replace(edges=edges, groups={**topo.groups, "db2": "db2"}, shape=Shape(edges)))
     assert diff(before, after) == {
         ("nat", "PREROUTING"): ([jump("10.214.0.9", "db")], [jump("10.214.0.9", "db2")]),
         ("nat", group_chain("db2")): ([], [Rule("DNAT", to=DB2, comment="tether group db2")]),
@@ -188,7 +188,7 @@ def test_a_stopped_target_keeps_its_group_rule():
 def test_direct_strategy_has_no_link_rules():
     # links made under strategy direct have no facade address
     topo = facade_topo()
-    direct = Topology(topo.nodes, tuple(e._replace(facade=None) for e in topo.edges), "direct")
+    direct = Topology(topo.nodes, tuple(e._replace(facade=None) for e in topo.edges), "direct", topo.groups)
     rs = rules.build(S, direct, PORTS)
     assert rs.chains == {
         ("nat", "PREROUTING"): [dnat_port(40000, "tcp", f"{DB}:5432"), dnat_port(40001, "udp", f"{DB}:5353")],
@@ -263,8 +263,8 @@ def test_a_move_keeps_the_shapes_jumps_and_retargets_its_group():
     """Same shape (a move: only targets change): the jump list is the same
     object, the group's DNAT names the new target; a target without an
     address drops its group's jumps even with the shape kept."""
-    shape = object()
-    before = facade_topo()._replace(shape=shape)
+    before = facade_topo()
+    shape = before.shape
     after = facade_topo("db2")._replace(shape=shape)
     a, b = rules.build(S, before), rules.build(S, after)
     assert b.jumps is a.jumps and b.chains[("nat", "PREROUTING")] == a.chains[("nat", "PREROUTING")]
@@ -276,35 +276,46 @@ def test_a_move_keeps_the_shapes_jumps_and_retargets_its_group():
 
 def test_a_new_shape_builds_its_jumps_again():
     """A link added (a new shape): its jump is there, in the topology's order."""
-    a = rules.build(S, facade_topo()._replace(shape=object()))
+    a = rules.build(S, facade_topo())
     t = facade_topo()
-    grown = t._replace(edges=t.edges + (Edge("web", "db3", "db", "10.214.0.11", "db"),), shape=object())
+    edges = t.edges + (Edge("web", "db3", "10.214.0.11", "db"),)
+    grown = t._replace(edges=edges, shape=Shape(edges))
     b = rules.build(S, grown)
     assert b.jumps == [*a.jumps, jump("10.214.0.11", "db")]
 
 
-def test_a_topology_keeps_its_shape_only_while_links_change_targets_alone():
+def test_a_topology_keeps_its_shape_while_only_groups_change_targets():
     from fused import plan
     from fused.model import Link
     from fused.store.base import Draft, StoreSnapshot
 
-    links = {("c", f"s{i}"): Link("c", f"s{i}", "t1", f"10.214.0.{i + 1}", "t1") for i in range(3)}
-    snap = StoreSnapshot(1, links=links)
+    links = {("c", f"s{i}"): Link("c", f"s{i}", f"10.214.0.{i + 1}", "t1") for i in range(3)}
+    snap = StoreSnapshot(1, links=links, groups={"t1": "t1"})
     topo = plan.topology(snap, "facade")
 
-    def after(*edits: Link | tuple) -> Topology:
+    def after(edit) -> Topology:
         d = Draft(snap)
-        for e in edits:
-            if isinstance(e, Link):
-                d.put_link(e)
-            else:
-                d.delete_link(*e)
+        edit(d)
         new = d.after()
         return plan.update_topology(topo, snap, new, plan.delta_names(snap, new))
 
-    moved = after(*(l._replace(target="t2") for l in links.values()))
-    assert moved.shape is topo.shape and {e.target for e in moved.edges} == {"t2"}
-    assert after(links[("c", "s0")]._replace(group="t2")).shape is not topo.shape
-    assert after(links[("c", "s0")]._replace(facade="10.214.0.9")).shape is not topo.shape
-    assert after(("c", "s1")).shape is not topo.shape
-    assert after(Link("c", "s9", "t1", "10.214.0.9", "t1")).shape is not topo.shape
+    moved = after(lambda d: d.put_group("t1", "t2"))  # a move
+    assert moved.shape is topo.shape and moved.edges is topo.edges and moved.groups == {"t1": "t2"}
+    regrouped = after(lambda d: (d.put_group("t2", "t2"), d.put_link(links[("c", "s0")]._replace(group="t2"))))
+    assert regrouped.shape is not topo.shape and regrouped.groups == {"t1": "t1", "t2": "t2"}
+    assert after(lambda d: d.put_link(links[("c", "s0")]._replace(facade="10.214.0.9"))).shape is not topo.shape
+    assert after(lambda d: d.delete_link("c", "s1")).shape is not topo.shape
+    assert after(lambda d: d.put_link(Link("c", "s9", "10.214.0.9", "t1"))).shape is not topo.shape
+
+
+def test_a_group_no_link_is_in_goes_with_its_last_link():
+    from fused.model import Link
+    from fused.store.base import Draft, StoreSnapshot
+
+    snap = StoreSnapshot(1, links={("c", "a"): Link("c", "a", None, "t1"), ("c", "b"): Link("c", "b", None, "t1")},
+                         groups={"t1": "t1"})
+    d = Draft(snap)
+    d.delete_link("c", "a")
+    assert d.change.groups == {}  # b is still in it
+    d.delete_link("c", "b")
+    assert d.change.groups == {"t1": None} and d.groups() == {}

@@ -37,6 +37,14 @@ def add(s, name: str, ip: str | None = None, **kw) -> StoreSnapshot:
     return s.commit(d.change, d.snap.revision)
 
 
+def link(d: Draft, consumer: str, alias: str, target: str, facade: str | None = None, group: str | None = None) -> Link:
+    """A link to `target` in `group` (the target's name unless given)."""
+    g = group or target
+    d.put_group(g, target)
+    d.put_link(Link(consumer, alias, facade, g))
+    return Link(consumer, alias, facade, g)
+
+
 def mode(p) -> int:
     return stat.S_IMODE(os.stat(p).st_mode)
 
@@ -75,19 +83,29 @@ def test_every_record_kind_round_trips_and_deletes(store):
     d = Draft(store.snapshot())
     d.put_port_lease(PortLease(40000, "tcp", "db", 5432, 4.0))
     d.put_port_lease(PortLease(40000, "udp", "db", 53, 4.0))
-    d.put_link(Link("web", "database", "db", "10.214.0.1", "db"))
+    link(d, "web", "database", "db", "10.214.0.1")
     snap = store.commit(d.change, d.snap.revision)
     assert snap.port_leases == {
         (40000, "tcp"): PortLease(40000, "tcp", "db", 5432, 4.0),
         (40000, "udp"): PortLease(40000, "udp", "db", 53, 4.0),
     }
-    assert snap.links == {("web", "database"): Link("web", "database", "db", "10.214.0.1", "db")}
+    assert snap.links == {("web", "database"): Link("web", "database", "10.214.0.1", "db")}
+    assert snap.groups == {"db": "db"}
     d = Draft(snap)
     d.drop_port_lease(40000, "udp")
-    d.put_link(Link("web", "database", "db2", "10.214.0.1", "db2"))  # an update in place
+    link(d, "web", "database", "db2", "10.214.0.1")  # into another group: db's has no link left
     snap = store.commit(d.change, d.snap.revision)
     assert list(snap.port_leases) == [(40000, "tcp")]
-    assert snap.links[("web", "database")].target == "db2"
+    assert snap.links[("web", "database")] == Link("web", "database", "10.214.0.1", "db2")
+    assert snap.groups == {"db2": "db2"}
+    d = Draft(snap)
+    d.put_group("db2", "db3")  # a move
+    snap = store.commit(d.change, d.snap.revision)
+    assert snap.groups == {"db2": "db3"}
+    d = Draft(snap)
+    d.delete_link("web", "database")
+    snap = store.commit(d.change, d.snap.revision)
+    assert snap.links == {} and snap.groups == {}
 
 
 def test_an_address_changes_hands_in_one_change_set(store):
@@ -108,12 +126,12 @@ def test_addresses_and_facades_swap_in_one_change_set_in_any_order(store):
     add(store, "a", ip="10.0.0.2")
     add(store, "b", ip="10.0.0.3")
     d = Draft(store.snapshot())
-    d.put_link(Link("a", "x", "b", "10.214.0.1", "b"))
-    d.put_link(Link("a", "y", "b", "10.214.0.2", "b"))
+    link(d, "a", "x", "b", "10.214.0.1")
+    link(d, "a", "y", "b", "10.214.0.2")
     before = store.commit(d.change, d.snap.revision)
     ch = ChangeSet(
         ip_leases={"a": IpLease("10.0.0.3", "a", "m", 1.0), "b": IpLease("10.0.0.2", "b", "m", 1.0)},
-        links={("a", "x"): Link("a", "x", "b", "10.214.0.2", "b"), ("a", "y"): Link("a", "y", "b", "10.214.0.1", "b")},
+        links={("a", "x"): Link("a", "x", "10.214.0.2", "b"), ("a", "y"): Link("a", "y", "10.214.0.1", "b")},
     )
     swapped = store.commit(ch, before.revision)
     assert swapped.ip_leases["a"].ip == "10.0.0.3"
@@ -121,28 +139,30 @@ def test_addresses_and_facades_swap_in_one_change_set_in_any_order(store):
     assert (back.ip_leases, back.links) == (before.ip_leases, before.links)
 
 
-def test_a_move_of_every_link_to_a_target_and_a_partial_one_read_back_alike(store, tmp_path):
-    """A move writes one UPDATE by target when every link to OLD moves; a
-    change that moves only some of them goes link by link. Both read back
-    exactly what was committed (a fresh read, not the cached snapshot)."""
+def test_a_move_writes_its_groups_and_not_its_links(store, tmp_path):
+    """A move rewrites the target of each group: the link records stay the
+    same objects, and a fresh read gives back what was committed."""
     for n in ("t1", "t2", "c"):
         add(store, n)
     d = Draft(store.snapshot())
     for i in range(5):
-        d.put_link(Link("c", f"s{i}", "t1", f"10.214.0.{i + 1}", "t1"))
-    d.put_link(Link("t2", "back", "t1", "10.214.0.9", "t1b"))
+        link(d, "c", f"s{i}", "t1", f"10.214.0.{i + 1}")
+    link(d, "t2", "back", "t1", "10.214.0.9", "t1b")
     snap = store.commit(d.change, d.snap.revision)
-    whole = ChangeSet(links={k: l._replace(target="t2") for k, l in snap.links.items()})
-    snap = store.commit(whole, snap.revision)
-    part = ChangeSet(links={("c", "s0"): snap.links[("c", "s0")]._replace(target="t1")})
-    snap = store.commit(part, snap.revision)
+    moved = store.commit(ChangeSet(groups={"t1": "t2", "t1b": "t2"}), snap.revision)
+    assert moved.links is snap.links and moved.groups == {"t1": "t2", "t1b": "t2"}
     if isinstance(store, SqliteStore):
         fresh = SqliteStore(store.path)
         try:
-            assert fresh.snapshot().links == snap.links
+            assert (fresh.snapshot().links, fresh.snapshot().groups) == (moved.links, moved.groups)
         finally:
             fresh.close()
-    assert sorted(l.target for l in snap.links.values()) == ["t1"] + ["t2"] * 5
+
+
+def test_both_stores_refuse_a_link_in_no_group(store):
+    add(store, "c")
+    with pytest.raises((StoreError, sqlite3.IntegrityError)):
+        store.commit(ChangeSet(links={("c", "x"): Link("c", "x", None, "nowhere")}), store.snapshot().revision)
 
 
 def test_both_stores_refuse_a_lease_for_no_container(store):
@@ -163,14 +183,15 @@ def test_deleting_a_container_takes_its_leases_and_links_with_it(store):
     add(store, "web", ip="10.0.0.3")
     d = Draft(store.snapshot())
     d.put_port_lease(PortLease(40000, "tcp", "db", 5432))
-    d.put_link(Link("db", "x", "web"))
-    d.put_link(Link("web", "database", "db"))
+    link(d, "db", "x", "web")
+    link(d, "web", "database", "db")
     store.commit(d.change, d.snap.revision)
     d = Draft(store.snapshot())
     d.delete("db")
     snap = store.commit(d.change, d.snap.revision)
     assert set(snap.containers) == {"web"} and set(snap.ip_leases) == {"web"} and snap.port_leases == {}
     assert list(snap.links) == [("web", "database")]  # a link *to* db stays: dangling
+    assert snap.groups == {"db": "db"}  # and its group; db's own link's group went with it
 
 
 def test_the_draft_sees_its_own_changes():
@@ -178,9 +199,9 @@ def test_the_draft_sees_its_own_changes():
     d = Draft(base)
     d.put(running("b"))
     d.update("a", note="x")
-    d.put_link(Link("b", "a", "a"))
+    link(d, "b", "a", "a")
     assert [c.name for c in d.containers()] == ["a", "b"]
-    assert d.container("a").note == "x" and d.links("b") == [Link("b", "a", "a")]
+    assert d.container("a").note == "x" and d.links("b") == [Link("b", "a", None, "a")] and d.groups() == {"a": "a"}
     assert base.containers == {"a": running("a")}  # the snapshot is untouched
     after = d.after()
     assert after.revision == 8 and after.containers["a"].note == "x"
@@ -236,7 +257,57 @@ def test_existing_file_is_tightened_to_0600(tmp_path):
 
 def test_schema_version_row(sqlite_store):
     (v,) = sqlite_store.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-    assert int(v) == SCHEMA_VERSION == 3
+    assert int(v) == SCHEMA_VERSION == 4
+
+
+# schema 3's links: a target on each link
+LINKS_3 = """CREATE TABLE links (
+    consumer TEXT NOT NULL REFERENCES containers (name) ON DELETE CASCADE,
+    alias    TEXT NOT NULL,
+    target   TEXT NOT NULL,
+    facade   TEXT UNIQUE,
+    grp      TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (consumer, alias)
+);
+"""
+
+
+def schema_3() -> str:
+    from fused.store import sqlite as mod
+
+    return mod._SCHEMA[:mod._SCHEMA.index("CREATE TABLE groups")] + LINKS_3
+
+
+def test_version_3_store_gets_one_target_per_group(tmp_path):
+    """Each group keeps its name and its links' target; a link that did not
+    agree with its group (never written by tether, but possible by hand),
+    or had none, joins a group of its own target."""
+    p = tmp_path / "x.db"
+    db = sqlite3.connect(p)
+    db.executescript(schema_3())
+    db.execute("INSERT INTO meta VALUES ('schema_version', '3')")
+    for n in ("web", "api"):
+        db.execute("INSERT INTO containers (name, id, state, bundle, created_at) VALUES (?, ?, 'stopped', '', 1.0)", (n, n))
+    db.executemany("INSERT INTO links VALUES (?, ?, ?, ?, ?)", [
+        ("api", "db", "db2", "10.214.0.1", "db"),  # after `tether move db db2`
+        ("web", "database", "db2", "10.214.0.2", "db"),
+        ("web", "odd", "cache", "10.214.0.3", "db"),
+        ("web", "old", "ns", None, ""),
+    ])
+    db.commit()
+    db.close()
+    s = SqliteStore(p)
+    snap = s.snapshot()
+    assert snap.groups == {"db": "db2", "db#1": "cache", "ns": "ns"}
+    assert snap.links == {
+        ("api", "db"): Link("api", "db", "10.214.0.1", "db"),
+        ("web", "database"): Link("web", "database", "10.214.0.2", "db"),
+        ("web", "odd"): Link("web", "odd", "10.214.0.3", "db#1"),
+        ("web", "old"): Link("web", "old", None, "ns"),
+    }
+    (v,) = s.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    assert v == "4" and s.db.execute("PRAGMA foreign_key_check").fetchall() == []
+    s.close()
 
 
 def test_version_1_store_gains_the_runtime_column(tmp_path):
@@ -244,9 +315,8 @@ def test_version_1_store_gains_the_runtime_column(tmp_path):
     runtime is unknown (()) until it starts again."""
     p = tmp_path / "x.db"
     db = sqlite3.connect(p)
-    from fused.store import sqlite as mod
 
-    v1 = mod._SCHEMA.replace(",\n    runtime     TEXT NOT NULL DEFAULT '[]'", "").replace(
+    v1 = schema_3().replace(",\n    runtime     TEXT NOT NULL DEFAULT '[]'", "").replace(
         ",\n    answers     TEXT NOT NULL DEFAULT '[]'", "")
     assert "runtime" not in v1 and "answers" not in v1
     db.executescript(v1)
@@ -263,16 +333,15 @@ def test_version_1_store_gains_the_runtime_column(tmp_path):
     s = SqliteStore(p)
     assert s.snapshot().containers["db"].runtime == ("runc", "--root", "/r")
     (v,) = s.db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
-    assert v == "3"
+    assert v == "4"
     s.close()
 
 
 def test_version_2_store_gains_the_answers_column(tmp_path):
     p = tmp_path / "x.db"
     db = sqlite3.connect(p)
-    from fused.store import sqlite as mod
 
-    db.executescript(mod._SCHEMA.replace(",\n    answers     TEXT NOT NULL DEFAULT '[]'", ""))
+    db.executescript(schema_3().replace(",\n    answers     TEXT NOT NULL DEFAULT '[]'", ""))
     db.execute("INSERT INTO meta VALUES ('schema_version', '2')")
     db.execute("INSERT INTO containers (name, id, state, bundle, created_at) VALUES ('db2', 'db2', 'stopped', '', 1.0)")
     db.commit()
