@@ -7,8 +7,11 @@ PY    := $(VENV)/bin/python
 # with runc in the same install (or already installed) it keeps runc. The
 # tests give podman their own containers.conf (CONTAINERS_CONF): nothing
 # global is configured here.
+# etcd-server: the tests' throwaway etcd for several hosts (tests/integration/
+# test_cluster.py), started inside the tests' own network namespaces; the
+# package's own service is stopped and disabled right after the install
 APT_PACKAGES := runc busybox-static fuse3 iptables nftables conntrack iproute2 \
-                python3 python3-venv python3-dev gcc podman
+                python3 python3-venv python3-dev gcc podman etcd-server
 # the peers `make bench` measures tether against (podman's network backend,
 # the CNI reference plugins, LXCFS); only the benchmark uses them
 BENCH_PACKAGES := netavark containernetworking-plugins lxcfs
@@ -21,6 +24,7 @@ deps:
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  case "$$missing" in *etcd-server*) systemctl disable --now etcd >/dev/null 2>&1 || true;; esac; \
 	fi
 
 $(VENV)/.installed: pyproject.toml

@@ -132,6 +132,66 @@ class DnsConfig(_Strict):
         return out
 
 
+LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+class StoreConfig(_Strict):
+    backend: Literal["sqlite", "etcd"] = "sqlite"
+    endpoints: list[str] = Field(default_factory=lambda: ["http://127.0.0.1:2379"])  # etcd only
+    prefix: str = "/tether"  # etcd only: every key lives under it
+    timeout: float = Field(default=2.0, gt=0, le=8)  # seconds for one etcd request (the hook's budget is 10)
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoints(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("give at least one etcd endpoint, like http://127.0.0.1:2379")
+        for e in v:
+            m = re.fullmatch(r"(https?)://([^/:]+|\[[0-9a-fA-F:]+\]):([0-9]{1,5})/?", e)
+            if m is None or not 0 < int(m.group(3)) < 65536:
+                raise ValueError(f"endpoint {e!r}: use http://HOST:PORT")
+        return [e.rstrip("/") for e in v]
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not re.fullmatch(r"(/[A-Za-z0-9_.-]+)+", v):
+            raise ValueError(f"prefix {v!r}: use /name or /a/b (letters, digits, _ . -), no trailing /")
+        return v
+
+
+class ClusterConfig(_Strict):
+    host: str = ""  # this host's name (default: the hostname)
+    underlay: str = ""  # the address other hosts reach this one at
+    vxlan_id: int = Field(default=4213, ge=1, le=16777215)
+    # seconds without this host's keepalives before the others count its
+    # running containers as stopped (their leases stay: sticky)
+    lease_ttl: int = Field(default=10, ge=2, le=300)
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        if v and not LABEL.fullmatch(v):
+            raise ValueError(f"host {v!r} is not an RFC 1123 label: use a-z, 0-9 and '-', at most 63")
+        return v
+
+    @field_validator("underlay")
+    @classmethod
+    def _underlay(cls, v: str) -> str:
+        if v:
+            ipaddress.IPv4Address(v)
+        return v
+
+    @property
+    def host_name(self) -> str:
+        if self.host:
+            return self.host
+        name = os.uname().nodename.split(".")[0].lower()
+        if not LABEL.fullmatch(name):
+            raise ValueError(f"the hostname {name!r} is not an RFC 1123 label: set [cluster] host")
+        return name
+
+
 def host_nameservers(path: str = "/etc/resolv.conf") -> list[tuple[str, int]]:
     """IPv4 nameservers of the host, but loopback ones (a container, and the
     bridge, cannot use 127.0.0.53 and the like)."""
@@ -158,6 +218,8 @@ class Config(_Strict):
     network: NetworkConfig = NetworkConfig()
     firewall: FirewallConfig = FirewallConfig()
     dns: DnsConfig = DnsConfig()
+    store: StoreConfig = StoreConfig()
+    cluster: ClusterConfig = ClusterConfig()
     # where this config was read from (None: built-in defaults); passed on to
     # hooks written by `tether oci patch`.
     source: Path | None = None

@@ -66,8 +66,24 @@ def _lock(cfg: config_mod.Config) -> int:
 def _parts(cfg: config_mod.Config) -> tuple[Wiring, fw.Firewall]:
     net = cfg.network
     wiring = Wiring(net.bridge, str(net.gateway), net.network.prefixlen, isolated=net.isolation == "links",
-                    strategy=net.strategy)
+                    strategy=net.strategy, cluster=cfg.store.backend == "etcd")
     return wiring, fw.make(cfg.firewall.driver, cfg.firewall.chain_prefix)
+
+
+def open_etcd(cfg: config_mod.Config):
+    """The etcd store of several hosts, or a one-line refusal."""
+    from .store.etcd import EtcdStore
+
+    try:
+        host = cfg.cluster.host_name
+    except ValueError as e:
+        raise StoreError(str(e)) from None
+    if not cfg.cluster.underlay:
+        raise StoreError(
+            "[store] backend = \"etcd\" needs [cluster] underlay: the address the other hosts reach this one at"
+        )
+    return EtcdStore(cfg.store.endpoints, cfg.store.prefix, host, cfg.cluster.underlay, cfg.cluster.lease_ttl,
+                     cfg.store.timeout)
 
 
 async def open_store(cfg: config_mod.Config, wiring: Wiring, worker: Worker, rebuild: bool = False) -> SqliteStore:
@@ -128,7 +144,23 @@ async def run(cfg: config_mod.Config, log_level: str = "info", rebuild_from: lis
         how = files.start()
         log.info("served files: %s at %s (file server pid %s)", how, cfg.fs_dir, files.pid)
         worker = Worker("tether-kernel")
-        store = await open_store(cfg, wiring, worker, rebuild=rebuild_from is not None)
+        if cfg.store.backend == "etcd":
+            if rebuild_from is not None:
+                raise StoreError("--rebuild-store is for the SQLite store; with etcd, the store is the cluster's")
+            store = open_etcd(cfg)
+        else:
+            store = await open_store(cfg, wiring, worker, rebuild=rebuild_from is not None)
+        changes_in, changes = trio.open_memory_channel(1)
+        if cfg.store.backend == "etcd":
+            token = trio.lowlevel.current_trio_token()
+
+            def nudge() -> None:  # on the trio thread: one pending refresh is enough
+                try:
+                    changes_in.send_nowait(None)
+                except (trio.WouldBlock, trio.ClosedResourceError):
+                    pass
+
+            store.on_change = lambda: token.run_sync_soon(nudge)
         if rebuild_from is not None:  # before the first publish: the file server still serves the last snapshot
             from . import rebuild
             from .net.wiring import netns_inode
@@ -153,6 +185,8 @@ async def run(cfg: config_mod.Config, log_level: str = "info", rebuild_from: lis
             await nursery.start(control.serve, cfg.socket_path, service.dispatch)
             await nursery.start(service.watch_liveness)
             await nursery.start(service.watch_firewall)
+            if cfg.store.backend == "etcd":
+                await nursery.start(service.watch_store, changes)
             nursery.start_soon(trim_memory, service)
             log.info("tether-fused ready: socket %s, bridge %s, subnet %s", cfg.socket_path, cfg.network.bridge, cfg.network.subnet)
             sd_notify("READY=1")

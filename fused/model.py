@@ -256,6 +256,9 @@ class Container:
     # addresses it answers at for others since a move (strategies veth-move
     # and reassign): held until the move is undone or it is removed
     answers: tuple[str, ...] = ()
+    # the host it runs (or last ran) on, with several hosts ([store] backend
+    # = "etcd"); "" on one host
+    host: str = ""
 
     @property
     def running(self) -> bool:

@@ -96,12 +96,14 @@ def update_topology(prev: Topology, old: StoreSnapshot, new: StoreSnapshot, name
     return Topology(nodes, edges, prev.strategy, new.groups, Shape(edges))
 
 
-def forwards(snap: StoreSnapshot) -> list[rules.PortForward]:
+def forwards(snap: StoreSnapshot, host: str = "") -> list[rules.PortForward]:
+    """The host ports to forward: those of running containers (on `host`
+    only, with several hosts: a host port forwards where its container runs)."""
     out = []
     for lease in snap.port_leases.values():
         c = snap.containers.get(lease.name)
         ip = snap.ip_leases.get(lease.name)
-        if c is not None and c.running and ip is not None:
+        if c is not None and c.running and ip is not None and (not host or c.host == host):
             out.append(rules.PortForward(lease.host_port, lease.proto, ip.ip, lease.port))
     return out
 
@@ -127,7 +129,9 @@ def register(
     now: float,
     alive: Alive,
     port_busy: PortBusy,
+    host: str = "",
 ) -> Registered:
+    """`host`: the host it starts on (several hosts), "" on one."""
     row = d.container(reg.name)
     if row is not None and row.running:
         lease = d.ip_lease(reg.name)
@@ -145,7 +149,7 @@ def register(
         reg.name, reg.id, model.RUNNING, reg.pid, ino, reg.bundle,
         row.created_at if row else now, now, None, "",
         tuple(str(p) for p in reg.expose), tuple(str(p) for p in reg.publish), tuple(runtime),
-        row.answers if row else (),
+        row.answers if row else (), host,
     ))
     lease = d.ip_lease(reg.name)  # a lease kept is the same lease: its `since` stays
     if lease is not None and lease.ip != ip:
@@ -487,7 +491,7 @@ def _hand_addresses(d: Draft, old_row: Container, new_row: Container, strategy: 
 def _stopped(c: Container, now: float) -> Container:
     return Container(
         c.name, c.id, model.STOPPED, None, None, c.bundle, c.created_at, c.started_at, now, c.note,
-        c.expose, c.publish, c.runtime, c.answers,
+        c.expose, c.publish, c.runtime, c.answers, c.host,
     )
 
 

@@ -42,11 +42,15 @@ class RuleSettings:
     subnet: str  # container addresses (masqueraded)
     facade_subnet: str  # link addresses (rejected when dangling)
     isolation: str = "none"  # "links": containers talk only along links
+    # several hosts: a DNAT'ed connection from a container keeps its source
+    # (the gateway is on every host: its replies would end on the target's),
+    # and its bridged replies pass the consumer host's conntrack
+    cluster: bool = False
 
     @classmethod
-    def of(cls, network: _NetworkSettings) -> RuleSettings:
+    def of(cls, network: _NetworkSettings, cluster: bool = False) -> RuleSettings:
         """From the `[network]` settings (config.NetworkConfig)."""
-        return cls(network.bridge, network.subnet, network.facade_subnet, network.isolation)
+        return cls(network.bridge, network.subnet, network.facade_subnet, network.isolation, cluster)
 
 
 @dataclass(frozen=True, order=True)
@@ -122,7 +126,8 @@ def build(settings: RuleSettings, topo: Topology | None = None, ports: list[Port
     # DNAT'ed connections leaving on the bridge (consumer and target on the
     # same bridge; the host's own 127.0.0.1) come from the gateway, so replies
     # return through the host and its conntrack
-    rs.add("nat", "POSTROUTING", Rule("MASQUERADE", out_iface=settings.bridge, ctstate="DNAT", comment="tether reply path"))
+    rs.add("nat", "POSTROUTING", Rule("MASQUERADE", out_iface=settings.bridge, ctstate="DNAT", comment="tether reply path",
+                                      not_src=settings.subnet if settings.cluster else None))
     # a facade address with no target must not leave the host
     rs.add("filter", "FORWARD", Rule("REJECT", dst=settings.facade_subnet, comment="tether dangling link"))
     if settings.isolation == "links":

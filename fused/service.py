@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import random
 import time
 
 import trio
@@ -28,7 +29,8 @@ from .graph import Edge, Topology, resolve_edge
 from .net import ports as host_ports
 from .net.firewall import Firewall
 from .net.wiring import Endpoint, Wiring, Worker, netns_inode, veth_name
-from .store.base import ChangeSet, Draft, Store, StoreSnapshot, inverse
+from .errors import StoreError
+from .store.base import ChangeSet, Conflict, Draft, Store, StoreSnapshot, inverse
 
 log = logging.getLogger("tether.service")
 
@@ -37,6 +39,8 @@ __all__ = ["Service", "ServiceError", "hook_input"]
 MAX_STATE = 1 << 20
 FIREWALL_INTERVAL = 1.0  # s: tether's rules, flushed by someone else, are back within two
 LIVENESS_INTERVAL = 2.0  # s: a container whose process died without a poststop is stopped within two
+ZERO_MAC = "00:00:00:00:00:00"
+CONFLICT_ATTEMPTS = 20  # a request planned again at most this often when other hosts commit first
 
 
 def rfc3339(ts: float | None) -> str | None:
@@ -112,13 +116,17 @@ class Service:
         self.firewall = firewall
         self.worker = worker
         self.lock = trio.Lock()
-        self.rule_settings = rules.RuleSettings.of(cfg.network)
+        self.rule_settings = rules.RuleSettings.of(cfg.network, cluster=cfg.store.backend == "etcd")
         self._pub: Published | None = None
         self.last_commits = 0
         # OCI id -> how to undo its registration: what an `abort` from the hook undoes
         self._undo: dict[str, Undo] = {}
         # seconds per step of the last request, for its log line
         self.steps: dict[str, float] = {}
+        # with several hosts ([store] backend = "etcd"), this one's name:
+        # the containers it wires, whose processes it can see
+        self.host = cfg.cluster.host_name if cfg.store.backend == "etcd" else ""
+        self.conflicts = 0  # commits planned again because another host committed first
 
     # --- kernel helpers ---------------------------------------------------
     def _endpoint(self, name: str, pid: int, ip: str, mac: str, answers: tuple[str, ...] = ()) -> Endpoint:
@@ -144,7 +152,7 @@ class Service:
 
     async def apply_firewall(self, snap: StoreSnapshot) -> int:
         """Make the firewall match `snap`; returns the commits it took."""
-        rs = rules.build(self.rule_settings, self.topology(snap), plan.forwards(snap))
+        rs = rules.build(self.rule_settings, self.topology(snap), plan.forwards(snap, self.host))
         return await self.worker.run(self.firewall.apply, rs)
 
     async def _commit(self, d: Draft, undo=None, firewall_anyway: bool = False) -> StoreSnapshot:
@@ -173,6 +181,8 @@ class Service:
             raise
         self._publish(snap)
         self.steps.update(firewall=t1 - t0, store=t2 - t1, publish=time.perf_counter() - t2)
+        if self.host and any(c is not None and not self._local(c) for c in d.change.containers.values()):
+            await self.sync_overlay(snap)  # another host's containers marked stopped here
         return snap
 
     async def _after_commit(self, what: str, fn, *args) -> list[str]:
@@ -215,11 +225,23 @@ class Service:
     async def start(self) -> None:
         """Bridge, forwarding, base chains, then reconcile with the store."""
         await self.worker.run(self.wiring.ensure_bridge)
+        if self.host:
+            gw = str(self.cfg.network.gateway)
+            await self.worker.run(self.wiring.ensure_overlay, self.cfg.cluster.vxlan_id, self.cfg.cluster.underlay,
+                                  model.mac_for(gw))
         await self.worker.run(self.firewall.setup)
         await self.reconcile()
 
+    def _local(self, c: model.Container) -> bool:
+        """It runs (or ran) on this host."""
+        return not self.host or c.host == self.host
+
     def _alive(self, c: model.Container) -> bool:
-        """Its process is still the one that registered (same netns)."""
+        """Its process is still the one that registered (same netns); on
+        another host: that host is alive (its etcd lease), which sees to its
+        own containers' processes."""
+        if not self._local(c):
+            return c.running and c.host in self.store.live_hosts()
         return bool(c.pid) and c.netns_ino is not None and netns_inode(c.pid) == c.netns_ino
 
     async def reconcile(self) -> dict:
@@ -236,7 +258,7 @@ class Service:
             lent = d.answered()
             for c in d.containers():
                 lease = d.ip_lease(c.name)
-                if not c.running or lease is None:
+                if not c.running or lease is None or not self._local(c):
                     continue
                 if lease.ip in lent:  # another answers at its address since a move: not a second one
                     keep.add(veth_name(self.cfg.network.bridge, c.name))  # (reassign: its veth stays)
@@ -277,19 +299,80 @@ class Service:
             if dead:
                 await self._commit(d)
                 for name in dead:  # the netns took the veth with it; this is for one that outlives it
-                    self.worker.submit(self.wiring.unwire_all, self._veths_of(d.snap.containers[name]))
+                    if self._local(c := d.snap.containers[name]):
+                        self.worker.submit(self.wiring.unwire_all, self._veths_of(c))
         for name in dead:
-            log.info("%s: its process is gone and no poststop came: marked stopped", name)
+            c = d.snap.containers[name]
+            if self._local(c):
+                log.info("%s: its process is gone and no poststop came: marked stopped", name)
+            else:
+                log.info("%s: its host %s is gone (its etcd lease expired): marked stopped; its leases stay", name, c.host)
         return dead
 
     async def watch_liveness(self, interval: float = LIVENESS_INTERVAL, task_status=trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
+        said = None
         while True:
             await trio.sleep(interval)
             try:
                 await self.stop_dead()
-            except Exception:  # a store that is locked for a moment: next round
+                said = None
+            except Conflict:  # another host marked them first, or committed meanwhile: next round
+                continue
+            except StoreError as e:  # locked for a moment, or etcd away: next round, said once
+                if str(e) != said:
+                    log.warning("liveness check: %s; trying again every %g s", e, interval)
+                said = str(e)
+            except Exception:
                 log.exception("liveness check failed; trying again in %g s", interval)
+
+    async def watch_store(self, changes: trio.MemoryReceiveChannel, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Another host committed (or came, or went): the firewall, files and
+        DNS follow the store's new snapshot (several hosts)."""
+        task_status.started()
+        async for _ in changes:
+            try:
+                await self.refresh()
+            except Conflict:
+                continue
+            except StoreError as e:
+                log.warning("store: %s; the files keep the last snapshot", e)
+            except Exception:
+                log.exception("store: following another host's change failed")
+
+    async def refresh(self) -> None:
+        async with self.lock:
+            snap = self.store.snapshot()
+            if self._pub is not None and snap is self._pub.snap:
+                return
+            t0 = time.perf_counter()
+            await self.apply_firewall(snap)
+            self._publish(snap)
+            await self.sync_overlay(snap)
+            log.debug("store: revision %d from another host applied in %.1f ms", snap.revision,
+                      (time.perf_counter() - t0) * 1000)
+
+    async def sync_overlay(self, snap: StoreSnapshot) -> None:
+        """Several hosts: forwarding entries for the containers elsewhere."""
+        if self.host:
+            fdb, neigh = self.overlay_entries(snap)
+            if n := await self.worker.run(self.wiring.sync_overlay, fdb, neigh):
+                log.info("overlay: %d forwarding entries changed (%d hosts, %d remote containers)",
+                         n, sum(1 for mac, _ in fdb if mac == ZERO_MAC), len(neigh))
+
+    def overlay_entries(self, snap: StoreSnapshot) -> tuple[set[tuple[str, str]], dict[str, str]]:
+        """The overlay's forwarding entries: each other live host for
+        broadcasts (head-end replication), each container running there at
+        its host's underlay address; and those containers' addresses."""
+        hosts = {h: r.get("underlay") for h, r in self.store.live_hosts().items() if h != self.host and r.get("underlay")}
+        fdb = {(ZERO_MAC, u) for u in hosts.values()}
+        neigh = {}
+        for c in snap.containers.values():
+            lease = snap.ip_leases.get(c.name)
+            if c.running and lease is not None and c.host in hosts:
+                fdb.add((lease.mac, hosts[c.host]))
+                neigh[lease.ip] = lease.mac
+        return fdb, neigh
 
     async def watch_firewall(self, interval: float = FIREWALL_INTERVAL, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Someone flushed or deleted tether's rules (`nft flush ruleset`,
@@ -327,7 +410,8 @@ class Service:
         runtime = tuple(drift.runtime_of(args.get("ppid")))
         async with self.lock:
             d = Draft(self.store.snapshot())
-            done = plan.register(d, reg, ino, runtime, self.cfg.network, time.time(), self._alive, host_ports.in_use)
+            done = plan.register(d, reg, ino, runtime, self.cfg.network, time.time(), self._alive, host_ports.in_use,
+                                 self.host)
             t_plan = time.perf_counter()
             ep = self._endpoint(reg.name, reg.pid, done.ip, done.mac, d.container(reg.name).answers)
             if done.same_start:
@@ -773,9 +857,22 @@ class Service:
     async def dispatch(self, op: str, args: dict):
         if op not in self.OPS:
             raise InputError(f"unknown operation {op[:40]!r}: upgrade the tether client to match the daemon")
-        if op == "reconcile":
-            return await self.reconcile()
-        return await getattr(self, op)(args)
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                if op == "reconcile":
+                    return await self.reconcile()
+                return await getattr(self, op)(args)
+            except Conflict as e:
+                # another host committed between this plan's snapshot and its
+                # commit (whose kernel steps were undone): plan again
+                self.conflicts += 1
+                if attempt == CONFLICT_ATTEMPTS:
+                    raise ServiceError(
+                        f"{op}: the store changed under it {attempt} times in a row (other hosts are writing): "
+                        "try again"
+                    ) from None
+                log.info("%s: %s (attempt %d of %d)", op, e, attempt, CONFLICT_ATTEMPTS)
+                await trio.sleep(random.uniform(0, 0.002 * attempt))
 
 
 

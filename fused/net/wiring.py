@@ -113,7 +113,7 @@ def _no_ipv6(ifname: str) -> None:
 
 class Wiring:
     def __init__(self, bridge: str, gateway: str, prefixlen: int, isolated: bool = False,
-                 strategy: str = "facade") -> None:
+                 strategy: str = "facade", cluster: bool = False) -> None:
         self.bridge = bridge
         self.strategy = strategy  # veth-move and reassign hand addresses over (hand_over)
         self.gateway = gateway
@@ -122,6 +122,10 @@ class Wiring:
         # (bridged, not routed) passes the firewall's forward hooks too
         # (br_netfilter), where the isolation chain decides
         self.isolated = isolated
+        # several hosts: a facade's DNAT keeps the consumer's address, and the
+        # target's replies come back bridged through the overlay: they must
+        # pass this host's conntrack to be un-DNAT'ed (br_netfilter too)
+        self.cluster = cluster
         self._ipr: IPRoute | None = None
 
     @property
@@ -160,7 +164,7 @@ class Wiring:
         # the host's own 127.0.0.1:HOSTPORT, DNAT'ed to a container, leaves
         # through the bridge with a loopback source (masqueraded on the way)
         _set_sysctl(f"/proc/sys/net/ipv4/conf/{self.bridge}/route_localnet", "1")
-        if self.isolated:
+        if self.isolated or self.cluster:
             self._filter_bridged(idx)
         else:  # isolation switched off: its traffic no longer goes to other tools' forward chains
             self.ipr.link("set", index=idx, kind="bridge", br_nf_call_iptables=0, br_nf_call_ip6tables=0)
@@ -179,10 +183,11 @@ class Wiring:
             except OSError as e:
                 why = f"modprobe: {e.strerror}"
             if not os.path.exists(knob):
+                who = 'several hosts ([store] backend = "etcd")' if self.cluster else 'isolation = "links"'
+                fix = "" if self.cluster else ', or set isolation = "none" in [network]'
                 raise WiringError(
-                    "isolation = \"links\" needs the br_netfilter kernel module, which could not be loaded "
-                    f"({why}): "
-                    "load it (`modprobe br_netfilter`), or set isolation = \"none\" in [network]"
+                    f"{who} needs the br_netfilter kernel module, which could not be loaded ({why}): "
+                    f"load it (`modprobe br_netfilter`){fix}"
                 )
             for family in ("iptables", "ip6tables", "arptables"):
                 _set_sysctl(f"/proc/sys/net/bridge/bridge-nf-call-{family}", "0")
@@ -203,13 +208,16 @@ class Wiring:
         if idx is not None:
             for veth in self.bridge_ports():
                 self.unwire(veth)
+            self.delete_overlay()
             self.ipr.link("del", index=idx)
 
     def bridge_ports(self) -> list[str]:
         idx = self._index(self.bridge)
         if idx is None:
             return []
-        return [ln.get_attr("IFLA_IFNAME") for ln in self.ipr.get_links() if ln.get_attr("IFLA_MASTER") == idx]
+        vx = self.overlay_name()
+        return [name for ln in self.ipr.get_links()
+                if ln.get_attr("IFLA_MASTER") == idx and (name := ln.get_attr("IFLA_IFNAME")) != vx]
 
     # --- containers -------------------------------------------------------
     def veth_exists(self, veth: str) -> bool:
@@ -572,6 +580,87 @@ class Wiring:
         except NetlinkError as e:
             if e.code != errno.ENODEV:
                 raise
+
+
+    # --- the overlay (several hosts) -----------------------------------------
+    def overlay_name(self) -> str:
+        return self.bridge[:12] + "-vx"
+
+    def ensure_overlay(self, vxlan_id: int, local: str, gateway_mac: str) -> None:
+        """The VXLAN device joining this host's bridge to the other hosts'
+        (no learning, no multicast: forwarding entries come from the store),
+        and the bridge's MAC the same on every host: the gateway is one
+        address and one MAC everywhere (an anycast gateway), so a container's
+        configuration is the same on whichever host it starts."""
+        br = self._index(self.bridge)
+        name = self.overlay_name()
+        idx = self._index(name)
+        if idx is not None:
+            data = self.ipr.get_links(idx)[0].get_attr("IFLA_LINKINFO").get_attr("IFLA_INFO_DATA")
+            if data.get_attr("IFLA_VXLAN_ID") != vxlan_id or data.get_attr("IFLA_VXLAN_LOCAL") != local:
+                self.ipr.link("del", index=idx)
+                idx = None
+        if idx is None:
+            try:
+                self.ipr.link("add", ifname=name, kind="vxlan", vxlan_id=vxlan_id, vxlan_local=local,
+                              vxlan_port=4789, vxlan_learning=0)
+            except NetlinkError as e:
+                raise WiringError(
+                    f"cannot make the overlay device {name} (vxlan id {vxlan_id}, local {local}): "
+                    f"{os.strerror(e.code)}: check [cluster] underlay is an address of this host and "
+                    "vxlan_id is not used by another device"
+                ) from e
+            idx = self._index(name)
+        self.ipr.link("set", index=br, address=gateway_mac)
+        self.ipr.link("set", index=idx, master=br, state="up")
+
+    def overlay_entries(self) -> tuple[set[tuple[str, str]], dict[str, str]]:
+        """What the overlay holds now: (MAC, remote VTEP) forwarding entries,
+        and the bridge's permanent neighbours (address -> MAC)."""
+        vx, br = self._index(self.overlay_name()), self._index(self.bridge)
+        fdb = set()
+        if vx is not None:
+            for e in self.ipr.fdb("dump", ifindex=vx):
+                if e["ifindex"] == vx and e.get_attr("NDA_DST"):
+                    fdb.add((e.get_attr("NDA_LLADDR"), e.get_attr("NDA_DST")))
+        neigh = {}
+        for n in self.ipr.get_neighbours(ifindex=br, family=socket.AF_INET):
+            if n["state"] & NUD_PERMANENT and n.get_attr("NDA_LLADDR"):
+                neigh[n.get_attr("NDA_DST")] = n.get_attr("NDA_LLADDR")
+        return fdb, neigh
+
+    def sync_overlay(self, fdb: set[tuple[str, str]], neigh: dict[str, str]) -> int:
+        """Make the overlay hold exactly `fdb` ((MAC, VTEP): the other hosts'
+        containers, and 00:00:00:00:00:00 to every other host for broadcasts:
+        head-end replication) and `neigh` (their addresses, answered for the
+        host itself without ARP across the overlay). Returns the changes."""
+        vx, br = self._index(self.overlay_name()), self._index(self.bridge)
+        if vx is None:
+            return 0
+        have_fdb, have_neigh = self.overlay_entries()
+        n = 0
+        for mac, dst in have_fdb - fdb:
+            self.ipr.fdb("del", ifindex=vx, lladdr=mac, dst=dst)
+            n += 1
+        for mac, dst in fdb - have_fdb:
+            self.ipr.fdb("append", ifindex=vx, lladdr=mac, dst=dst)
+            n += 1
+        for ip in have_neigh.keys() - neigh.keys():
+            self.ipr.neigh("del", dst=ip, ifindex=br)
+            n += 1
+        for ip, mac in neigh.items():
+            if have_neigh.get(ip) != mac:
+                self.ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=br, state=NUD_PERMANENT)
+                n += 1
+        return n
+
+    def delete_overlay(self) -> None:
+        idx = self._index(self.overlay_name())
+        if idx is not None:
+            self.ipr.link("del", index=idx)
+
+
+NUD_PERMANENT = 0x80
 
 
 def _free_name(ipr: IPRoute) -> str:

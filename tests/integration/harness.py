@@ -88,7 +88,14 @@ class Daemon:
         upstreams: list[str] = (),
         driver: str = "iptables",
         isolation: str = "none",
+        subnet: str | None = None,
+        facade: str | None = None,
+        port_base: int | None = None,
+        netns: str | None = None,
     ) -> None:
+        """`subnet`, `facade`, `port_base`: the cluster's, shared by its hosts'
+        daemons (else this daemon's own, free on this machine); `netns`: the
+        network namespace it runs in (a "host" of tests/integration/cluster.py)."""
         tag = "%06x" % random.randrange(1 << 24)
         self.tag = tag
         self.dir = Path(tempfile.mkdtemp(prefix=f"tether-test-{tag}-"))
@@ -96,13 +103,14 @@ class Daemon:
         self.bridge = f"tb{tag}"
         self.chain_prefix = f"TT{tag.upper()}"
         self.driver = driver
-        self.subnet = free_subnet(prefix, range(100, 200), _TAKEN)
-        self.facade = free_subnet(20, range(200, 250), _TAKEN)
+        self.netns = netns
+        self.subnet = subnet or free_subnet(prefix, range(100, 200), _TAKEN)
+        self.facade = facade or free_subnet(20, range(200, 250), _TAKEN)
         self.run_dir = self.dir / "run"
         self.state_dir = self.dir / "state"
         self.runc_root = self.dir / "runc"
         self.config = self.dir / "tether.toml"
-        self.port_base = 41000 + random.randrange(200) * 100
+        self.port_base = port_base or 41000 + random.randrange(200) * 100
         self.config.write_text(
             f"""state_dir = "{self.state_dir}"
 run_dir = "{self.run_dir}"
@@ -130,6 +138,12 @@ upstreams = {json.dumps(list(upstreams))}
         self.pids: set[int] = set()
 
     @property
+    def nsenter(self) -> list[str]:
+        """Its network namespace only (not its mounts: the FUSE mount must be
+        the machine's, where runc binds it into containers)."""
+        return ["nsenter", f"--net=/run/netns/{self.netns}", "--"] if self.netns else []
+
+    @property
     def gateway(self) -> str:
         return str(ipaddress.IPv4Network(self.subnet).network_address + 1)
 
@@ -142,7 +156,8 @@ upstreams = {json.dumps(list(upstreams))}
         assert self.proc is None or self.proc.poll() is not None
         logf = open(self.log, "a")
         self.proc = subprocess.Popen(
-            [FUSED, "--config", str(self.config), "--log-level", os.environ.get("TETHER_TEST_LOG", "info"), *args],
+            [*self.nsenter, FUSED, "--config", str(self.config), "--log-level", os.environ.get("TETHER_TEST_LOG", "info"),
+             *args],
             stdout=logf,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -280,7 +295,8 @@ upstreams = {json.dumps(list(upstreams))}
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        sh(FUSED, "--config", str(self.config), "--cleanup", check=False)
+        if not self.netns or os.path.exists(f"/run/netns/{self.netns}"):
+            sh(*self.nsenter, FUSED, "--config", str(self.config), "--cleanup", check=False)
         fs = self.run_dir / "fs"
         if os.path.ismount(fs):
             sh("umount", "-l", str(fs), check=False)

@@ -39,6 +39,7 @@ class Rule(NamedTuple):
     ctstate: str | None = None  # -m conntrack --ctstate
     not_orig_dst: str | None = None  # -m conntrack ! --ctorigdst: not DNAT'ed from there
     comment: str | None = None
+    not_src: str | None = None
 
 
 @dataclass

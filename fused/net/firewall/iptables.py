@@ -85,6 +85,8 @@ class IptablesFirewall:
         r = iptc.Rule()
         if rule.src:
             r.src = rule.src
+        elif rule.not_src:
+            r.src = "!" + rule.not_src
         if rule.dst:
             r.dst = rule.dst
         elif rule.not_dst:

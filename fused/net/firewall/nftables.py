@@ -193,6 +193,8 @@ def rule_text(rule: Rule) -> str:
         parts.append(f"oifname != {_quote(rule.not_out_iface)}")
     if rule.src:
         parts.append(f"ip saddr {rule.src}")
+    elif rule.not_src:
+        parts.append(f"ip saddr != {rule.not_src}")
     if rule.dst:
         parts.append(f"ip daddr {rule.dst}")
     elif rule.not_dst:
