@@ -65,13 +65,15 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
 
 
 def _ps_rows(items: list[dict]) -> str:
+    hosts = any("host" in c for c in items)  # several hosts: where each runs
     return table(
-        ["name", "id", "state", "ip", "ports", "links", "stopped since"],
+        ["name", "id", "state", *(["host"] if hosts else []), "ip", "ports", "links", "stopped since"],
         [
             [
                 c["name"],
                 c["id"][:24],
                 c["state"],
+                *([c.get("host") or "-"] if hosts else []),
                 c["ip"],
                 ",".join(c["published"]),
                 ",".join(c["links"]),

@@ -542,6 +542,7 @@ class Service:
             "started_at": rfc3339(c.started_at),
             "stopped_at": rfc3339(c.stopped_at),
             "answers": list(c.answers),  # others' addresses it answers at since a move (veth-move, reassign)
+            **({"host": c.host} if self.host else {}),  # several hosts: where it runs or last ran
             "note": c.note,
         }
 

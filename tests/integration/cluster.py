@@ -144,7 +144,7 @@ class Cluster:
     etcd, joined by the underlay."""
 
     def __init__(self, rootfs: Path, n: int = 3, strategy: str = "facade", driver: str = "nftables",
-                 lease_ttl: int = 3) -> None:
+                 lease_ttl: int = 3, ports: int = 100) -> None:
         from harness import Daemon
 
         self.net = Underlay()
@@ -161,7 +161,7 @@ class Cluster:
                 extra = (f'\n[store]\nbackend = "etcd"\nendpoints = ["{self.etcd.endpoint}"]\nprefix = "{self.prefix}"\n'
                          f'\n[cluster]\nhost = "{name}"\nunderlay = "{addr}"\nlease_ttl = {lease_ttl}\n')
                 self.daemons[name] = Daemon(rootfs, strategy=strategy, driver=driver, subnet=subnet, facade=facade,
-                                            port_base=port_base, netns=ns, extra=extra)
+                                            port_base=port_base, netns=ns, extra=extra, ports=ports)
         except BaseException:
             self.close()
             raise

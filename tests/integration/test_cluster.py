@@ -1,13 +1,24 @@
 """Several hosts (DESIGN "Multi-host"): each host a network namespace of the
-test's own with its own tether-fused, one address space in one etcd (a
-throwaway one, on the underlay), the hosts' bridges joined by VXLAN. All
-traffic stays among these namespaces."""
+test's own with its own tether-fused (its own run_dir, state_dir, bridge and
+chain prefix), one address space in one etcd (a throwaway one, listening on
+the underlay of the test's namespaces only), the hosts' bridges joined by
+VXLAN. All traffic stays among these namespaces."""
 from __future__ import annotations
 
+import concurrent.futures
+import re
+import subprocess
+import time
+
+import dns.message
+import dns.query
+import dns.rdatatype
 import pytest
 
 from cluster import Cluster
-from harness import address_in_hosts, serve, tcp_get, wait_for
+from harness import address_in_hosts, in_netns, serve, sh, wait_for
+
+SLEEP = ["sleep", "1000000"]
 
 
 @pytest.fixture(scope="module")
@@ -15,6 +26,10 @@ def cluster(rootfs):
     c = Cluster(rootfs, n=3, strategy="facade")
     try:
         c.start()
+        c["h1"].start_container("web", serve("web"), "--expose", "5432")
+        c["h3"].start_container("web2", serve("web2"), "--expose", "5432")
+        c["h2"].start_container("app", SLEEP, "--link", "web:db")
+        c["h3"].start_container("app3", SLEEP, "--link", "web:db")
         yield c
     finally:
         c.close()
@@ -30,12 +45,156 @@ def hosts_of(d, name: str) -> str:
     return (d.run_dir / "fs" / name / "hosts").read_text()
 
 
-def test_a_link_across_hosts_by_name_and_by_address(cluster):
+def srv(d, cid: str, name: str) -> list[tuple[int, str]]:
+    q = dns.message.make_query(name, "SRV")
+    r = in_netns(d.container(cid)["pid"], lambda: dns.query.udp(q, d.gateway, timeout=3))
+    return sorted((rd.port, str(rd.target)) for rrs in r.answer if rrs.rdtype == dns.rdatatype.SRV for rd in rrs)
+
+
+def test_one_address_space_and_links_across_hosts(cluster):
+    """app (h2) links to web (h1): by address through the overlay, by its
+    alias (the facade, DNAT'ed on app's host), by SRV port from app's host."""
     h1, h2 = cluster["h1"], cluster["h2"]
-    h1.start_container("web", serve("web"), "--expose", "5432")
-    h2.start_container("app", ["sleep", "1000000"], "--link", "web:db")
     web_ip = h1.container("web")["ip"]
-    assert h2.container("web")["ip"] == web_ip  # one address space
-    wait_for(lambda: "db" in hosts_of(h2, "app"), 5, what="app's hosts to name db")
-    assert nc(h2, "app", web_ip) == "web"  # by address, through the overlay
-    assert nc(h2, "app", "db") == "web"  # by its link (the facade, DNAT'ed on app's host)
+    assert h2.container("web")["ip"] == web_ip and h2.container("web")["host"] == "h1"
+    ips = [cluster[h].container(n)["ip"] for h, n in (("h1", "web"), ("h3", "web2"), ("h2", "app"), ("h3", "app3"))]
+    assert len(set(ips)) == 4
+    assert nc(h2, "app", web_ip) == "web"
+    assert nc(h2, "app", "db") == "web"
+    assert srv(h2, "app", "_db._tcp") == [(5432, "db.")]
+
+
+def test_move_to_a_container_on_a_third_host_while_the_consumers_run(cluster):
+    h1, h2, h3 = cluster["h1"], cluster["h2"], cluster["h3"]
+    facade = address_in_hosts(hosts_of(h2, "app"), "db")
+    r = h1.cli_json("move", "web", "web2")
+    assert r["links"] == 2
+    # every host's consumers follow: files and traffic, at the facade they cached
+    for d, consumer in ((h2, "app"), (h3, "app3")):
+        wait_for(lambda: "\tdb web2\n" in hosts_of(d, consumer), 5, what=f"{consumer}'s hosts to name web2")
+        assert address_in_hosts(hosts_of(d, consumer), "db") == (facade if d is h2 else address_in_hosts(hosts_of(h3, "app3"), "db"))
+        wait_for(lambda: nc(d, consumer, "db") == "web2", 5, what=f"{consumer} to reach web2 through db")
+    h3.cli_json("move", "web2", "web")
+    wait_for(lambda: nc(h2, "app", "db") == "web", 5, what="app to reach web again")
+
+
+def test_a_change_on_one_host_shows_in_files_on_another(cluster):
+    """A link added on h1 for a consumer on h2: h2's daemon serves it."""
+    h1, h2 = cluster["h1"], cluster["h2"]
+    t0 = time.monotonic()
+    h1.cli("link", "add", "app", "web2", "--alias", "second")
+    wait_for(lambda: "second" in hosts_of(h2, "app"), 5, what="h2 to serve app's new link")
+    print(f"seen on h2 after {(time.monotonic() - t0) * 1000:.0f} ms (including the CLI's start)")
+    assert nc(h2, "app", "second") == "web2"
+    h2.cli("link", "rm", "app", "second")
+    wait_for(lambda: "second" not in hosts_of(h2, "app"), 5, what="the link to go")
+
+
+def test_a_sticky_address_follows_a_container_to_another_host(cluster):
+    """web stops on h1 and starts on h2: the same address and MAC; consumers
+    on h2 and h3 reach it where they cached it, with nothing done there."""
+    h1, h2, h3 = cluster["h1"], cluster["h2"], cluster["h3"]
+    before = h1.container("web")
+    h1.kill("web")
+    wait_for(lambda: h2.container("web")["state"] == "stopped", 5, what="web stopped everywhere")
+    h2.start_container("web", serve("web"), "--expose", "5432")
+    after = h2.container("web")
+    assert (after["ip"], after["mac"], after["host"]) == (before["ip"], before["mac"], "h2")
+    for d, consumer in ((h2, "app"), (h3, "app3")):
+        wait_for(lambda: nc(d, consumer, before["ip"]) == "web", 5, what=f"{consumer} to reach web at {before['ip']}")
+        assert nc(d, consumer, "db") == "web"
+    # and back to h1
+    h2.kill("web")
+    h1.start_container("web", serve("web"), "--expose", "5432")
+    assert h1.container("web")["ip"] == before["ip"]
+    wait_for(lambda: nc(h3, "app3", "db") == "web", 5, what="app3 to reach web on h1 again")
+
+
+def test_a_name_running_on_one_host_is_refused_on_another(cluster):
+    h2 = cluster["h2"]
+    p = h2.run("web", h2.bundle("web", serve("web"), "--expose", "5432"), check=False)
+    assert p.returncode != 0 and "already used by running container" in p.stderr
+
+
+def test_three_hosts_start_50_containers_each_at_once(rootfs):
+    """Compare-and-swap under contention: no address or host port taken
+    twice, every conflict planned again (and logged)."""
+    with Cluster(rootfs, n=3, strategy="direct", ports=200) as c:
+        c.start()
+
+        def start(host: str) -> None:
+            d = c[host]
+            for i in range(50):
+                d.start_container(f"{host}c{i}", SLEEP, "--publish", "8080")
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            list(pool.map(start, ["h1", "h2", "h3"]))
+        rows = c["h1"].cli_json("ps")
+        assert len(rows) == 150 and all(r["state"] == "running" for r in rows)
+        ips = [r["ip"] for r in rows]
+        assert len(set(ips)) == 150
+        ports = [p for r in rows for p in r["published"]]
+        assert len(ports) == 150 and len(set(ports)) == 150
+        retried = sum(len(re.findall(r"planned again|attempt \d+ of", d.log.read_text())) for d in c.daemons.values())
+        print(f"conflicts retried: {retried}")
+        assert retried > 0  # they did contend
+
+
+def test_a_dead_hosts_containers_count_as_stopped_and_keep_their_leases(rootfs):
+    with Cluster(rootfs, n=2, strategy="direct", lease_ttl=2) as c:
+        c.start()
+        h1, h2 = c["h1"], c["h2"]
+        h2.start_container("lost", SLEEP)
+        h1.start_container("peer", SLEEP)
+        ip = h1.container("lost")["ip"]
+        h2.kill9("fused")
+        # h1 keeps serving its own
+        assert (h1.run_dir / "fs" / "peer" / "hosts").read_text()
+        wait_for(lambda: h1.container("lost")["state"] == "stopped", 15, what="h2's lease to expire")
+        assert h1.container("lost")["ip"] == ip  # sticky
+        assert "its host h2 is gone" in h1.log.read_text()
+
+
+def test_etcd_away_a_start_fails_in_one_line_and_running_containers_keep_working(rootfs):
+    with Cluster(rootfs, n=2, strategy="facade") as c:
+        c.start()
+        h1, h2 = c["h1"], c["h2"]
+        h1.start_container("db", serve("db"), "--expose", "5432")
+        h2.start_container("app", SLEEP, "--link", "db:database")
+        wait_for(lambda: nc(h2, "app", "database") == "db", 5, what="app to reach db")
+        c.etcd.kill()
+        p = h2.run("late", h2.bundle("late", SLEEP), check=False)
+        assert p.returncode != 0
+        line = [ln for ln in p.stderr.splitlines() if "etcd" in ln]
+        assert line and c.etcd.endpoint in line[0], p.stderr
+        # running containers: files and traffic
+        assert "database" in hosts_of(h2, "app")
+        assert nc(h2, "app", "database") == "db"
+        c.etcd.start()
+        wait_for(lambda: h2.run("late2", h2.bundle("late2", SLEEP), check=False).returncode == 0, 15,
+                 interval=0.5, what="a start to work with etcd back")
+        # a change made on one host after etcd came back shows on the other
+        h1.cli("link", "add", "app", "db", "--alias", "again")
+        wait_for(lambda: "again" in hosts_of(h2, "app"), 5, what="h2 to follow h1's change")
+
+
+@pytest.mark.parametrize("section,bad,needle", [
+    ("store", 'endpoints = ["http://127.0.0.1:9"]', "etcd is unreachable at http://127.0.0.1:9"),
+    ("store", 'prefix = "tether/"', "prefix 'tether/'"),
+    ("cluster", 'host = "Not_A_Label"', "not an RFC 1123 label"),
+])
+def test_bad_cluster_settings_are_one_line_at_start(rootfs, tmp_path, section, bad, needle):
+    from harness import FUSED
+
+    cfg = tmp_path / "t.toml"
+    body = {"store": 'backend = "etcd"\n', "cluster": 'underlay = "10.0.0.1"\n'}
+    body[section] += bad + "\n"
+    cfg.write_text(f'state_dir = "{tmp_path}/s"\nrun_dir = "{tmp_path}/r"\n[network]\nbridge = "tbbad0"\n'
+                   f'[store]\n{body["store"]}timeout = 0.5\n[cluster]\n{body["cluster"]}')
+    err = tmp_path / "err"
+    with open(err, "w") as f:  # a file: the file server it started keeps its stderr open
+        rc = subprocess.run([FUSED, "--config", str(cfg)], stdout=f, stderr=f, stdin=subprocess.DEVNULL, timeout=30).returncode
+    sh(FUSED, "--config", str(cfg), "--cleanup", check=False)
+    assert rc != 0
+    lines = [ln for ln in err.read_text().splitlines() if ln.startswith("tether-fused:")]
+    assert len(lines) == 1 and needle in lines[0], err.read_text()
