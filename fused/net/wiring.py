@@ -613,46 +613,75 @@ class Wiring:
             idx = self._index(name)
         self.ipr.link("set", index=br, address=gateway_mac)
         self.ipr.link("set", index=idx, master=br, state="up")
+        # ARP is answered on each host from the neighbours below, never sent
+        # across the overlay; the gateway's own address, on every host, is
+        # answered by the local bridge only (the kernel's neigh_suppress does
+        # both, as for EVPN); no MAC is learnt from the overlay
+        self.ipr.brport("set", index=idx, neigh_suppress=1, learning=0)
 
-    def overlay_entries(self) -> tuple[set[tuple[str, str]], dict[str, str]]:
-        """What the overlay holds now: (MAC, remote VTEP) forwarding entries,
-        and the bridge's permanent neighbours (address -> MAC)."""
+    def overlay_entries(self) -> tuple[set[tuple[str, str]], set[str], dict[str, str]]:
+        """What the overlay holds now: the overlay device's (MAC, remote
+        VTEP) entries, the MACs the bridge sends to the overlay port (static
+        entries), and the bridge's permanent neighbours (address -> MAC)."""
         vx, br = self._index(self.overlay_name()), self._index(self.bridge)
-        fdb = set()
+        remote, static = set(), set()
         if vx is not None:
             for e in self.ipr.fdb("dump", ifindex=vx):
-                if e["ifindex"] == vx and e.get_attr("NDA_DST"):
-                    fdb.add((e.get_attr("NDA_LLADDR"), e.get_attr("NDA_DST")))
+                if e["ifindex"] != vx:
+                    continue
+                if e.get_attr("NDA_DST"):
+                    remote.add((e.get_attr("NDA_LLADDR"), e.get_attr("NDA_DST")))
+                elif e.get_attr("NDA_MASTER") and e["state"] & NUD_NOARP:
+                    static.add(e.get_attr("NDA_LLADDR"))
         neigh = {}
         for n in self.ipr.get_neighbours(ifindex=br, family=socket.AF_INET):
             if n["state"] & NUD_PERMANENT and n.get_attr("NDA_LLADDR"):
                 neigh[n.get_attr("NDA_DST")] = n.get_attr("NDA_LLADDR")
-        return fdb, neigh
+        return remote, static, neigh
 
     def sync_overlay(self, fdb: set[tuple[str, str]], neigh: dict[str, str]) -> int:
-        """Make the overlay hold exactly `fdb` ((MAC, VTEP): the other hosts'
-        containers, and 00:00:00:00:00:00 to every other host for broadcasts:
-        head-end replication) and `neigh` (their addresses, answered for the
-        host itself without ARP across the overlay). Returns the changes."""
+        """Make the overlay hold exactly `fdb`, (MAC, VTEP) pairs: each other
+        host's containers, and 00:00:00:00:00:00 to every other host for
+        broadcasts (head-end replication); each container MAC also a static
+        entry of the bridge on the overlay port; and `neigh` (their addresses:
+        ARP answered on this host, for its containers and itself). Returns
+        the entries changed."""
         vx, br = self._index(self.overlay_name()), self._index(self.bridge)
         if vx is None:
             return 0
-        have_fdb, have_neigh = self.overlay_entries()
+        have, static, have_neigh = self.overlay_entries()
+        macs = {mac for mac, _ in fdb if mac != ZERO_MAC}
         n = 0
-        for mac, dst in have_fdb - fdb:
-            self.ipr.fdb("del", ifindex=vx, lladdr=mac, dst=dst)
+        for mac, dst in have - fdb:
+            self._quiet(self.ipr.fdb, "del", ifindex=vx, lladdr=mac, dst=dst, flags=NTF_SELF)
             n += 1
-        for mac, dst in fdb - have_fdb:
-            self.ipr.fdb("append", ifindex=vx, lladdr=mac, dst=dst)
+        for mac, dst in fdb - have:
+            # a container MAC has one VTEP (append would add a second)
+            self.ipr.fdb("append" if mac == ZERO_MAC else "replace", ifindex=vx, lladdr=mac, dst=dst, flags=NTF_SELF,
+                         state=NUD_PERMANENT | NUD_NOARP)
+            n += 1
+        for mac in static - macs:
+            self._quiet(self.ipr.fdb, "del", ifindex=vx, lladdr=mac, flags=NTF_MASTER, master=br)
+            n += 1
+        for mac in macs - static:  # the bridge sends it to the overlay port, never floods it
+            self.ipr.fdb("replace", ifindex=vx, lladdr=mac, flags=NTF_MASTER, state=NUD_NOARP, master=br)
             n += 1
         for ip in have_neigh.keys() - neigh.keys():
-            self.ipr.neigh("del", dst=ip, ifindex=br)
+            self._quiet(self.ipr.neigh, "del", dst=ip, ifindex=br)
             n += 1
         for ip, mac in neigh.items():
             if have_neigh.get(ip) != mac:
                 self.ipr.neigh("replace", dst=ip, lladdr=mac, ifindex=br, state=NUD_PERMANENT)
                 n += 1
         return n
+
+    def _quiet(self, fn, *args, **kw) -> None:
+        """A netlink delete of what may be gone already."""
+        try:
+            fn(*args, **kw)
+        except NetlinkError as e:
+            if e.code not in (errno.ENOENT, errno.ENODEV):
+                raise
 
     def delete_overlay(self) -> None:
         idx = self._index(self.overlay_name())
@@ -661,6 +690,10 @@ class Wiring:
 
 
 NUD_PERMANENT = 0x80
+NUD_NOARP = 0x40
+NTF_SELF = 0x02
+NTF_MASTER = 0x04
+ZERO_MAC = "00:00:00:00:00:00"
 
 
 def _free_name(ipr: IPRoute) -> str:

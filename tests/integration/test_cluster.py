@@ -6,6 +6,7 @@ VXLAN. All traffic stays among these namespaces."""
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import re
 import subprocess
 import time
@@ -16,7 +17,7 @@ import dns.rdatatype
 import pytest
 
 from cluster import Cluster
-from harness import address_in_hosts, in_netns, serve, sh, wait_for
+from harness import BUSYBOX, address_in_hosts, in_netns, serve, sh, wait_for
 
 SLEEP = ["sleep", "1000000"]
 
@@ -62,6 +63,41 @@ def test_one_address_space_and_links_across_hosts(cluster):
     assert nc(h2, "app", web_ip) == "web"
     assert nc(h2, "app", "db") == "web"
     assert srv(h2, "app", "_db._tcp") == [(5432, "db.")]
+
+
+def count_arp_in(d) -> None:
+    """A counter of the ARP frames the overlay brings into host `d` (a table
+    of the test's own, in that host's namespace)."""
+    vx = d.bridge[:12] + "-vx"
+    nft = ["ip", "netns", "exec", d.netns, "nft"]
+    sh(*nft, "add", "table", "netdev", "tether_test_arp")
+    sh(*nft, "add", "chain", "netdev", "tether_test_arp", "in",
+       f'{{ type filter hook ingress device "{vx}" priority 0; }}')
+    sh(*nft, "add", "rule", "netdev", "tether_test_arp", "in", "arp", "operation", "request", "counter")
+
+
+def arp_in(d) -> int:
+    out = sh("ip", "netns", "exec", d.netns, "nft", "-j", "list", "table", "netdev", "tether_test_arp").stdout
+    return next(x["rule"]["expr"][-1]["counter"]["packets"] for x in json.loads(out)["nftables"] if "rule" in x)
+
+
+def test_the_gateway_is_one_address_and_one_mac_answered_on_each_host(cluster):
+    """An anycast gateway: every bridge has the gateway's address and MAC;
+    ARP for it, and for a container on another host, is answered on the
+    asking container's host, and no ARP request crosses the overlay."""
+    macs = {json.loads(sh("ip", "-n", d.netns, "-j", "link", "show", "dev", d.bridge).stdout)[0]["address"]
+            for d in cluster.daemons.values()}
+    assert len(macs) == 1
+    h1, h2, h3 = cluster["h1"], cluster["h2"], cluster["h3"]
+    for d in (h1, h3):
+        count_arp_in(d)
+    web_ip = h1.container("web")["ip"]
+    pid = h2.container("app")["pid"]
+    for ip in (h2.gateway, web_ip):  # from app's netns (arping needs a raw socket, which app may not open)
+        p = sh("nsenter", f"--net=/proc/{pid}/ns/net", BUSYBOX, "arping", "-b", "-c", "3", "-w", "2", "-I", "eth0",
+               ip, check=False)
+        assert "Received 3 response" in p.stdout, p.stdout + p.stderr
+    assert (arp_in(h1), arp_in(h3)) == (0, 0)
 
 
 def test_move_to_a_container_on_a_third_host_while_the_consumers_run(cluster):
