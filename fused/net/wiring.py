@@ -126,6 +126,7 @@ class Wiring:
         # target's replies come back bridged through the overlay: they must
         # pass this host's conntrack to be un-DNAT'ed (br_netfilter too)
         self.cluster = cluster
+        self.mtu: int | None = None  # the overlay's (several hosts): containers' too, or big frames vanish in it
         self._ipr: IPRoute | None = None
 
     @property
@@ -232,9 +233,10 @@ class Wiring:
             self.unwire(ep.veth)
         # the peer is born in the container's netns as eth0, with its MAC
         peer = "eth0"
+        mtu = {"mtu": self.mtu} if self.mtu else {}
         try:
-            self.ipr.link("add", ifname=ep.veth, kind="veth",
-                          peer={"ifname": peer, "address": ep.mac, "net_ns_pid": ep.pid})
+            self.ipr.link("add", ifname=ep.veth, kind="veth", **mtu,
+                          peer={"ifname": peer, "address": ep.mac, "net_ns_pid": ep.pid, **mtu})
         except NetlinkError as e:
             if e.code == errno.EEXIST and self._index(ep.veth) is None:
                 raise WiringError(
@@ -601,9 +603,16 @@ class Wiring:
                 self.ipr.link("del", index=idx)
                 idx = None
         if idx is None:
+            lower = [a["index"] for a in self.ipr.get_addr(family=socket.AF_INET) if a.get_attr("IFA_ADDRESS") == local]
+            if not lower:
+                raise WiringError(
+                    f"[cluster] underlay = {local!r} is no address of this host: give the address the other "
+                    "hosts reach this one at (`ip -4 addr`)"
+                )
             try:
+                # on the underlay's device: the overlay's MTU is that one's less 50
                 self.ipr.link("add", ifname=name, kind="vxlan", vxlan_id=vxlan_id, vxlan_local=local,
-                              vxlan_port=4789, vxlan_learning=0)
+                              vxlan_link=lower[0], vxlan_port=4789, vxlan_learning=0)
             except NetlinkError as e:
                 raise WiringError(
                     f"cannot make the overlay device {name} (vxlan id {vxlan_id}, local {local}): "
@@ -613,6 +622,9 @@ class Wiring:
             idx = self._index(name)
         self.ipr.link("set", index=br, address=gateway_mac)
         self.ipr.link("set", index=idx, master=br, state="up")
+        # a bridge does not fragment, nor tell the sender to: a container's
+        # frames must fit the overlay (the underlay's MTU less VXLAN's 50)
+        self.mtu = self.ipr.get_links(idx)[0].get_attr("IFLA_MTU")
         # ARP is answered on each host from the neighbours below, never sent
         # across the overlay; the gateway's own address, on every host, is
         # answered by the local bridge only (the kernel's neigh_suppress does

@@ -100,6 +100,20 @@ def test_the_gateway_is_one_address_and_one_mac_answered_on_each_host(cluster):
     assert (arp_in(h1), arp_in(h3)) == (0, 0)
 
 
+def test_big_transfers_cross_the_overlay(cluster):
+    """Frames as large as a container sends fit the overlay (its MTU is the
+    overlay's): 200 KiB each way between hosts, by address."""
+    h1, h2 = cluster["h1"], cluster["h2"]
+    h1.start_container("bulk", ["sh", "-c", "while true; do head -c 204800 /dev/zero | nc -l -p 6000; done"])
+    try:
+        ip = h1.container("bulk")["ip"]
+        p = h2.exec("app", "sh", "-c", f"sleep 3 | nc {ip} 6000 | wc -c", check=False)
+        assert p.stdout.strip() == "204800", p.stdout + p.stderr
+        assert h2.exec("app", "cat", "/sys/class/net/eth0/mtu").stdout.strip() == "1450"
+    finally:
+        h1.kill("bulk")
+
+
 def test_move_to_a_container_on_a_third_host_while_the_consumers_run(cluster):
     h1, h2, h3 = cluster["h1"], cluster["h2"], cluster["h3"]
     facade = address_in_hosts(hosts_of(h2, "app"), "db")
