@@ -208,6 +208,7 @@ class Doctor:
             ("bridge", self.bridge),
             ("daemon", self.daemon),
             ("store", self.store),
+            ("overlay", self.overlay),
             ("mount", self.mount),
             ("file-server", self.file_server),
             ("firewall", self.firewall),
@@ -445,6 +446,8 @@ class Doctor:
         return Result("daemon", OK, f"answers on {sock}: {len(items)} container(s), {running} running")
 
     def store(self) -> Result:
+        if self.cfg.store.backend == "etcd":
+            return self.etcd()
         import sqlite3
 
         from .store.sqlite import SCHEMA_VERSION
@@ -474,6 +477,98 @@ class Doctor:
         if mode != 0o600 or st.st_uid != 0:
             return Result("store", WARN, f"{detail}, but mode {mode:04o} owner uid {st.st_uid} (want 0600, root)", f"`chown root {path} && chmod 600 {path}`")
         return Result("store", OK, f"{detail}, mode 0600")
+
+    # several hosts ---------------------------------------------------------------
+    def _etcd(self, endpoint: str, path: str, body: dict) -> dict:
+        """One request to etcd's JSON gateway (stdlib: the doctor loads no
+        client library)."""
+        import urllib.request
+
+        req = urllib.request.Request(f"{endpoint}/v3{path}", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=CMD_TIMEOUT) as resp:
+            return json.loads(resp.read() or b"{}")
+
+    def _range(self, endpoint: str, prefix: str, count_only: bool = False) -> dict:
+        import base64
+
+        end = bytearray(prefix.encode())
+        end[-1] += 1
+        b64 = lambda b: base64.b64encode(b).decode()  # noqa: E731
+        body = {"key": b64(prefix.encode()), "range_end": b64(bytes(end))}
+        if count_only:
+            body["count_only"] = True
+        return self._etcd(endpoint, "/kv/range", body)
+
+    def hosts(self, endpoint: str) -> dict[str, dict]:
+        """The live hosts (their etcd lease records)."""
+        import base64
+
+        p = f"{self.cfg.store.prefix}/host/"
+        out = {}
+        for kv in self._range(endpoint, p).get("kvs", []):
+            out[base64.b64decode(kv["key"]).decode()[len(p):]] = json.loads(base64.b64decode(kv.get("value", "")) or "{}")
+        return out
+
+    def etcd(self) -> Result:
+        st = self.cfg.store
+        errors = []
+        for ep in st.endpoints:
+            try:
+                status = self._etcd(ep, "/maintenance/status", {})
+                containers = int(self._range(ep, f"{st.prefix}/c/", count_only=True).get("count", 0))
+                hosts = self.hosts(ep)
+            except (OSError, ValueError) as e:
+                errors.append(f"{ep}: {getattr(e, 'reason', None) or e}")
+                continue
+            self._endpoint = ep
+            me = self._host()
+            detail = (f"etcd {status.get('version', '?')} at {ep}, prefix {st.prefix}: {containers} container(s), "
+                      f"live hosts {', '.join(sorted(hosts)) or 'none'}")
+            if me not in hosts:
+                return Result("store", WARN, f"{detail}; this host ({me}) is not among them",
+                              f"{START}: it joins at start and renews its lease every [cluster] lease_ttl / 3 s")
+            return Result("store", OK, detail)
+        return Result("store", FAIL, f"etcd is unreachable: {'; '.join(errors)}",
+                      "start etcd, or fix [store] endpoints; running containers keep working meanwhile")
+
+    def _host(self) -> str:
+        try:
+            return self.cfg.cluster.host_name
+        except ValueError:
+            return "?"
+
+    def overlay(self) -> Result:
+        if self.cfg.store.backend != "etcd":
+            return Result("overlay", OK, "one host ([store] backend = \"sqlite\"): no overlay")
+        cl, br = self.cfg.cluster, self.cfg.network.bridge
+        vx = br[:12] + "-vx"
+        restart = f"restart tether-fused: it makes {vx} at start"
+        r = run_cmd(["ip", "-j", "-d", "link", "show", "dev", vx])
+        if r.rc != 0:
+            return Result("overlay", FAIL, f"no overlay device {vx}", restart)
+        ln = (json.loads(r.out or "[]") or [{}])[0]
+        data = ln.get("linkinfo", {}).get("info_data", {})
+        if ln.get("master") != br or "UP" not in ln.get("flags", []):
+            return Result("overlay", FAIL, f"{vx} is not up on {br}", restart)
+        if data.get("id") != cl.vxlan_id or data.get("local") != cl.underlay:
+            return Result("overlay", FAIL, f"{vx} is vxlan {data.get('id')} on {data.get('local')}, the config says "
+                          f"{cl.vxlan_id} on {cl.underlay}", restart)
+        ep = getattr(self, "_endpoint", None) or self.cfg.store.endpoints[0]
+        try:
+            hosts = self.hosts(ep)
+        except (OSError, ValueError) as e:
+            return Result("overlay", WARN, f"{vx}: vxlan {cl.vxlan_id} on {cl.underlay}, mtu {ln.get('mtu')}; the hosts "
+                          f"are not known (etcd: {getattr(e, 'reason', None) or e})", "see the store check")
+        f = run_cmd(["bridge", "-j", "fdb", "show", "dev", vx])
+        flood = {e.get("dst") for e in json.loads(f.out or "[]") if e.get("mac") == "00:00:00:00:00:00"}
+        others = {h: r.get("underlay") for h, r in hosts.items() if h != self._host()}
+        missing = [f"{h} ({u})" for h, u in sorted(others.items()) if u not in flood]
+        detail = f"{vx}: vxlan {cl.vxlan_id} on {cl.underlay}, mtu {ln.get('mtu')}, {len(others)} other host(s)"
+        if missing:
+            return Result("overlay", FAIL, f"{detail}, but no entry for {', '.join(missing)}",
+                          "check that host's tether-fused, then this one's log; a restart writes the entries again")
+        return Result("overlay", OK, detail + (f": {', '.join(sorted(others))}" if others else ""))
 
     def mount(self) -> Result:
         fs = os.path.join(os.path.realpath(self.cfg.run_dir), "fs")  # realpath of run_dir only: never stat inside the mount

@@ -160,6 +160,19 @@ def test_a_sticky_address_follows_a_container_to_another_host(cluster):
     wait_for(lambda: nc(h3, "app3", "db") == "web", 5, what="app3 to reach web on h1 again")
 
 
+def doctor(d) -> dict[str, dict]:
+    from harness import TETHER
+
+    p = sh(*d.nsenter, TETHER, "--config", str(d.config), "doctor", "--json", check=False, timeout=60)
+    return {r["name"]: r for r in json.loads(p.stdout)}
+
+
+def test_doctor_checks_etcd_and_the_overlay(cluster):
+    r = doctor(cluster["h2"])
+    assert r["store"]["status"] == "ok" and "live hosts h1, h2, h3" in r["store"]["detail"], r["store"]
+    assert r["overlay"]["status"] == "ok" and "2 other host(s): h1, h3" in r["overlay"]["detail"], r["overlay"]
+
+
 def test_a_name_running_on_one_host_is_refused_on_another(cluster):
     h2 = cluster["h2"]
     p = h2.run("web", h2.bundle("web", serve("web"), "--expose", "5432"), check=False)
@@ -217,6 +230,8 @@ def test_etcd_away_a_start_fails_in_one_line_and_running_containers_keep_working
         assert p.returncode != 0
         line = [ln for ln in p.stderr.splitlines() if "etcd" in ln]
         assert line and c.etcd.endpoint in line[0], p.stderr
+        r = doctor(h2)["store"]
+        assert r["status"] == "fail" and c.etcd.endpoint in r["detail"], r
         # running containers: files and traffic
         assert "database" in hosts_of(h2, "app")
         assert nc(h2, "app", "database") == "db"
