@@ -13,7 +13,7 @@ from harness import TETHER, sh, wait_for
 KEYS = {"name", "ok", "status", "detail", "fix"}
 NAMES = {
     "config", "user", "kernel-fuse", "dev-fuse", "fusermount3", "passthrough", "kernel-veth",
-    "kernel-bridge", "kernel-nat", "iptables", "forwarding", "bridge", "daemon", "store", "mount", "file-server",
+    "kernel-bridge", "kernel-nat", "iptables", "forwarding", "bridge", "daemon", "store", "overlay", "mount", "file-server",
     "firewall", "isolation", "dns", "conntrack", "podman-hooks", "drift",
 }  # fmt: skip
 
