@@ -15,6 +15,9 @@ Runs, in turn (progress on stderr):
           (bench.scale)
   core    the daemon's own share of a registration and of a move, in
           process, at 1 and 1000 (bench.core: no kernel)
+  cluster several hosts (network namespaces) on a throwaway etcd: a
+          registration against SQLite's, a move's propagation to another
+          host's files, starts on 3 hosts at once (bench.cluster)
 then prints ONE table (median / p90 for tether and each peer, the ratio, the
 goal and whether it is met), writes it to OUT/table.md, the raw numbers to
 OUT/results.json and the figure to OUT/bench.png, and checks that nothing the
@@ -35,13 +38,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
-from bench import core, made, move, net, pct, peers, read_hosts, runc_hook, scale, strategies, track  # noqa: E402
+from bench import cluster, core, made, move, net, pct, peers, read_hosts, runc_hook, scale, strategies, track  # noqa: E402
 from harness import build_rootfs  # noqa: E402
 
 FULL = dict(net=100, runc=50, reads=50000, move=25, containers=1000, scale_reads=20000, scale_again=True, core=30,
-            strategies=8)
+            strategies=8, cluster=30, per_host=50)
 QUICK = dict(net=10, runc=8, reads=4000, move=5, containers=1000, scale_reads=4000, scale_again=False, core=10,
-             strategies=4)
+             strategies=4, cluster=8, per_host=20)
 SIZES = (1, 10, 100, 1000)
 HOSTS_LINKS = 14  # a ~500-byte hosts file
 
@@ -228,6 +231,20 @@ def build_table(r: dict, quick: bool) -> Table:
                   f"{med(by[hi]) / med(by[lo]):.2f}", "", None,
                   "bench.core: SQLite store, no kernel (no veth, firewall or file server); "
                   "`python -m bench.core --profile " + what + "` names where the time goes")
+    cl = r.get("cluster")
+    if cl:
+        reg, prop, con = cl["register"], cl["propagation"], cl["contention"]
+        ratio = med(reg["etcd"]) / med(reg["sqlite"])
+        t.add("several hosts: a registration, etcd store (ms, daemon's log)", mp(reg["etcd"]),
+              "same, SQLite store (one host)", mp(reg["sqlite"]), f"{ratio:.2f}", "≤ 2× SQLite", ratio <= 2,
+              "each host a network namespace; etcd 3.4 on the underlay; starts interleaved")
+        t.add("several hosts: `tether move` on one host until a consumer's files on another name NEW (ms)", mp(prop),
+              "(no peer spans hosts)", "", "", "≤ 200 ms", med(prop) <= 200,
+              "includes the move itself (its conntrack cut) on the first host")
+        t.add(f"several hosts: {con['n']} starts on 3 hosts at once (starts/s)", f"{con['per_s']:.1f}",
+              "(no peer spans hosts)", "", "", "", None,
+              f"{con['seconds']:.1f} s; {con['retried']} commits planned again after another host's; "
+              f"addresses and host ports unique: {'yes' if con['unique'] else 'NO'}")
     return t
 
 
@@ -303,7 +320,7 @@ def plot(r: dict, path: Path) -> str | None:
 
 
 # --- main --------------------------------------------------------------------------
-PARTS = ("net", "runc", "read", "move", "strategies", "scale", "core")
+PARTS = ("net", "runc", "read", "move", "strategies", "scale", "core", "cluster")
 
 
 def run(parts: tuple[str, ...], cfg: dict, tmp: Path) -> dict:
@@ -373,6 +390,11 @@ def run(parts: tuple[str, ...], cfg: dict, tmp: Path) -> dict:
         log(f"[core] the daemon's own share of register and move, in process, at {SIZES[0]} and {SIZES[-1]}")
         r["core"] = core.measure((SIZES[0], SIZES[-1]), cfg["core"])
         done("core")
+    if "cluster" in parts:
+        log(f"[cluster] several hosts on etcd: registration against SQLite, a move seen on another host "
+            f"({cfg['cluster']} runs), {cfg['per_host']} starts on each of 3 hosts at once")
+        r["cluster"] = cluster.measure(rootfs, cfg["cluster"], cfg["per_host"])
+        done("cluster")
     return r
 
 
