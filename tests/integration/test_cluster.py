@@ -230,6 +230,8 @@ def test_etcd_away_a_start_fails_in_one_line_and_running_containers_keep_working
         assert p.returncode != 0
         line = [ln for ln in p.stderr.splitlines() if "etcd" in ln]
         assert line and c.etcd.endpoint in line[0], p.stderr
+        ports = sh("ip", "-n", h2.netns, "-o", "link", "show", "master", h2.bridge).stdout
+        assert len([ln for ln in ports.splitlines() if "-vx" not in ln]) == 1, ports  # app's veth only: nothing half-done
         r = doctor(h2)["store"]
         assert r["status"] == "fail" and c.etcd.endpoint in r["detail"], r
         # running containers: files and traffic
