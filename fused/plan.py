@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, NamedTuple
 
 from . import allocator, model, rules
@@ -499,9 +499,37 @@ def stop(d: Draft, name: str, now: float) -> Container:
     return d.put(_stopped(d.container(name), now))
 
 
-def stop_dead(d: Draft, alive: Alive, now: float) -> list[str]:
-    """Mark stopped every running container whose process is gone."""
-    return _mark_dead_stopped(d, alive, now)
+def stop_dead(d: Draft, alive: Alive, now: float, host: str = "") -> list[str]:
+    """Mark stopped every running container whose process is gone. With
+    several hosts (`host`: this one), a container of a host that is gone
+    keeps its pid and netns in its record: if that host comes back with it
+    still running (its daemon was away longer than its lease), it is running
+    again (`revive`)."""
+    dead = [c for c in d.containers() if c.running and not alive(c)]
+    for c in dead:
+        if host and c.host and c.host != host:
+            d.put(replace(c, state=model.STOPPED, stopped_at=now,
+                          note=f"stopped: its host {c.host} was gone (its etcd lease expired) at {stamp(now)}"))
+        else:
+            d.put(_stopped(c, now))
+    return [c.name for c in dead]
+
+
+def revive(d: Draft, alive: Alive, host: str, now: float) -> list[str]:
+    """This host's containers that another host marked stopped while this
+    one was away (`stop_dead`), whose process still runs here with its
+    address: running again, as they are."""
+    back = []
+    for c in d.containers():
+        if c.running or c.host != host or not c.pid:
+            continue
+        if c.netns_ino is not None and alive(replace(c, state=model.RUNNING)) and d.ip_lease(c.name) is not None:
+            d.put(replace(c, state=model.RUNNING, stopped_at=None,
+                          note=f"running again at {stamp(now)}: its host was away longer than its etcd lease"))
+            back.append(c.name)
+        else:  # it died meanwhile: stopped as by its poststop, never looked at again
+            d.put(_stopped(c, c.stopped_at or now))
+    return back
 
 
 def remove(d: Draft, name: str, now: float = 0.0) -> Container:

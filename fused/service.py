@@ -253,7 +253,8 @@ class Service:
         rewired = []
         async with self.lock:
             d = Draft(self.store.snapshot())
-            stopped = plan.stop_dead(d, self._alive, time.time())
+            stopped = plan.stop_dead(d, self._alive, time.time(), self.host)
+            revived = plan.revive(d, self._alive, self.host, time.time()) if self.host else []
             keep = set()
             lent = d.answered()
             for c in d.containers():
@@ -280,6 +281,8 @@ class Service:
             await self._commit(d, firewall_anyway=True)
         for n in stopped:
             log.info("reconcile: %s: netns gone, marked stopped", n)
+        for n in revived:
+            log.info("reconcile: %s: running here again (another host marked it stopped while this one was away)", n)
         for n in rewired:
             log.info("reconcile: %s: veth was missing, rewired", n)
         for v in unknown:
@@ -291,12 +294,17 @@ class Service:
         """Mark stopped every running container whose process is gone: a
         poststop that never came (a kill -9 of the runtime, its state
         deleted). Cheap when nothing died: one stat per running container."""
-        if not any(c.running and not self._alive(c) for c in self.store.snapshot().containers.values()):
+        snap = self.store.snapshot()
+        lost = self.host and any(not c.running and c.host == self.host and c.pid for c in snap.containers.values())
+        if not lost and not any(c.running and not self._alive(c) for c in snap.containers.values()):
             return []
         async with self.lock:
             d = Draft(self.store.snapshot())
-            dead = plan.stop_dead(d, self._alive, time.time())
-            if dead:
+            dead = plan.stop_dead(d, self._alive, time.time(), self.host)
+            if lost and (back := plan.revive(d, self._alive, self.host, time.time())):
+                log.warning("%s: running here again: the other hosts had marked them stopped while this host's "
+                            "lease was expired", ", ".join(back))
+            if d.change:
                 await self._commit(d)
                 for name in dead:  # the netns took the veth with it; this is for one that outlives it
                     if self._local(c := d.snap.containers[name]):
@@ -362,15 +370,19 @@ class Service:
 
     def overlay_entries(self, snap: StoreSnapshot) -> tuple[set[tuple[str, str]], dict[str, str]]:
         """The overlay's forwarding entries: each other live host for
-        broadcasts (head-end replication), each container running there at
-        its host's underlay address; and those containers' addresses."""
-        hosts = {h: r.get("underlay") for h, r in self.store.live_hosts().items() if h != self.host and r.get("underlay")}
-        fdb = {(ZERO_MAC, u) for u in hosts.values()}
+        broadcasts (head-end replication), each container of another host at
+        that host's underlay address; and those containers' addresses. A
+        container whose host's lease expired keeps its entries (it may well
+        run on, its daemon away): its address is its own until the pool runs
+        out, and traffic to it must not stop because a daemon did."""
+        live = {h for h in self.store.live_hosts() if h != self.host}
+        underlays = {h: u for h, u in self.store.underlays.items() if h != self.host and u}
+        fdb = {(ZERO_MAC, underlays[h]) for h in live if h in underlays}
         neigh = {}
         for c in snap.containers.values():
             lease = snap.ip_leases.get(c.name)
-            if c.running and lease is not None and c.host in hosts:
-                fdb.add((lease.mac, hosts[c.host]))
+            if (c.running or c.pid) and lease is not None and c.host in underlays:
+                fdb.add((lease.mac, underlays[c.host]))
                 neigh[lease.ip] = lease.mac
         return fdb, neigh
 

@@ -13,6 +13,8 @@ Keys, under `[store] prefix` (P), values JSON:
     P/group/GROUP           a link group's target
     P/host/HOST             {"underlay": ADDRESS}: a live host, on an etcd
                             lease with a TTL that only its tether-fused renews
+    P/underlay/HOST         its underlay address, kept when it dies: its
+                            containers stay reachable while they run on
 
 `snapshot()` is one range read of P/ (every record at one etcd revision).
 `commit()` is one etcd transaction conditioned on P/rev being the one the
@@ -97,6 +99,7 @@ class EtcdStore:
         self._read_rev = 0  # the etcd revision the cached snapshot is at
         self._dirty = True
         self.hosts: dict[str, dict] = {}  # live hosts -> their record
+        self.underlays: dict[str, str] = {}  # every host that ever joined -> its underlay address
         self._lease: int | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -156,6 +159,8 @@ class EtcdStore:
         self._lease = int(lease["ID"])
         value = json.dumps({"underlay": self.underlay, "since": time.time()})
         self._post("/kv/put", {"key": _b64(self._key("host", self.host)), "value": _b64(value), "lease": self._lease},
+                   clients)
+        self._post("/kv/put", {"key": _b64(self._key("underlay", self.host)), "value": _b64(json.dumps(self.underlay))},
                    clients)
         log.info("etcd: host %s joined (lease %x, ttl %d s)", self.host, self._lease, self.ttl)
 
@@ -244,7 +249,7 @@ class EtcdStore:
         p = self.prefix + "/"
         out = self._post("/kv/range", {"key": _b64(p), "range_end": _b64(_range_end(p))})
         rev = int(out["header"]["revision"])
-        containers, ips, ports, links, groups, hosts = {}, {}, {}, {}, {}, {}
+        containers, ips, ports, links, groups, hosts, underlays = {}, {}, {}, {}, {}, {}, {}
         store_rev = 0
         for kv in out.get("kvs", []):
             key = _unb64(kv["key"])[len(p):]
@@ -267,9 +272,11 @@ class EtcdStore:
                     groups[rest] = value
                 elif kind == "host":
                     hosts[rest] = value
+                elif kind == "underlay":
+                    underlays[rest] = value
             except (TypeError, ValueError) as e:
                 raise StoreError(f"etcd key {p}{key[:80]} is not a tether record ({e}): fix or delete it") from None
-        self.hosts = hosts
+        self.hosts, self.underlays = hosts, underlays
         return StoreSnapshot(store_rev, containers, ips, ports, links, groups), rev
 
     def live_hosts(self) -> dict[str, dict]:

@@ -88,6 +88,7 @@ class Underlay:
         self.namespaces: list[str] = []
         self.etcds: list[Etcd] = []
         self.hosts: dict[str, str] = {}  # name -> netns
+        self.addresses: dict[str, str] = {}  # name -> underlay address
         self._ns(self.ns)
         sh("ip", "-n", self.ns, "link", "add", "br0", "type", "bridge")
         sh("ip", "-n", self.ns, "link", "set", "br0", "up")
@@ -115,7 +116,11 @@ class Underlay:
         sh("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", "u0")
         sh("ip", "-n", ns, "link", "set", "u0", "up")
         self.hosts[name] = ns
+        self.addresses[name] = addr
         return ns, addr
+
+    def address(self, name: str) -> str:
+        return self.addresses[name]
 
     def close(self) -> None:
         for e in self.etcds:

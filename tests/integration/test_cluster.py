@@ -17,7 +17,7 @@ import dns.rdatatype
 import pytest
 
 from cluster import Cluster
-from harness import BUSYBOX, address_in_hosts, in_netns, serve, sh, wait_for
+from harness import BUSYBOX, address_in_hosts, host_port, in_netns, serve, sh, wait_for
 
 SLEEP = ["sleep", "1000000"]
 
@@ -31,6 +31,7 @@ def cluster(rootfs):
         c["h3"].start_container("web2", serve("web2"), "--expose", "5432")
         c["h2"].start_container("app", SLEEP, "--link", "web:db")
         c["h3"].start_container("app3", SLEEP, "--link", "web:db")
+        c["h1"].start_container("app1", SLEEP, "--link", "web:db")
         yield c
     finally:
         c.close()
@@ -58,8 +59,9 @@ def test_one_address_space_and_links_across_hosts(cluster):
     h1, h2 = cluster["h1"], cluster["h2"]
     web_ip = h1.container("web")["ip"]
     assert h2.container("web")["ip"] == web_ip and h2.container("web")["host"] == "h1"
-    ips = [cluster[h].container(n)["ip"] for h, n in (("h1", "web"), ("h3", "web2"), ("h2", "app"), ("h3", "app3"))]
-    assert len(set(ips)) == 4
+    ips = [cluster[h].container(n)["ip"] for h, n in (("h1", "web"), ("h3", "web2"), ("h2", "app"), ("h3", "app3"),
+                                                       ("h1", "app1"))]
+    assert len(set(ips)) == 5
     assert nc(h2, "app", web_ip) == "web"
     assert nc(h2, "app", "db") == "web"
     assert srv(h2, "app", "_db._tcp") == [(5432, "db.")]
@@ -118,7 +120,7 @@ def test_move_to_a_container_on_a_third_host_while_the_consumers_run(cluster):
     h1, h2, h3 = cluster["h1"], cluster["h2"], cluster["h3"]
     facade = address_in_hosts(hosts_of(h2, "app"), "db")
     r = h1.cli_json("move", "web", "web2")
-    assert r["links"] == 2
+    assert r["links"] == 3
     # every host's consumers follow: files and traffic, at the facade they cached
     for d, consumer in ((h2, "app"), (h3, "app3")):
         wait_for(lambda: "\tdb web2\n" in hosts_of(d, consumer), 5, what=f"{consumer}'s hosts to name web2")
@@ -142,7 +144,7 @@ def test_a_change_on_one_host_shows_in_files_on_another(cluster):
 
 def test_a_sticky_address_follows_a_container_to_another_host(cluster):
     """web stops on h1 and starts on h2: the same address and MAC; consumers
-    on h2 and h3 reach it where they cached it, with nothing done there."""
+    on h1, h2 and h3 reach it where they cached it, with nothing done there."""
     h1, h2, h3 = cluster["h1"], cluster["h2"], cluster["h3"]
     before = h1.container("web")
     h1.kill("web")
@@ -150,7 +152,7 @@ def test_a_sticky_address_follows_a_container_to_another_host(cluster):
     h2.start_container("web", serve("web"), "--expose", "5432")
     after = h2.container("web")
     assert (after["ip"], after["mac"], after["host"]) == (before["ip"], before["mac"], "h2")
-    for d, consumer in ((h2, "app"), (h3, "app3")):
+    for d, consumer in ((h1, "app1"), (h2, "app"), (h3, "app3")):
         wait_for(lambda: nc(d, consumer, before["ip"]) == "web", 5, what=f"{consumer} to reach web at {before['ip']}")
         assert nc(d, consumer, "db") == "web"
     # and back to h1
@@ -171,6 +173,23 @@ def test_doctor_checks_etcd_and_the_overlay(cluster):
     r = doctor(cluster["h2"])
     assert r["store"]["status"] == "ok" and "live hosts h1, h2, h3" in r["store"]["detail"], r["store"]
     assert r["overlay"]["status"] == "ok" and "2 other host(s): h1, h3" in r["overlay"]["detail"], r["overlay"]
+
+
+def test_a_host_port_forwards_on_the_host_its_container_runs_on(cluster):
+    h1, h2 = cluster["h1"], cluster["h2"]
+    h1.start_container("pub", serve("pub"), "--publish", "5432")
+    try:
+        port = host_port(h1.container("pub")["published"][0])
+        u1, u2 = (cluster.net.address(h) for h in ("h1", "h2"))
+
+        def from_h2(addr: str) -> str:  # a client on host h2 itself (its namespace), not in a container
+            p = sh("ip", "netns", "exec", h2.netns, BUSYBOX, "nc", "-w", "2", addr, str(port), check=False)
+            return p.stdout.strip()
+
+        assert from_h2(u1) == "pub"  # through h1's address: h1 forwards it
+        assert from_h2(u2) == ""  # h2 does not: pub does not run there
+    finally:
+        h1.kill("pub")
 
 
 def test_a_name_running_on_one_host_is_refused_on_another(cluster):
@@ -207,7 +226,7 @@ def test_a_dead_hosts_containers_count_as_stopped_and_keep_their_leases(rootfs):
     with Cluster(rootfs, n=2, strategy="direct", lease_ttl=2) as c:
         c.start()
         h1, h2 = c["h1"], c["h2"]
-        h2.start_container("lost", SLEEP)
+        h2.start_container("lost", serve("lost"), "--expose", "5432")
         h1.start_container("peer", SLEEP)
         ip = h1.container("lost")["ip"]
         h2.kill9("fused")
@@ -216,6 +235,14 @@ def test_a_dead_hosts_containers_count_as_stopped_and_keep_their_leases(rootfs):
         wait_for(lambda: h1.container("lost")["state"] == "stopped", 15, what="h2's lease to expire")
         assert h1.container("lost")["ip"] == ip  # sticky
         assert "its host h2 is gone" in h1.log.read_text()
+        assert nc(h1, "peer", ip) == "lost"  # it runs on, its daemon away: still reached
+        h1.start_container("newcomer", SLEEP)
+        assert h1.container("newcomer")["ip"] != ip  # a free address first: lost's is taken only when none is
+        # h2 comes back with lost still running there: it is running again, where it was
+        h2.start()
+        wait_for(lambda: h1.container("lost")["state"] == "running", 10, what="lost to run again")
+        assert h1.container("lost")["ip"] == ip and h1.container("lost")["host"] == "h2"
+        wait_for(lambda: nc(h1, "peer", ip) == "lost", 5, what="peer on h1 to reach lost on h2 again")
 
 
 def test_etcd_away_a_start_fails_in_one_line_and_running_containers_keep_working(rootfs):
