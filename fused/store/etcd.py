@@ -102,9 +102,6 @@ class EtcdStore:
         self.underlays: dict[str, str] = {}  # every host that ever joined -> its underlay address
         self._lease: int | None = None
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self.conflicts = 0
-        self.reachable = True
         self._post("/maintenance/status", {})  # unreachable: one line, before anything is joined
         self._join()
 
@@ -126,14 +123,11 @@ class EtcdStore:
         last = None
         for c in clients or self._clients:
             try:
-                out = c.post(c.get_url(path), json=body)
-                self.reachable = True
-                return out
+                return c.post(c.get_url(path), json=body)
             except (etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError) as e:
                 last = e
             except etcd_errors.Etcd3Exception as e:
                 raise StoreError(f"etcd at {c.base_url} refused {path}: {str(e)[:200]}") from None
-        self.reachable = False
         self._dirty = True
         self._down = (
             f"etcd is unreachable at {', '.join(self.endpoints)} ({type(last).__name__}, {self.timeout:g} s): "
@@ -152,14 +146,24 @@ class EtcdStore:
         for target in (self._keepalive, self._watch):
             t = threading.Thread(target=target, name=f"etcd-{target.__name__.strip('_')}", daemon=True)
             t.start()
-            self._threads.append(t)
 
     def _grant(self, clients: list | None = None) -> None:
+        """This host's liveness record on a new lease; refused while another
+        live host has this name (a restart of this very host, at the same
+        underlay address, takes its record over)."""
+        key = _b64(self._key("host", self.host))
+        got = self._post("/kv/range", {"key": key}, clients).get("kvs", [])
+        if got:
+            other = json.loads(_unb64(got[0].get("value", "")) or "{}").get("underlay")
+            if other != self.underlay:
+                raise StoreError(
+                    f"host name {self.host!r} is taken in this cluster by a live host at {other}: "
+                    "give this one another [cluster] host"
+                )
         lease = self._post("/lease/grant", {"TTL": self.ttl}, clients)
         self._lease = int(lease["ID"])
         value = json.dumps({"underlay": self.underlay, "since": time.time()})
-        self._post("/kv/put", {"key": _b64(self._key("host", self.host)), "value": _b64(value), "lease": self._lease},
-                   clients)
+        self._post("/kv/put", {"key": key, "value": _b64(value), "lease": self._lease}, clients)
         self._post("/kv/put", {"key": _b64(self._key("underlay", self.host)), "value": _b64(json.dumps(self.underlay))},
                    clients)
         log.info("etcd: host %s joined (lease %x, ttl %d s)", self.host, self._lease, self.ttl)
@@ -200,7 +204,7 @@ class EtcdStore:
                             timeout=(self.timeout, 60)) as resp:
             resp.raise_for_status()
             if self._down_until:  # through again: requests may try etcd
-                self.reachable, self._down_until = True, 0.0
+                self._down_until = 0.0
                 log.info("etcd: reachable again at %s", c.base_url)
                 self._changed()
             for line in resp.iter_lines():
@@ -324,7 +328,6 @@ class EtcdStore:
             }
             out = self._post("/kv/txn", txn)
             if not out.get("succeeded"):
-                self.conflicts += 1
                 self._dirty = True
                 raise Conflict(f"the store changed since revision {revision} (another host committed): plan again")
             self._read_rev = max(self._read_rev, int(out["header"]["revision"]))

@@ -114,6 +114,18 @@ def test_a_hosts_liveness_is_a_lease(etcd):
         a.close()
 
 
+def test_a_host_name_a_live_host_has_is_refused_but_a_restart_takes_it_over(etcd):
+    prefix = "/t%06x" % random.randrange(1 << 24)
+    a = open_store(etcd, prefix, "h1")
+    try:
+        with pytest.raises(StoreError, match="host name 'h1' is taken .* by a live host at 10.0.0.1"):
+            EtcdStore([etcd.endpoint], prefix, "h1", "10.0.0.2")
+        again = EtcdStore([etcd.endpoint], prefix, "h1", "10.0.0.1")  # the same host, restarted
+        again.close()
+    finally:
+        a._stop.set()
+
+
 def test_unreachable_etcd_is_one_line_naming_the_endpoint():
     with pytest.raises(StoreError) as ei:
         EtcdStore(["http://127.0.0.1:9"], "/t", "h1", timeout=0.5)
