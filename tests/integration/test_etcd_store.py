@@ -126,6 +126,31 @@ def test_a_host_name_a_live_host_has_is_refused_but_a_restart_takes_it_over(etcd
         a._stop.set()
 
 
+def test_a_watch_from_a_compacted_revision_reads_everything_again(etcd):
+    """etcd back after a long time, its history compacted: the watch cannot
+    go on from its last revision, so the next snapshot is a full read."""
+    from harness import sh
+
+    prefix = "/t%06x" % random.randrange(1 << 24)
+    seen = threading.Event()
+    a = open_store(etcd, prefix, "h1")
+    b = open_store(etcd, prefix, "h2", on_change=seen.set)
+    try:
+        b.snapshot()
+        old = b._read_rev
+        for n in ("x", "y", "z"):
+            add(a, n)
+        head = a._read_rev
+        sh("ip", "netns", "exec", etcd.ns, "etcdctl", "--endpoints", etcd.endpoint, "compact", str(head))
+        seen.clear()
+        b._dirty = False
+        assert b._stream(b._watch_clients[0], old) is None  # compacted: nothing to go on from
+        assert seen.is_set() and set(b.snapshot().containers) == {"x", "y", "z"}
+    finally:
+        a.close()
+        b.close()
+
+
 def test_unreachable_etcd_is_one_line_naming_the_endpoint():
     with pytest.raises(StoreError) as ei:
         EtcdStore(["http://127.0.0.1:9"], "/t", "h1", timeout=0.5)
