@@ -108,9 +108,11 @@ class EtcdStore:
     def _client(self, endpoint: str) -> etcd3gw.Etcd3Client:
         proto, _, rest = endpoint.partition("://")
         host, _, port = rest.rpartition(":")
-        c = etcd3gw.Etcd3Client(host=host.strip("[]"), port=int(port), protocol=proto, timeout=self.timeout,
-                                api_path="/v3/")
-        return c
+        # connecting takes a LAN's round trip: an endpoint that does not
+        # answer is given up on well before the request timeout
+        timeout = (min(0.5, self.timeout), self.timeout)
+        return etcd3gw.Etcd3Client(host=host.strip("[]"), port=int(port), protocol=proto, timeout=timeout,
+                                   api_path="/v3/")
 
     # --- requests ---------------------------------------------------------------
     def _post(self, path: str, body: dict, clients: list | None = None) -> dict:

@@ -64,6 +64,7 @@ def test_one_address_space_and_links_across_hosts(cluster):
     assert len(set(ips)) == 5
     assert nc(h2, "app", web_ip) == "web"
     assert nc(h2, "app", "db") == "web"
+    assert nc(h2, "app", "web") == "web"  # the target's own name, on the alias's line
     assert srv(h2, "app", "_db._tcp") == [(5432, "db.")]
 
 
@@ -270,6 +271,26 @@ def test_etcd_away_a_start_fails_in_one_line_and_running_containers_keep_working
         # a change made on one host after etcd came back shows on the other
         h1.cli("link", "add", "app", "db", "--alias", "again")
         wait_for(lambda: "again" in hosts_of(h2, "app"), 5, what="h2 to follow h1's change")
+
+
+def test_a_host_cut_off_from_etcd_catches_up_when_it_is_back(rootfs):
+    """h2 loses the underlay (etcd and the other hosts) while h1 changes
+    what h2's consumer sees; when h2 is back, it applies it."""
+    with Cluster(rootfs, n=2, strategy="facade", lease_ttl=30) as c:
+        c.start()
+        h1, h2 = c["h1"], c["h2"]
+        h1.start_container("db", serve("db"), "--expose", "5432")
+        h1.start_container("db2", serve("db2"), "--expose", "5432")
+        h2.start_container("app", SLEEP, "--link", "db:database")
+        sh("ip", "-n", h2.netns, "link", "set", "u0", "down")
+        try:
+            h1.cli("move", "db", "db2")
+            time.sleep(1)
+            assert "\tdatabase db\n" in hosts_of(h2, "app")  # h2 cannot know yet: it serves what it had
+        finally:
+            sh("ip", "-n", h2.netns, "link", "set", "u0", "up")
+        wait_for(lambda: "\tdatabase db2\n" in hosts_of(h2, "app"), 15, interval=0.1, what="h2 to catch up")
+        wait_for(lambda: nc(h2, "app", "database") == "db2", 5, what="app to reach db2")
 
 
 @pytest.mark.parametrize("section,bad,needle", [
