@@ -126,7 +126,6 @@ class Service:
         # with several hosts ([store] backend = "etcd"), this one's name:
         # the containers it wires, whose processes it can see
         self.host = cfg.cluster.host_name if cfg.store.backend == "etcd" else ""
-        self.conflicts = 0  # commits planned again because another host committed first
 
     # --- kernel helpers ---------------------------------------------------
     def _endpoint(self, name: str, pid: int, ip: str, mac: str, answers: tuple[str, ...] = ()) -> Endpoint:
@@ -351,14 +350,39 @@ class Service:
     async def refresh(self) -> None:
         async with self.lock:
             snap = self.store.snapshot()
-            if self._pub is not None and snap is self._pub.snap:
+            pub = self._pub
+            if pub is not None and snap is pub.snap:
                 return
             t0 = time.perf_counter()
             await self.apply_firewall(snap)
             self._publish(snap)
             await self.sync_overlay(snap)
+            if pub is not None and (cuts := self._moved_away(pub.topo, self._pub.topo)):
+                # another host moved or removed links of this host's
+                # consumers: their DNAT'ed flows are tracked here, not there
+                await self._cut(cuts)
             log.debug("store: revision %d from another host applied in %.1f ms", snap.revision,
                       (time.perf_counter() - t0) * 1000)
+
+    def _moved_away(self, old: Topology, new: Topology) -> list[list[str]]:
+        """conntrack filters for the facade flows of this host's consumers
+        whose link now goes elsewhere, or is gone."""
+        if self.cfg.network.strategy != "facade":
+            return []
+        out = []
+        for g in graph.changed_groups(old, new):
+            if g not in new.groups:  # gone with its last link: the links say which flows (below)
+                continue
+            t = old.nodes.get(old.groups.get(g, ""))
+            if t is not None and t.ip:  # a move: every link of the group
+                out.append(("-d", self.cfg.network.facade_subnet, "-r", t.ip))
+        if old.edges is not new.edges:
+            now = {(e.consumer, e.alias): e for e in new.edges}
+            for e in old.edges:
+                n = now.get((e.consumer, e.alias))
+                if e.facade and (n is None or n.group != e.group):  # removed, or retargeted: that one link
+                    out.append(("-d", e.facade))
+        return [list(f) for f in dict.fromkeys(out)]
 
     async def sync_overlay(self, snap: StoreSnapshot) -> None:
         """Several hosts: forwarding entries for the containers elsewhere."""
@@ -878,7 +902,6 @@ class Service:
             except Conflict as e:
                 # another host committed between this plan's snapshot and its
                 # commit (whose kernel steps were undone): plan again
-                self.conflicts += 1
                 if attempt == CONFLICT_ATTEMPTS:
                     raise ServiceError(
                         f"{op}: the store changed under it {attempt} times in a row (other hosts are writing): "

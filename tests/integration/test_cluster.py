@@ -131,6 +131,22 @@ def test_move_to_a_container_on_a_third_host_while_the_consumers_run(cluster):
     wait_for(lambda: nc(h2, "app", "db") == "web", 5, what="app to reach web again")
 
 
+def test_a_move_on_another_host_cuts_the_flows_tracked_here(cluster):
+    """app's flows through its facade are tracked on app's host: a move made
+    on h1 cuts them on h2, and the next datagram goes to the new target."""
+    h1, h2 = cluster["h1"], cluster["h2"]
+    web_ip = h1.container("web")["ip"]
+    facade = address_in_hosts(hosts_of(h2, "app"), "db")
+    h2.exec("app", "sh", "-c", "echo x | nc -u -w 1 db 5432", check=False)
+    flows = lambda: sh("ip", "netns", "exec", h2.netns, "conntrack", "-L", "-d", facade, check=False).stdout  # noqa: E731
+    assert web_ip in flows()
+    h1.cli("move", "web", "web2")
+    try:
+        wait_for(lambda: web_ip not in flows(), 5, what="h2 to cut app's flow to web")
+    finally:
+        h1.cli("move", "web2", "web")
+
+
 def test_a_change_on_one_host_shows_in_files_on_another(cluster):
     """A link added on h1 for a consumer on h2: h2's daemon serves it."""
     h1, h2 = cluster["h1"], cluster["h2"]
