@@ -19,7 +19,7 @@ from .fs.server import log_format
 from .net import firewall as fw
 from .net.wiring import Wiring, Worker
 from .service import Service
-from .errors import FirewallError, WiringError
+from .errors import FirewallError, ServiceError, WiringError
 from .store.sqlite import SqliteStore, StoreDamaged, StoreError, quarantine
 
 log = logging.getLogger("tether")
@@ -193,7 +193,10 @@ async def run(cfg: config_mod.Config, log_level: str = "info", rebuild_from: lis
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for sig in signals:
                     if sig == signal.SIGHUP:
-                        await service.reconcile()
+                        try:
+                            await service.dispatch("reconcile", {})
+                        except (StoreError, ServiceError) as e:  # etcd away, or other hosts writing: said, not fatal
+                            log.warning("reconcile (SIGHUP): %s", e)
                         continue
                     log.info(
                         "tether-fused: %s, stopping (containers keep their wiring; file server %s keeps serving)",

@@ -132,6 +132,7 @@ def register(
     host: str = "",
 ) -> Registered:
     """`host`: the host it starts on (several hosts), "" on one."""
+    d.host = host
     row = d.container(reg.name)
     if row is not None and row.running:
         lease = d.ip_lease(reg.name)
@@ -205,10 +206,9 @@ def _holders(d: Draft, alive: Alive | None) -> Mapping[str, Holder]:
 
 
 def _mark_dead_stopped(d: Draft, alive: Alive, now: float) -> list[str]:
-    dead = [c for c in d.containers() if c.running and not alive(c)]
-    for c in dead:
-        d.put(_stopped(c, now))
-    return [c.name for c in dead]
+    """`stop_dead` on the way to an allocation: a container of another host
+    (its host is gone) keeps its pid, to run again when that host is back."""
+    return stop_dead(d, alive, now, d.host)
 
 
 def lease_address(d: Draft, name: str, net: NetworkConfig, now: float, alive: Alive, evicted: list[str]) -> str:
@@ -499,13 +499,13 @@ def stop(d: Draft, name: str, now: float) -> Container:
     return d.put(_stopped(d.container(name), now))
 
 
-def stop_dead(d: Draft, alive: Alive, now: float, host: str = "") -> list[str]:
+def stop_dead(d: Draft, alive: Alive, now: float, host: str = "", limit: int | None = None) -> list[str]:
     """Mark stopped every running container whose process is gone. With
     several hosts (`host`: this one), a container of a host that is gone
     keeps its pid and netns in its record: if that host comes back with it
     still running (its daemon was away longer than its lease), it is running
-    again (`revive`)."""
-    dead = [c for c in d.containers() if c.running and not alive(c)]
+    again (`revive`). `limit`: at most that many (one etcd transaction's worth)."""
+    dead = [c for c in d.containers() if c.running and not alive(c)][:limit]
     for c in dead:
         if host and c.host and c.host != host:
             d.put(replace(c, state=model.STOPPED, stopped_at=now,

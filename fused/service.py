@@ -126,6 +126,7 @@ class Service:
         # with several hosts ([store] backend = "etcd"), this one's name:
         # the containers it wires, whose processes it can see
         self.host = cfg.cluster.host_name if cfg.store.backend == "etcd" else ""
+        self._seen: Topology | None = None  # the topology the last refresh saw (several hosts)
 
     # --- kernel helpers ---------------------------------------------------
     def _endpoint(self, name: str, pid: int, ip: str, mac: str, answers: tuple[str, ...] = ()) -> Endpoint:
@@ -181,7 +182,10 @@ class Service:
         self._publish(snap)
         self.steps.update(firewall=t1 - t0, store=t2 - t1, publish=time.perf_counter() - t2)
         if self.host and any(c is not None and not self._local(c) for c in d.change.containers.values()):
-            await self.sync_overlay(snap)  # another host's containers marked stopped here
+            try:  # another host's containers marked stopped (or running again) here
+                await self.sync_overlay(snap)
+            except Exception as e:  # noqa: BLE001 - committed: the next refresh tries again
+                log.warning("overlay: could not update the forwarding entries: %s", e)
         return snap
 
     async def _after_commit(self, what: str, fn, *args) -> list[str]:
@@ -229,7 +233,9 @@ class Service:
             await self.worker.run(self.wiring.ensure_overlay, self.cfg.cluster.vxlan_id, self.cfg.cluster.underlay,
                                   model.mac_for(gw))
         await self.worker.run(self.firewall.setup)
-        await self.reconcile()
+        await self.dispatch("reconcile", {})
+        if self.host:
+            await self.refresh()  # the overlay's entries (a new device has none), what others changed meanwhile
 
     def _local(self, c: model.Container) -> bool:
         """It runs (or ran) on this host."""
@@ -299,7 +305,8 @@ class Service:
             return []
         async with self.lock:
             d = Draft(self.store.snapshot())
-            dead = plan.stop_dead(d, self._alive, time.time(), self.host)
+            # with etcd, as many as one transaction takes; the rest next round
+            dead = plan.stop_dead(d, self._alive, time.time(), self.host, limit=100 if self.host else None)
             if lost and (back := plan.revive(d, self._alive, self.host, time.time())):
                 log.warning("%s: running here again: the other hosts had marked them stopped while this host's "
                             "lease was expired", ", ".join(back))
@@ -348,21 +355,24 @@ class Service:
                 log.exception("store: following another host's change failed")
 
     async def refresh(self) -> None:
+        """The store's snapshot now: published (unless a local request did
+        already), the overlay synced, and the facade flows of this host's
+        consumers that another host's change moved away cut. Those two
+        compare with what the last refresh saw, not with the last publish: a
+        local request may have published another host's change first."""
         async with self.lock:
             snap = self.store.snapshot()
-            pub = self._pub
-            if pub is not None and snap is pub.snap:
-                return
             t0 = time.perf_counter()
-            await self.apply_firewall(snap)
-            self._publish(snap)
+            if self._pub is None or snap is not self._pub.snap:
+                await self.apply_firewall(snap)
+                self._publish(snap)
             await self.sync_overlay(snap)
-            if pub is not None and (cuts := self._moved_away(pub.topo, self._pub.topo)):
+            seen, self._seen = self._seen, self._pub.topo
+            if seen is not None and (cuts := self._moved_away(seen, self._pub.topo)):
                 # another host moved or removed links of this host's
                 # consumers: their DNAT'ed flows are tracked here, not there
                 await self._cut(cuts)
-            log.debug("store: revision %d from another host applied in %.1f ms", snap.revision,
-                      (time.perf_counter() - t0) * 1000)
+            log.debug("store: revision %d applied in %.1f ms", snap.revision, (time.perf_counter() - t0) * 1000)
 
     def _moved_away(self, old: Topology, new: Topology) -> list[list[str]]:
         """conntrack filters for the facade flows of this host's consumers

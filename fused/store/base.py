@@ -126,6 +126,7 @@ class Draft:
         self.snap = snap
         self._change = ChangeSet()
         self._left: set[str] = set()  # groups a link left: deleted once no link is in them
+        self.host = ""  # the host planning, with several hosts (plan.register sets it)
 
     @property
     def change(self) -> ChangeSet:

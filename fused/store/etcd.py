@@ -6,6 +6,8 @@ Keys, under `[store] prefix` (P), values JSON:
 
     P/rev                   the store's revision, a counter: every commit
                             writes the next one
+    P/last                  who wrote the last commit (a commit whose answer
+                            is lost is looked up there before it is undone)
     P/c/NAME                a Container (its `host` says where it runs)
     P/ip/NAME               its IpLease
     P/port/PORT/PROTO       a PortLease
@@ -117,15 +119,18 @@ class EtcdStore:
     # --- requests ---------------------------------------------------------------
     def _post(self, path: str, body: dict, clients: list | None = None) -> dict:
         """One request, to the first endpoint that answers. Unreachable: a
-        one-line error, and the same at once until the watch (which keeps
-        trying) is through again: a hook's request must not wait out the
-        timeout each time, nor stall the daemon's other work."""
+        one-line error, and the same at once until a request of the
+        keepalive or the watch threads (which keep trying) is answered: a
+        hook's request must not wait out the timeout each time, nor stall
+        the daemon's other work."""
         if clients is None and time.monotonic() < self._down_until:
             raise EtcdUnreachable(self._down)
         last = None
         for c in clients or self._clients:
             try:
-                return c.post(c.get_url(path), json=body)
+                out = c.post(c.get_url(path), json=body)
+                self._down_until = 0.0
+                return out
             except (etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError) as e:
                 last = e
             except etcd_errors.Etcd3Exception as e:
@@ -135,7 +140,7 @@ class EtcdStore:
             f"etcd is unreachable at {', '.join(self.endpoints)} ({type(last).__name__}, {self.timeout:g} s): "
             "start it or fix [store] endpoints; running containers keep working"
         )
-        if clients is None:  # until the watch, which keeps trying, is through again
+        if clients is None:  # until the keepalive (every ttl / 3) or the watch is through again
             self._down_until = float("inf")
         raise EtcdUnreachable(self._down)
 
@@ -208,7 +213,9 @@ class EtcdStore:
             if self._down_until:  # through again: requests may try etcd
                 self._down_until = 0.0
                 log.info("etcd: reachable again at %s", c.base_url)
-                self._changed()
+            # a stream (re)made: what came between the last event seen and its
+            # start may not be replayed to it; read everything again
+            self._changed()
             for line in resp.iter_lines():
                 if self._stop.is_set():
                     return start
@@ -317,6 +324,8 @@ class EtcdStore:
             before = self._snap
             ops = self._ops(change)
             ops.append({"request_put": {"key": _b64(self._key("rev")), "value": _b64(str(revision + 1))}})
+            nonce = f"{self.host} {time.time_ns()}"  # whose commit this is, if its answer is lost
+            ops.append({"request_put": {"key": _b64(self._key("last")), "value": _b64(json.dumps(nonce))}})
             if len(ops) > MAX_TXN_OPS:
                 raise StoreError(
                     f"this change writes {len(ops)} etcd keys in one transaction, more than etcd's default "
@@ -328,11 +337,20 @@ class EtcdStore:
                 if revision else [{"key": rev_key, "target": "VERSION", "result": "EQUAL", "version": "0"}],
                 "success": ops,
             }
-            out = self._post("/kv/txn", txn)
+            try:
+                out = self._post("/kv/txn", txn)
+            except EtcdUnreachable:
+                if not self._landed(nonce):
+                    raise
+                out = {"succeeded": True, "header": {"revision": "0"}}  # it did: go on as if answered
             if not out.get("succeeded"):
                 self._dirty = True
                 raise Conflict(f"the store changed since revision {revision} (another host committed): plan again")
-            self._read_rev = max(self._read_rev, int(out["header"]["revision"]))
+            rev = int(out["header"]["revision"])
+            if rev == self._read_rev + 1:  # nothing (a host's coming or going) between the last read and it
+                self._read_rev = rev
+            else:
+                self._dirty = True
             if before is not None and before.revision == revision:
                 # no commit came between the snapshot planned on and this
                 # one (the compare says so): the snapshot after it, unread
@@ -341,14 +359,26 @@ class EtcdStore:
             self._dirty = True
         return self.snapshot()
 
+    def _landed(self, nonce: str) -> bool:
+        """A transaction whose answer never came: was it applied? (Its
+        kernel steps must not be undone if it was.) Asked once, on the
+        keepalive's connections; unknown counts as not."""
+        clients = [self._client(e) for e in self.endpoints]  # the keepalive thread's are in use
+        try:
+            out = self._post("/kv/range", {"key": _b64(self._key("last"))}, clients)
+        except StoreError:
+            return False
+        finally:
+            for c in clients:
+                c.session.close()
+        kvs = out.get("kvs", [])
+        return bool(kvs) and json.loads(_unb64(kvs[0].get("value", "")) or "null") == nonce
+
     def close(self) -> None:
-        """Leave: the host record goes now, not at its lease's expiry."""
+        """Stop the threads. The host record stays until its lease expires:
+        a restart within `ttl` (an upgrade) takes it over, and the other hosts
+        never see this host gone."""
         self._stop.set()
-        if self._lease is not None:
-            try:
-                self._post("/kv/lease/revoke", {"ID": self._lease})
-            except StoreError:
-                pass
         for c in (*self._clients, *self._ka_clients, *self._watch_clients):
             c.session.close()
 

@@ -244,7 +244,7 @@ def test_a_dead_hosts_containers_count_as_stopped_and_keep_their_leases(rootfs):
         c.start()
         h1, h2 = c["h1"], c["h2"]
         h2.start_container("lost", serve("lost"), "--expose", "5432")
-        h1.start_container("peer", SLEEP)
+        h1.start_container("peer", serve("peer"), "--expose", "5432")
         ip = h1.container("lost")["ip"]
         h2.kill9("fused")
         # h1 keeps serving its own
@@ -255,11 +255,16 @@ def test_a_dead_hosts_containers_count_as_stopped_and_keep_their_leases(rootfs):
         assert nc(h1, "peer", ip) == "lost"  # it runs on, its daemon away: still reached
         h1.start_container("newcomer", SLEEP)
         assert h1.container("newcomer")["ip"] != ip  # a free address first: lost's is taken only when none is
-        # h2 comes back with lost still running there: it is running again, where it was
+        # h2 comes back with lost still running there (its overlay device gone
+        # too, as after a reboot of that host's network): running again, where
+        # it was, and the overlay's entries written again at start
+        sh("ip", "-n", h2.netns, "link", "del", h2.bridge[:12] + "-vx")
         h2.start()
         wait_for(lambda: h1.container("lost")["state"] == "running", 10, what="lost to run again")
         assert h1.container("lost")["ip"] == ip and h1.container("lost")["host"] == "h2"
         wait_for(lambda: nc(h1, "peer", ip) == "lost", 5, what="peer on h1 to reach lost on h2 again")
+        peer_ip = h1.container("peer")["ip"]
+        wait_for(lambda: nc(h2, "lost", peer_ip) == "peer", 5, what="lost on h2 to reach peer on h1")
 
 
 def test_etcd_away_a_start_fails_in_one_line_and_running_containers_keep_working(rootfs):

@@ -100,8 +100,9 @@ def test_a_commit_on_another_host_is_seen_through_the_watch(etcd):
 
 
 def test_a_hosts_liveness_is_a_lease(etcd):
-    """A host that closes leaves at once; one that dies (its keepalives
-    stop) leaves when its lease expires."""
+    """A host whose keepalives stop (its daemon died, or was stopped: a
+    restart within the TTL takes the record over) leaves when its lease
+    expires."""
     prefix = "/t%06x" % random.randrange(1 << 24)
     a = open_store(etcd, prefix, "h1", ttl=2)
     b = open_store(etcd, prefix, "h2", ttl=2)
@@ -149,6 +150,45 @@ def test_a_watch_from_a_compacted_revision_reads_everything_again(etcd):
     finally:
         a.close()
         b.close()
+
+
+def test_a_commit_whose_answer_is_lost_is_looked_up_before_it_is_called_failed(etcd, store):
+    """The transaction reached etcd but its answer did not come back: the
+    commit looks for its own mark, finds it, and counts as done (its kernel
+    steps must not be undone); one that never landed still fails."""
+    from fused.store.etcd import EtcdUnreachable
+
+    add(store, "x")
+    real = store._post
+
+    def answer_lost(path, body, clients=None):
+        out = real(path, body, clients)
+        if path == "/kv/txn":
+            raise EtcdUnreachable("the answer was lost")
+        return out
+
+    def never_sent(path, body, clients=None):
+        if path == "/kv/txn":
+            raise EtcdUnreachable("etcd is unreachable")
+        return real(path, body, clients)
+
+    d = Draft(store.snapshot())
+    d.update("x", note="landed")
+    store._post = answer_lost
+    try:
+        snap = store.commit(d.change, d.snap.revision)
+    finally:
+        store._post = real
+    assert snap.containers["x"].note == "landed"
+    d = Draft(store.snapshot())
+    d.update("x", note="lost")
+    store._post = never_sent
+    try:
+        with pytest.raises(StoreError, match="unreachable"):
+            store.commit(d.change, d.snap.revision)
+    finally:
+        store._post = real
+    assert store.snapshot().containers["x"].note == "landed"
 
 
 def test_unreachable_etcd_is_one_line_naming_the_endpoint():

@@ -86,3 +86,9 @@ def test_across_hosts_a_dnat_from_a_container_keeps_its_source():
 
 def test_the_core_imports_no_etcd_client():
     assert loaded_after("fused.plan, fused.graph, fused.render, fused.rules, fused.store.base", HEAVY + ("etcd3gw", "requests")) == []
+
+
+def test_a_dead_hosts_containers_are_stopped_a_transactions_worth_at_a_time():
+    d = Draft(snap(*(running(f"c{i}", "h2", 10 + i) for i in range(5))))
+    assert plan.stop_dead(d, lambda c: False, 5.0, host="h1", limit=3) == ["c0", "c1", "c2"]
+    assert [c.name for c in d.containers() if c.running] == ["c3", "c4"]
