@@ -225,6 +225,11 @@ class Config(_Strict):
     source: Path | None = None
 
     @property
+    def clustered(self) -> bool:
+        """Several hosts share one store ([store] backend = "etcd")."""
+        return self.store.backend == "etcd"
+
+    @property
     def socket_path(self) -> Path:
         return self.run_dir / "fused.sock"
 

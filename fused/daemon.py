@@ -66,7 +66,7 @@ def _lock(cfg: config_mod.Config) -> int:
 def _parts(cfg: config_mod.Config) -> tuple[Wiring, fw.Firewall]:
     net = cfg.network
     wiring = Wiring(net.bridge, str(net.gateway), net.network.prefixlen, isolated=net.isolation == "links",
-                    strategy=net.strategy, cluster=cfg.store.backend == "etcd")
+                    strategy=net.strategy, cluster=cfg.clustered)
     return wiring, fw.make(cfg.firewall.driver, cfg.firewall.chain_prefix)
 
 
@@ -144,14 +144,12 @@ async def run(cfg: config_mod.Config, log_level: str = "info", rebuild_from: lis
         how = files.start()
         log.info("served files: %s at %s (file server pid %s)", how, cfg.fs_dir, files.pid)
         worker = Worker("tether-kernel")
-        if cfg.store.backend == "etcd":
+        changes = None  # several hosts: the etcd watch's nudges, one pending at most
+        if cfg.clustered:
             if rebuild_from is not None:
                 raise StoreError("--rebuild-store is for the SQLite store; with etcd, the store is the cluster's")
             store = open_etcd(cfg)
-        else:
-            store = await open_store(cfg, wiring, worker, rebuild=rebuild_from is not None)
-        changes_in, changes = trio.open_memory_channel(1)
-        if cfg.store.backend == "etcd":
+            changes_in, changes = trio.open_memory_channel(1)
             token = trio.lowlevel.current_trio_token()
 
             def nudge() -> None:  # on the trio thread: one pending refresh is enough
@@ -161,6 +159,8 @@ async def run(cfg: config_mod.Config, log_level: str = "info", rebuild_from: lis
                     pass
 
             store.on_change = lambda: token.run_sync_soon(nudge)
+        else:
+            store = await open_store(cfg, wiring, worker, rebuild=rebuild_from is not None)
         if rebuild_from is not None:  # before the first publish: the file server still serves the last snapshot
             from . import rebuild
             from .net.wiring import netns_inode
@@ -185,7 +185,7 @@ async def run(cfg: config_mod.Config, log_level: str = "info", rebuild_from: lis
             await nursery.start(control.serve, cfg.socket_path, service.dispatch)
             await nursery.start(service.watch_liveness)
             await nursery.start(service.watch_firewall)
-            if cfg.store.backend == "etcd":
+            if changes is not None:
                 await nursery.start(service.watch_store, changes)
             nursery.start_soon(trim_memory, service)
             log.info("tether-fused ready: socket %s, bridge %s, subnet %s", cfg.socket_path, cfg.network.bridge, cfg.network.subnet)

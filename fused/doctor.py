@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import config as config_mod
+from .model import overlay_name
 from .fs.session import KEEPER_NAME, file_server_pid, keeper_pid, mounts_at, read_pid
 from .protocol import DaemonError, Unreachable, request
 
@@ -446,7 +447,7 @@ class Doctor:
         return Result("daemon", OK, f"answers on {sock}: {len(items)} container(s), {running} running")
 
     def store(self) -> Result:
-        if self.cfg.store.backend == "etcd":
+        if self.cfg.clustered:
             return self.etcd()
         import sqlite3
 
@@ -539,10 +540,10 @@ class Doctor:
             return "?"
 
     def overlay(self) -> Result:
-        if self.cfg.store.backend != "etcd":
+        if not self.cfg.clustered:
             return Result("overlay", OK, "one host ([store] backend = \"sqlite\"): no overlay")
         cl, br = self.cfg.cluster, self.cfg.network.bridge
-        vx = br[:12] + "-vx"
+        vx = overlay_name(br)
         restart = f"restart tether-fused: it makes {vx} at start"
         r = run_cmd(["ip", "-j", "-d", "link", "show", "dev", vx])
         if r.rc != 0:

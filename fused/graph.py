@@ -95,9 +95,6 @@ class Topology(NamedTuple):
     def index(self) -> Shape:
         return self.shape if self.shape is not None else Shape(self.edges)
 
-    def target(self, e: Edge) -> str:
-        return self.groups.get(e.group, "")
-
 
 class Resolved(NamedTuple):
     """A link as its consumer sees it; address None: dangling (no line)."""

@@ -286,6 +286,11 @@ class PortLease:
         return (self.host_port, self.proto)
 
 
+def overlay_name(bridge: str) -> str:
+    """The VXLAN device joining `bridge` to the other hosts' (several hosts)."""
+    return bridge[:12] + "-vx"
+
+
 class Link(NamedTuple):
     """consumer --alias--> the target of its `group` (the links a move
     retargets together: the store keeps one target per group, so a move

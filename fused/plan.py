@@ -431,8 +431,9 @@ HANDING = ("veth-move", "reassign")  # the strategies that move addresses
 def move(d: Draft, old: str, new: str, strategy: str = "facade", alive: Alive | None = None,
          now: float = 0.0) -> Moved:
     """Failover: every link to OLD now goes to NEW (each of OLD's groups
-    does: one record and one firewall rule per group), and OLD's published host ports forward to NEW. With veth-move
-    or reassign, NEW also answers at OLD's address (and those OLD answered
+    does: one record and one firewall rule per group), and OLD's published
+    host ports forward to NEW. With veth-move or reassign, NEW also answers
+    at OLD's address (and those OLD answered
     at for others), or, when NEW answers at OLD's (an undo), NEW's own address
     comes back."""
     if old == new:

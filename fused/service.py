@@ -116,7 +116,7 @@ class Service:
         self.firewall = firewall
         self.worker = worker
         self.lock = trio.Lock()
-        self.rule_settings = rules.RuleSettings.of(cfg.network, cluster=cfg.store.backend == "etcd")
+        self.rule_settings = rules.RuleSettings.of(cfg.network, cluster=cfg.clustered)
         self._pub: Published | None = None
         self.last_commits = 0
         # OCI id -> how to undo its registration: what an `abort` from the hook undoes
@@ -125,7 +125,7 @@ class Service:
         self.steps: dict[str, float] = {}
         # with several hosts ([store] backend = "etcd"), this one's name:
         # the containers it wires, whose processes it can see
-        self.host = cfg.cluster.host_name if cfg.store.backend == "etcd" else ""
+        self.host = cfg.cluster.host_name if cfg.clustered else ""
         self._seen: Topology | None = None  # the topology the last refresh saw (several hosts)
 
     # --- kernel helpers ---------------------------------------------------

@@ -43,6 +43,7 @@ def _import_pyroute2():
 IPRoute, NetlinkError = _import_pyroute2()
 
 from ..errors import WiringError  # wiring.WiringError: the same class
+from ..model import overlay_name
 
 log = logging.getLogger("tether.net")
 
@@ -586,7 +587,7 @@ class Wiring:
 
     # --- the overlay (several hosts) -----------------------------------------
     def overlay_name(self) -> str:
-        return self.bridge[:12] + "-vx"
+        return overlay_name(self.bridge)
 
     def ensure_overlay(self, vxlan_id: int, local: str, gateway_mac: str) -> None:
         """The VXLAN device joining this host's bridge to the other hosts'

@@ -242,7 +242,7 @@ class Draft:
 
     def target(self, link: Link) -> str:
         """The name `link` goes to: its group's target."""
-        return self._get("groups", link.group)
+        return self.group_target(link.group)
 
     def group_target(self, group: str) -> str | None:
         return self._get("groups", group)

@@ -213,9 +213,6 @@ class EtcdStore:
             if self._down_until:  # through again: requests may try etcd
                 self._down_until = 0.0
                 log.info("etcd: reachable again at %s", c.base_url)
-            # a stream (re)made: what came between the last event seen and its
-            # start may not be replayed to it; read everything again
-            self._changed()
             for line in resp.iter_lines():
                 if self._stop.is_set():
                     return start
@@ -226,6 +223,10 @@ class EtcdStore:
                     log.warning("etcd: revision %s was compacted away: reading everything again", start)
                     self._changed()
                     return None
+                if result.get("created"):
+                    # its header is etcd's revision now, ahead of the events
+                    # still to be replayed from `start`: not where to go on from
+                    continue
                 rev = int(result.get("header", {}).get("revision", 0))
                 events = result.get("events", [])
                 if events:

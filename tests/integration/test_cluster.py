@@ -17,6 +17,7 @@ import dns.rdatatype
 import pytest
 
 from cluster import Cluster
+from fused.model import overlay_name
 from harness import BUSYBOX, address_in_hosts, host_port, in_netns, serve, sh, wait_for
 
 SLEEP = ["sleep", "1000000"]
@@ -71,7 +72,7 @@ def test_one_address_space_and_links_across_hosts(cluster):
 def count_arp_in(d) -> None:
     """A counter of the ARP frames the overlay brings into host `d` (a table
     of the test's own, in that host's namespace)."""
-    vx = d.bridge[:12] + "-vx"
+    vx = overlay_name(d.bridge)
     nft = ["ip", "netns", "exec", d.netns, "nft"]
     sh(*nft, "add", "table", "netdev", "tether_test_arp")
     sh(*nft, "add", "chain", "netdev", "tether_test_arp", "in",
@@ -258,7 +259,7 @@ def test_a_dead_hosts_containers_count_as_stopped_and_keep_their_leases(rootfs):
         # h2 comes back with lost still running there (its overlay device gone
         # too, as after a reboot of that host's network): running again, where
         # it was, and the overlay's entries written again at start
-        sh("ip", "-n", h2.netns, "link", "del", h2.bridge[:12] + "-vx")
+        sh("ip", "-n", h2.netns, "link", "del", overlay_name(h2.bridge))
         h2.start()
         wait_for(lambda: h1.container("lost")["state"] == "running", 10, what="lost to run again")
         assert h1.container("lost")["ip"] == ip and h1.container("lost")["host"] == "h2"
