@@ -99,6 +99,9 @@ class DnsConfig(_Strict):
     upstreams: list[str] = Field(default_factory=lambda: ["host"])
     search: list[str] = Field(default_factory=list)  # suffixes: "database.SUFFIX" answers too
     timeout: float = Field(default=2.0, gt=0, le=30)  # seconds to wait for an upstream
+    # each source address's budget (queries a second, a token bucket with a
+    # second's worth of burst); past it: REFUSED, counted and logged once a second
+    per_client_qps: int = Field(default=500, ge=1, le=1_000_000)
 
     @field_validator("upstreams")
     @classmethod
