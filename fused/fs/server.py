@@ -25,12 +25,10 @@ and a `marshal`led dict, one answer per request.
 from __future__ import annotations
 
 import argparse
-import array
 import ctypes
 import errno
 import io
 import logging
-import marshal
 import mmap
 import os
 import select
@@ -41,6 +39,7 @@ import sys
 import threading
 import time
 
+from ..channel import listen, recv_frame, send_frame
 from . import handlers as h
 from . import wire
 
@@ -50,9 +49,7 @@ BACKING_OPEN = 0x4010E501  # _IOW(229, 1, struct fuse_backing_map)
 BACKING_CLOSE = 0x4004E502  # _IOW(229, 2, uint32_t)
 BACKING_MAP = struct.Struct("<iIQ")
 TABLE_SIZE = 1 << 20  # 43,690 inodes with a backing file
-FRAME = struct.Struct("<I")
 SPIN = float(os.environ.get("TETHER_FSD_SPIN_US", "30")) / 1e6
-MAX_FRAME = 256 << 20
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -72,7 +69,7 @@ def code_version() -> str:
 
     h = hashlib.blake2b(digest_size=8)
     here = os.path.dirname(os.path.abspath(__file__))
-    for name in ("wire.py", "handlers.py", "server.py"):
+    for name in ("wire.py", "handlers.py", "server.py", "../channel.py"):
         with open(os.path.join(here, name), "rb") as f:
             h.update(f.read())
     return h.hexdigest()
@@ -110,46 +107,6 @@ def open_table(path: str) -> mmap.mmap:
         return mmap.mmap(fd, TABLE_SIZE)
     finally:
         os.close(fd)
-
-
-# --- framing (shared with the client in session.py) -------------------------------
-def send_frame(sock: socket.socket, msg: dict, fds: list[int] | None = None) -> None:
-    data = marshal.dumps(msg)
-    head = FRAME.pack(len(data))
-    if fds:
-        sock.sendmsg([head + data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-    else:
-        sock.sendall(head + data)
-
-
-def recv_frame(sock: socket.socket, with_fds: bool = False) -> tuple[dict | None, list[int]]:
-    """One frame (None at EOF) and any fds that came with it."""
-    fds: list[int] = []
-    head = b""
-    while len(head) < FRAME.size:
-        if with_fds:
-            chunk, anc, _flags, _ = sock.recvmsg(FRAME.size - len(head), socket.CMSG_SPACE(4 * 4))
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds += array.array("i", payload[: len(payload) - len(payload) % 4])
-        else:
-            chunk = sock.recv(FRAME.size - len(head))
-        if not chunk:
-            return None, fds
-        head += chunk
-    (n,) = FRAME.unpack(head)
-    if n > MAX_FRAME:
-        raise ValueError(f"frame of {n} bytes")
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            return None, fds
-        buf += chunk
-    msg = marshal.loads(bytes(buf))
-    if not isinstance(msg, dict):
-        raise ValueError("frame is not a dict")
-    return msg, fds
 
 
 class Server:
@@ -250,16 +207,7 @@ class Server:
                         os.close(fd)
 
     def listen(self) -> socket.socket:
-        tmp = f"{self.sock_path}.{os.getpid()}"
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        old = os.umask(0o177)
-        try:
-            s.bind(tmp)
-        finally:
-            os.umask(old)
-        s.listen(16)
-        os.replace(tmp, self.sock_path)  # atomically the live server's socket
-        return s
+        return listen(self.sock_path)  # atomically the live server's socket
 
     def accept_loop(self, s: socket.socket) -> None:
         while True:

@@ -32,7 +32,8 @@ import threading
 import time
 from pathlib import Path
 
-from .server import code_version, recv_frame, send_frame
+from ..channel import recv_frame, send_frame
+from .server import code_version
 
 log = logging.getLogger("tether.fs")
 
