@@ -15,6 +15,8 @@ Runs, in turn (progress on stderr):
           (bench.scale)
   core    the daemon's own share of a registration and of a move, in
           process, at 1 and 1000 (bench.core: no kernel)
+  restart tether-fused's restart at 1 and at 1000 registered containers:
+          from its exec until `ps` and DNS answer (bench.restart)
   cluster several hosts (network namespaces) on a throwaway etcd: a
           registration against SQLite's, a move's propagation to another
           host's files, starts on 3 hosts at once (bench.cluster)
@@ -38,12 +40,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
-from bench import cluster, core, made, move, net, pct, peers, read_hosts, runc_hook, scale, strategies, track  # noqa: E402
+from bench import cluster, core, made, move, net, pct, peers, read_hosts, restart, runc_hook, scale, strategies, track  # noqa: E402
 from harness import build_rootfs  # noqa: E402
 
-FULL = dict(net=100, runc=50, reads=50000, move=25, containers=1000, scale_reads=20000, scale_again=True, core=30,
+FULL = dict(restart=10, net=100, runc=50, reads=50000, move=25, containers=1000, scale_reads=20000, scale_again=True, core=30,
             strategies=8, cluster=30, per_host=50)
-QUICK = dict(net=10, runc=8, reads=4000, move=5, containers=1000, scale_reads=4000, scale_again=False, core=10,
+QUICK = dict(restart=4, net=10, runc=8, reads=4000, move=5, containers=1000, scale_reads=4000, scale_again=False, core=10,
              strategies=4, cluster=8, per_host=20)
 SIZES = (1, 10, 100, 1000)
 HOSTS_LINKS = 14  # a ~500-byte hosts file
@@ -222,6 +224,25 @@ def build_table(r: dict, quick: bool) -> Table:
         t.add(f"  {N} registered containers: one more registration (ms, daemon's log)", mp(gn), "same, 1 container",
               mp(g1), f"{med(gn) / med(g1):.2f}", "≤ 1.3× of 1 container", med(gn) / med(g1) <= 1.3,
               "5 sequential starts of a probe container")
+    rs = r.get("restart")
+    if rs:
+        lo, hi = min(rs, key=int), max(rs, key=int)
+        a, b = rs[hi], rs[lo]
+
+        def at(m: dict, key: str) -> str:  # a median in ms, or "-" when the log had no such line
+            return f"{med(m[key]) * 1000:.0f}" if m.get(key) else "-"
+
+        for key, row, notes in (
+            ("ps", f"tether-fused restart at {hi} containers: exec until `ps` is answered (ms)",
+             f"its log at {hi}: first line (interpreter, imports) {at(a, 'first line')}, ready {at(a, 'ready')}; "
+             f"at {lo}: {at(b, 'first line')}, {at(b, 'ready')}; SIGTERM until it exited {at(a, 'stop')} at {hi}, "
+             f"{at(b, 'stop')} at {lo} (bench.restart)"),
+            ("dns", "  same, exec until DNS answers (ms)",
+             f"longest time DNS did not answer, from the SIGTERM on: {at(a, 'dns silent')} at {hi}, "
+             f"{at(b, 'dns silent')} at {lo}"),
+        ):
+            t.add(row, mp([x * 1000 for x in a[key]], 0), f"same, {lo} container", mp([x * 1000 for x in b[key]], 0),
+                  f"{med(a[key]) / med(b[key]):.2f}" if med(b[key]) else "", "", None, notes)
     co = r.get("core")
     if co:
         for what, label in (("register", "one more registration and its stop"), ("move", "move")):
@@ -320,7 +341,7 @@ def plot(r: dict, path: Path) -> str | None:
 
 
 # --- main --------------------------------------------------------------------------
-PARTS = ("net", "runc", "read", "move", "strategies", "scale", "core", "cluster")
+PARTS = ("net", "runc", "read", "move", "strategies", "scale", "core", "restart", "cluster")
 
 
 def run(parts: tuple[str, ...], cfg: dict, tmp: Path) -> dict:
@@ -386,6 +407,10 @@ def run(parts: tuple[str, ...], cfg: dict, tmp: Path) -> dict:
         sc = json.loads(json.dumps(sc))  # int keys -> str, as in results.json
         r["scale"] = sc
         done("scale")
+    if "restart" in parts:
+        log(f"[restart] tether-fused restarts at 1 and {cfg['containers']} registered containers, {cfg['restart']} each")
+        r["restart"] = restart.measure(rootfs, (1, cfg["containers"]), cfg["restart"], log=log)
+        done("restart")
     if "core" in parts:
         log(f"[core] the daemon's own share of register and move, in process, at {SIZES[0]} and {SIZES[-1]}")
         r["core"] = core.measure((SIZES[0], SIZES[-1]), cfg["core"])

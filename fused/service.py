@@ -116,7 +116,7 @@ class Service:
         self.firewall = firewall
         self.worker = worker
         self.lock = trio.Lock()
-        self.rule_settings = rules.RuleSettings.of(cfg.network, cluster=cfg.clustered)
+        self.rule_settings = rules.RuleSettings.of(cfg.network, cluster=cfg.clustered, dns=cfg.dns)
         self._pub: Published | None = None
         self.last_commits = 0
         # OCI id -> how to undo its registration: what an `abort` from the hook undoes
