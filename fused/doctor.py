@@ -372,23 +372,8 @@ class Doctor:
                 "net.ipv4.ip_forward is 0: containers reach nothing beyond the bridge, published ports do not answer",
                 "`sysctl -w net.ipv4.ip_forward=1` (tether-fused sets it at start: something reset it)",
             )
-        if self.driver in ("iptables", "nftables") and shutil.which("iptables-nft"):
-            # nf_tables chains apply to the same packets: a DROP policy there
-            # (Docker sets one) drops what tether's legacy rules accept
-            r = run_cmd(["iptables-nft", "-t", "filter", "-S", "FORWARD"])
-            if r.rc == 0 and re.search(r"^-P FORWARD DROP", r.out, re.M):
-                br = self.cfg.network.bridge
-                return Result(
-                    "forwarding",
-                    WARN,
-                    "ip_forward is 1, but the nf_tables FORWARD chain's policy is DROP (set by Docker or a firewall): "
-                    + ("tether's ACCEPT rules are in the legacy tables and do not exempt its traffic there"
-                       if self.driver == "iptables" else
-                       "that chain belongs to iptables-nft, where tether adds nothing (a native nft rule would make "
-                       "`iptables -S` refuse the table), so it drops tether's forwarded traffic"),
-                    f"accept it there too: `iptables-nft -I FORWARD -i {br} -j ACCEPT; iptables-nft -I FORWARD -o {br} -j ACCEPT` "
-                    "(or in DOCKER-USER)",
-                )
+        # another tool's FORWARD policy DROP or DOCKER-USER drop (Docker's):
+        # the firewall check (the driver's) says whether tether's accepts are there
         return Result("forwarding", OK, "net.ipv4.ip_forward is 1")
 
     # tether's own state ---------------------------------------------------------------
@@ -640,7 +625,7 @@ class Doctor:
         if self.driver == "none":
             return Result("firewall", OK, "driver none: tether writes no rules; forwarding and NAT are yours")
         try:
-            f = fw_mod.make(self.driver, self.cfg.firewall.chain_prefix)
+            f = fw_mod.make(self.driver, self.cfg.firewall.chain_prefix, bridge=self.cfg.network.bridge)
         except fw_mod.FirewallError as e:
             return Result("firewall", FAIL, str(e), "see kernel-nat")
         ok, msg, fix = f.check()

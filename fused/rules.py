@@ -11,6 +11,10 @@ filter <prefix>-ISOLATE   (isolation = "links") what may pass between two
                           containers: replies, published ports, and each link's
                           consumer -> target on the target's exposed ports
                           (and ICMP); the rest is rejected
+filter <prefix>-INPUT     ([dns] enabled) DNS to the gateway from one source
+                          address past twice its budget, dropped
+admit (other firewalls)   accept the bridge's traffic, both ways, where another
+                          tool's forward chain would drop it (see `admissions`)
 
 Links are grouped: a move retargets a whole group by rewriting its one DNAT
 rule, however many links it holds.
@@ -32,6 +36,22 @@ class _NetworkSettings(Protocol):
     facade_subnet: str
     isolation: str
 
+    @property
+    def gateway(self) -> object: ...
+
+
+class _DnsSettings(Protocol):
+    enabled: bool
+    per_client_qps: int
+
+
+# the DNS responder's budget is per_client_qps (REFUSED past it); the kernel
+# drops only past twice that, so a client the responder refuses still gets
+# its REFUSED answers, while a flood stops before it fills the socket's queue
+DNS_KERNEL_FACTOR = 2
+# xt_hashlimit's highest rate (packets a second); nftables has no such bound
+MAX_RATE = 1_000_000
+
 
 @dataclass(frozen=True)
 class RuleSettings:
@@ -46,11 +66,20 @@ class RuleSettings:
     # (the gateway is on every host: its replies would end on the target's),
     # and its bridged replies pass the consumer host's conntrack
     cluster: bool = False
+    # the address DNS answers on (the gateway), and the packets a second one
+    # source address may send it before the kernel drops the rest; None / 0:
+    # no DNS, no limit
+    dns: str | None = None
+    dns_rate: int = 0
 
     @classmethod
-    def of(cls, network: _NetworkSettings, cluster: bool = False) -> RuleSettings:
-        """From the `[network]` settings (config.NetworkConfig)."""
-        return cls(network.bridge, network.subnet, network.facade_subnet, network.isolation, cluster)
+    def of(cls, network: _NetworkSettings, cluster: bool = False, dns: _DnsSettings | None = None) -> RuleSettings:
+        """From the `[network]` settings (config.NetworkConfig), and `[dns]`
+        (config.DnsConfig) for the per-source limit."""
+        limited = dns is not None and dns.enabled
+        return cls(network.bridge, network.subnet, network.facade_subnet, network.isolation, cluster,
+                   dns=str(network.gateway) if limited else None,
+                   dns_rate=min(DNS_KERNEL_FACTOR * dns.per_client_qps, MAX_RATE) if limited else 0)
 
 
 @dataclass(frozen=True, order=True)
@@ -137,7 +166,31 @@ def build(settings: RuleSettings, topo: Topology | None = None, ports: list[Port
         rs.chains[("filter", "ISOLATE")] = isolation_rules(settings, topo)
     rs.add("filter", "FORWARD", Rule("ACCEPT", in_iface=settings.bridge, comment="tether from bridge"))
     rs.add("filter", "FORWARD", Rule("ACCEPT", out_iface=settings.bridge, comment="tether to bridge"))
+    rs.chains[("filter", "INPUT")] = dns_limit(settings)
+    rs.admit = admissions(settings.bridge)
     return rs
+
+
+def dns_limit(settings: RuleSettings) -> list[Rule]:
+    """DNS queries to the gateway from one source address past `dns_rate` a
+    second, dropped before they reach the responder's socket: a flood from
+    one container cannot fill the socket's queue and starve the others. One
+    bucket per source for UDP and TCP together (one meter)."""
+    if not settings.dns or not settings.dns_rate:
+        return []
+    return [Rule("DROP", in_iface=settings.bridge, dst=f"{settings.dns}/32", proto=proto, dport=53,
+                 limit=settings.dns_rate, meter="dns", comment="tether dns flood")
+            for proto in ("udp", "tcp")]
+
+
+def admissions(bridge: str) -> list[Rule]:
+    """The bridge's traffic, from it and to it, accepted: what tether puts at
+    the top of another firewall's forward chain that would drop it (Docker's
+    iptables FORWARD policy DROP, a DOCKER-USER chain that drops). An accept
+    in tether's own table ends only that table's chain; another table's drop
+    still drops."""
+    return [Rule("ACCEPT", in_iface=bridge, comment="forwarding of its bridge"),
+            Rule("ACCEPT", out_iface=bridge, comment="forwarding of its bridge")]
 
 
 def allowed(topo: Topology) -> list[Rule]:

@@ -67,7 +67,7 @@ def test_with_the_nftables_driver_the_doctor_asks_the_driver(rootfs):
         d.start_container("db", None, "--expose", "5432")
         d.start_container("web", None, "--link", "db:database")
         lines = lines_of(doctor(d))
-        assert lines["firewall"].startswith("ok") and f"table inet {d.chain_prefix}: 4 base chains, 1 link group" in lines["firewall"]
+        assert lines["firewall"].startswith("ok") and f"table inet {d.chain_prefix}: 5 base chains, 1 link group" in lines["firewall"]
         assert "1 links" in lines["firewall"]
         assert lines["iptables"].startswith("ok") and f"nft list table inet {d.chain_prefix}" in lines["iptables"]
         assert lines["kernel-nat"].startswith("ok") and "nftables" in lines["kernel-nat"]

@@ -119,3 +119,37 @@ def test_a_move_within_one_shape_reuses_the_link_elements():
                                            f'add rule inet T {group_chain("db")} dnat ip to 10.213.0.4 comment "tether group db"']
     c = Desired(rules.build(S, topo(999), PORTS))
     assert c.links is not a.links and len(c.links) == 999 and len(a.links) == 1000
+
+
+# --- the per-source DNS limit ---------------------------------------------------
+DNS = rules.RuleSettings(bridge="tb0", subnet="10.213.0.0/16", facade_subnet="10.214.0.0/16", dns="10.213.0.1",
+                         dns_rate=1000)
+
+
+def test_the_dns_limit_is_a_meter_in_the_input_chain():
+    d = Desired(rules.build(DNS, topo(2), PORTS))
+    assert d.meters == ("meter_dns",)
+    assert d.chains["input"] == tuple(
+        f'iifname "tb0" ip daddr 10.213.0.1/32 {p} dport 53 update @meter_dns {{ ip saddr limit rate over 1000/second '
+        f'burst 1000 packets }} counter drop comment "tether dns flood"' for p in ("udp", "tcp"))
+    assert Desired(rules.build(S, topo(2), PORTS)).chains["input"] == () and Desired(rules.build(S)).meters == ()
+
+
+def test_the_whole_table_declares_the_meter_before_the_rules_that_update_it():
+    fw = NftablesFirewall.__new__(NftablesFirewall)
+    fw.table = "inet T"
+    lines = fw._full(Desired(rules.build(DNS, topo(1), PORTS))).splitlines()
+    declared = lines.index("add set inet T meter_dns { type ipv4_addr ; flags dynamic,timeout ; timeout 10s ; size 65536 ; }")
+    assert declared < min(i for i, ln in enumerate(lines) if "@meter_dns" in ln)
+    assert "add chain inet T input { type filter hook input priority filter; policy accept; }" in lines
+
+
+def test_a_move_with_the_dns_limit_is_still_one_chain_rewritten():
+    lines = script(rules.build(DNS, topo(100)), rules.build(DNS, topo(100, "db2")))
+    assert lines == [f"flush chain inet T {group_chain('db')}",
+                     f'add rule inet T {group_chain("db")} dnat ip to 10.213.0.4 comment "tether group db"']
+
+
+def test_drop_in_nft_words():
+    assert rule_text(Rule("DROP", proto="udp", dport=53, limit=7, meter="x")) == \
+        "udp dport 53 update @meter_x { ip saddr limit rate over 7/second burst 7 packets } counter drop"

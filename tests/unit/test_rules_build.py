@@ -89,6 +89,7 @@ def test_the_exact_records_of_a_small_facade_topology():
         ("nat", "OUTPUT"): [dnat_port(40000, "tcp", f"{DB}:5432"), dnat_port(40001, "udp", f"{DB}:5353")],
         ("nat", "POSTROUTING"): POSTROUTING,
         ("filter", "FORWARD"): FORWARD,
+        ("filter", "INPUT"): [],  # no [dns] in S: no limit
         # one DNAT per group, however many links it holds
         ("nat", group_chain("cache")): [Rule("DNAT", to=CACHE, comment="tether group cache")],
         ("nat", group_chain("db")): [Rule("DNAT", to=DB, comment="tether group db")],
@@ -195,6 +196,7 @@ def test_direct_strategy_has_no_link_rules():
         ("nat", "OUTPUT"): [dnat_port(40000, "tcp", f"{DB}:5432"), dnat_port(40001, "udp", f"{DB}:5353")],
         ("nat", "POSTROUTING"): POSTROUTING,
         ("filter", "FORWARD"): FORWARD,
+        ("filter", "INPUT"): [],
     }
 
 
@@ -319,3 +321,62 @@ def test_a_group_no_link_is_in_goes_with_its_last_link():
     assert d.change.groups == {}  # b is still in it
     d.delete_link("c", "b")
     assert d.change.groups == {"t1": None} and d.groups() == {}
+
+
+# --- Docker's firewall: the accepts tether puts into other tools' chains -----
+def test_every_rule_set_admits_the_bridge_both_ways():
+    """The records the driver writes at the top of another firewall's
+    forward chain that would drop the bridge's traffic: in and out, accept."""
+    for rs in (rules.build(S), rules.build(S, facade_topo(), PORTS), rules.build(ISO, facade_topo(), PORTS)):
+        assert rs.admit == [Rule("ACCEPT", in_iface="tb0", comment="forwarding of its bridge"),
+                            Rule("ACCEPT", out_iface="tb0", comment="forwarding of its bridge")]
+    assert rules.build(RuleSettings("other0", "10.1.0.0/16", "10.2.0.0/16")).admit[0].in_iface == "other0"
+
+
+# --- the per-source DNS limit -------------------------------------------------
+class _Net:
+    bridge, subnet, facade_subnet, isolation = "tb0", "10.213.0.0/16", "10.214.0.0/16", "none"
+    gateway = "10.213.0.1"
+
+
+class _Dns:
+    def __init__(self, enabled: bool = True, per_client_qps: int = 500) -> None:
+        self.enabled, self.per_client_qps = enabled, per_client_qps
+
+
+def test_dns_limit_is_twice_the_budget_per_source_on_the_gateway():
+    s = RuleSettings.of(_Net(), dns=_Dns(per_client_qps=500))
+    assert (s.dns, s.dns_rate) == ("10.213.0.1", 1000)
+    assert rules.build(s).chains[("filter", "INPUT")] == [
+        Rule("DROP", in_iface="tb0", dst="10.213.0.1/32", proto=proto, dport=53, limit=1000, meter="dns",
+             comment="tether dns flood")
+        for proto in ("udp", "tcp")
+    ]
+    # one meter: UDP and TCP from one source share one bucket
+    assert {r.meter for r in rules.build(s).chains[("filter", "INPUT")]} == {"dns"}
+
+
+def test_no_dns_limit_when_dns_is_off_or_not_given():
+    for s in (RuleSettings.of(_Net()), RuleSettings.of(_Net(), dns=_Dns(enabled=False))):
+        assert (s.dns, s.dns_rate) == (None, 0)
+        assert rules.build(s).chains[("filter", "INPUT")] == []
+
+
+def test_the_dns_limit_never_exceeds_what_hashlimit_takes():
+    assert RuleSettings.of(_Net(), dns=_Dns(per_client_qps=1_000_000)).dns_rate == rules.MAX_RATE
+    assert RuleSettings.of(_Net(), dns=_Dns(per_client_qps=1)).dns_rate == 2
+
+
+def test_the_config_s_dns_section_gives_the_limit():
+    from fused.config import Config
+
+    cfg = Config()
+    s = RuleSettings.of(cfg.network, dns=cfg.dns)
+    assert s.dns == str(cfg.network.gateway) and s.dns_rate == 2 * cfg.dns.per_client_qps
+    limit = rules.build(s).chains[("filter", "INPUT")]
+    assert [r.proto for r in limit] == ["udp", "tcp"] and all(r.in_iface == cfg.network.bridge for r in limit)
+
+
+def test_a_change_of_links_never_touches_the_dns_limit():
+    s = RuleSettings.of(_Net(), dns=_Dns())
+    assert ("filter", "INPUT") not in diff(rules.build(s, facade_topo("db"), PORTS), rules.build(s, facade_topo("db2"), PORTS))

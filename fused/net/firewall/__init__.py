@@ -19,10 +19,17 @@ def choose(driver: str) -> str:
     return "nftables" if nftables.available() is None else "iptables"
 
 
-def make(driver: str, prefix: str) -> Firewall:
+def make(driver: str, prefix: str, bridge: str | None = None) -> Firewall:
     """The driver for [firewall] driver; FirewallError (one line, with the
-    fix) when it cannot work here."""
+    fix) when it cannot work here. `bridge`: the one whose traffic it lets
+    through other tools' chains (Docker's) before its first apply names it
+    (doctor's check)."""
     driver = choose(driver)
+    admit: list[Rule] = []
+    if bridge:
+        from ...rules import admissions  # not at the top: rules imports this package
+
+        admit = admissions(bridge)
     if driver == "nftables":
         from . import nftables
 
@@ -32,7 +39,7 @@ def make(driver: str, prefix: str) -> Firewall:
                 f"firewall driver nftables does not work here: {problem}; "
                 'install nftables, or set driver = "iptables" (or "auto") in [firewall]'
             )
-        return nftables.NftablesFirewall(prefix)
+        return nftables.NftablesFirewall(prefix, admit)
     if driver == "iptables":
         try:
             from .iptables import IptablesFirewall
@@ -41,7 +48,7 @@ def make(driver: str, prefix: str) -> Firewall:
                 f"firewall driver iptables does not work here ({type(e).__name__}: {e}); "
                 'install iptables (apt-get install iptables), or set driver = "nftables" in [firewall]'
             ) from None
-        return IptablesFirewall(prefix)
+        return IptablesFirewall(prefix, admit)
     if driver == "none":
         return NullFirewall(prefix)
     raise FirewallError(f"unknown firewall driver {driver!r}: use auto, nftables, iptables or none")

@@ -15,14 +15,15 @@ HOOKS: tuple[tuple[str, str], ...] = (
     ("nat", "OUTPUT"),
     ("nat", "POSTROUTING"),
     ("filter", "FORWARD"),
+    ("filter", "INPUT"),
 )
 
 
 class Rule(NamedTuple):
     """One rule; fields left None do not match on anything.
 
-    `target`: ACCEPT | MASQUERADE | DNAT | RETURN, or "@SUFFIX" for a jump to
-    the daemon's own chain <prefix>-SUFFIX.
+    `target`: ACCEPT | DROP | REJECT | MASQUERADE | DNAT | RETURN, or
+    "@SUFFIX" for a jump to the daemon's own chain <prefix>-SUFFIX.
     """
 
     target: str
@@ -40,6 +41,12 @@ class Rule(NamedTuple):
     not_orig_dst: str | None = None  # -m conntrack ! --ctorigdst: not DNAT'ed from there
     comment: str | None = None
     not_src: str | None = None
+    # matches only a source address sending more than `limit` packets a
+    # second (a burst of as many), counted in buckets per source address that
+    # every rule of the same `meter` shares (nftables: a dynamic set,
+    # iptables: -m hashlimit --hashlimit-mode srcip)
+    limit: int | None = None
+    meter: str | None = None
 
 
 @dataclass
@@ -53,6 +60,10 @@ class RuleSet:
     # object while no link's facade or group changes (a move), so a driver
     # may keep what it made of them (None: not known)
     jumps: list[Rule] | None = None
+    # what goes into other firewalls' forward chains that would drop the
+    # bridge's traffic (Docker's FORWARD policy DROP, a DOCKER-USER that
+    # drops): the driver writes these there, marked as its own
+    admit: list[Rule] = field(default_factory=list)
 
     def add(self, table: str, chain: str, rule: Rule) -> None:
         self.chains.setdefault((table, chain), []).append(rule)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import subprocess
@@ -39,6 +40,7 @@ def _import_iptc():
 iptc = _import_iptc()
 
 from .base import HOOKS, Rule, RuleSet
+from .foreign import Admission, Backend
 
 _TABLES = {"nat": iptc.Table.NAT, "filter": iptc.Table.FILTER}
 _HOOK_NAMES = {h for _, h in HOOKS}
@@ -47,6 +49,7 @@ _HOOK_NAMES = {h for _, h in HOOKS}
 log = logging.getLogger("tether.firewall")
 
 XTABLES_LOCK = "/run/xtables.lock"
+_LEGACY = Backend("legacy", "ip")
 
 
 @contextlib.contextmanager
@@ -72,14 +75,26 @@ def _table(name: str) -> iptc.Table:
 
 
 class IptablesFirewall:
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, admit: list[Rule] = ()) -> None:
         self.prefix = prefix
         # what we last wrote, per table: {chain suffix: rules}; None: unknown
         # (after setup), so the next apply rebuilds that table's chains
         self._applied: dict[str, dict[str, list[Rule]] | None] = {t: None for t in _TABLES}
+        # our accepts in iptables chains that would drop the bridge's traffic
+        # (Docker's, nf_tables or legacy): `admit` until an apply brings rules.build's
+        self.admission = Admission(prefix, list(admit))
 
     def chain(self, suffix: str) -> str:
         return f"{self.prefix}-{suffix}"
+
+    def meter(self, name: str | None) -> str:
+        """A hashlimit table's name (at most 15 characters: it is a file in
+        /proc/net/ipt_hashlimit), this prefix's own."""
+        name = name or "default"
+        full = f"{self.prefix}-{name}"
+        if len(full) <= 15:
+            return full
+        return f"t{hashlib.sha1(self.prefix.encode()).hexdigest()[:13 - len(name)]}-{name}"
 
     def to_iptc(self, rule: Rule) -> iptc.Rule:
         r = iptc.Rule()
@@ -111,6 +126,17 @@ class IptablesFirewall:
                 m.ctstate = rule.ctstate
             if rule.not_orig_dst:
                 m.ctorigdst = "!" + rule.not_orig_dst
+        if rule.limit:
+            # one bucket per source address, shared by the rules of the meter
+            m = r.create_match("hashlimit")
+            m.hashlimit_above = f"{rule.limit}/sec"
+            m.hashlimit_burst = str(rule.limit)
+            m.hashlimit_mode = "srcip"
+            m.hashlimit_name = self.meter(rule.meter)
+            # what iptables' own parser fills in and libiptc does not: the
+            # kernel refuses a table without them (EINVAL)
+            m.hashlimit_htable_expire = "10000"
+            m.hashlimit_htable_gcinterval = "1000"
         if rule.comment:
             m = r.create_match("comment")
             m.comment = rule.comment[:255]
@@ -143,6 +169,9 @@ class IptablesFirewall:
 
     def apply(self, rules: RuleSet) -> int:
         commits = 0
+        if rules.admit:
+            self.admission.rules = list(rules.admit)
+        fresh = self._applied["filter"] is None
         for tname in _TABLES:
             want = {suffix: rs for (t, suffix), rs in rules.chains.items() if t == tname}
             for t, hook in HOOKS:
@@ -164,6 +193,8 @@ class IptablesFirewall:
                     self._apply_table(tname, None, want)
             commits += 1
             self._applied[tname] = {k: list(v) for k, v in want.items()}
+        if fresh:  # the first apply (start): other tools' chains, too
+            self.admission.ensure(force=True)
         return commits
 
     def _apply_table(self, tname: str, have: dict[str, list[Rule]] | None, want: dict[str, list[Rule]]) -> None:
@@ -221,6 +252,7 @@ class IptablesFirewall:
         for tname in _TABLES:
             with xtables_lock():
                 self._teardown_table(tname)
+        self.admission.remove()
         self._applied = {t: None for t in _TABLES}
 
     def _teardown_table(self, tname: str) -> None:
@@ -241,15 +273,21 @@ class IptablesFirewall:
     def missing(self) -> list[str]:
         """What of our last write the kernel does not hold: our chains, their
         rules (counted) and the jumps from the built-in chains, read with
-        iptables-legacy-save (one read of each table, no rule objects)."""
+        iptables-legacy-save (one read of each table, no rule objects); our
+        accepts in other tools' chains that would drop the bridge's traffic."""
         out = []
         for tname, want in self._applied.items():
             if want is not None:
-                out += self._missing_in(tname, want)
+                out += self._missing_in(tname, want, self._save(tname))
+        if self._applied["filter"] is not None:
+            out += self.admission.missing()
         return out
 
-    def _missing_in(self, tname: str, want: dict[str, list[Rule]]) -> list[str]:
-        text = subprocess.run(["iptables-legacy-save", "-t", tname], capture_output=True, text=True, check=True).stdout
+    @staticmethod
+    def _save(tname: str) -> str:
+        return subprocess.run(["iptables-legacy-save", "-t", tname], capture_output=True, text=True, check=True).stdout
+
+    def _missing_in(self, tname: str, want: dict[str, list[Rule]], text: str) -> list[str]:
         mine = self.prefix + "-"
         chains: dict[str, int] = {}
         jumps: set[str] = set()
@@ -276,15 +314,21 @@ class IptablesFirewall:
 
     def heal(self) -> list[str]:
         out = []
+        listed: dict[Backend, str] = {}
         for tname, want in self._applied.items():
             if want is None:
                 continue
-            lost = self._missing_in(tname, want)
+            text = self._save(tname)
+            lost = self._missing_in(tname, want, text)
             if lost:
                 with xtables_lock():
                     self._setup_table(tname)
                     self._apply_table(tname, None, want)
                 out += lost
+            elif tname == "filter":
+                listed[_LEGACY] = text  # the admission reads the legacy filter table from it, no second read
+        if self._applied["filter"] is not None:
+            out += self.admission.ensure(known=listed)
         return out
 
     def check(self) -> tuple[bool, str, str]:
@@ -315,8 +359,11 @@ class IptablesFirewall:
             return (False, f"chains missing: {', '.join(missing)}", fix)
         if nojump:
             return (False, f"jumps missing (another tool flushed them?): {', '.join(nojump)}", fix)
+        ok, admitted, fix = self.admission.check()
+        if not ok:
+            return (False, admitted, fix)
         return (True, f"{len(HOOKS)} {self.prefix}-* chains with their jumps, {rules} rules (legacy tables: "
-                "`iptables-legacy -t nat -S`)", "")
+                "`iptables-legacy -t nat -S`)" + (f"; it {admitted}" if admitted else ""), "")
 
     def dump(self) -> dict[tuple[str, str], list[str]]:
         out: dict[tuple[str, str], list[str]] = {}

@@ -13,6 +13,8 @@
         chain output      (nat, -100)       the published ports again, for the host itself
         chain postrouting (nat, srcnat)     masquerade (rules.build's POSTROUTING)
         chain forward     (filter, filter)  dangling facades rejected, the bridge accepted
+        chain input       (filter, filter)  DNS to the gateway past a source's rate, dropped
+        set meter_dns { type ipv4_addr }    that rate's buckets, one per source address
         chain ISOLATE     (isolation = "links") replies, published ports, @allowed, @pairs; else reject
     }
 
@@ -34,12 +36,14 @@ import struct
 import threading
 
 from .base import Rule, RuleSet
+from .foreign import Admission
 
 _BASE = {
     ("nat", "PREROUTING"): ("prerouting", "type nat hook prerouting priority dstnat; policy accept;"),
     ("nat", "OUTPUT"): ("output", "type nat hook output priority -100; policy accept;"),
     ("nat", "POSTROUTING"): ("postrouting", "type nat hook postrouting priority srcnat; policy accept;"),
     ("filter", "FORWARD"): ("forward", "type filter hook forward priority filter; policy accept;"),
+    ("filter", "INPUT"): ("input", "type filter hook input priority filter; policy accept;"),
 }
 _OUTPUT_JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON
 
@@ -207,17 +211,32 @@ def rule_text(rule: Rule) -> str:
         parts.append(f"ct status {rule.ctstate.lower()}" if rule.ctstate == "DNAT" else f"ct state {rule.ctstate.lower()}")
     if rule.not_orig_dst:
         parts.append(f"ct original ip daddr != {rule.not_orig_dst}")
+    if rule.limit:
+        # the element of the source's address holds its bucket; "over":
+        # matches the packets past the rate, counted
+        parts.append(f"update @{meter_set(rule.meter)} {{ ip saddr limit rate over {rule.limit}/second "
+                     f"burst {rule.limit} packets }} counter")
     t = rule.target
     if t.startswith("@"):
         parts.append(f"goto {t[1:]}")
     elif t == "DNAT":
         parts.append(f"dnat ip to {rule.to}")
     else:
-        parts.append({"ACCEPT": "accept", "REJECT": "reject", "MASQUERADE": "masquerade", "RETURN": "return"}[t])
+        parts.append({"ACCEPT": "accept", "DROP": "drop", "REJECT": "reject", "MASQUERADE": "masquerade",
+                      "RETURN": "return"}[t])
     if rule.comment:
         parts.append('comment "' + rule.comment.replace('"', "")[:120] + '"')
     return " ".join(parts)
 
+
+def meter_set(meter: str | None) -> str:
+    return f"meter_{meter or 'default'}"
+
+
+# a meter's set: its elements come and go with the traffic (an address
+# unheard of for 10 s goes), so the diff and the checks never compare them;
+# bounded, so spoofed sources cannot grow it without end
+_METER_TYPE = "type ipv4_addr ; flags dynamic,timeout ; timeout 10s ; size 65536 ;"
 
 _BASE_NAMES = frozenset(name for name, _ in _BASE.values())
 _PORTS_LOOKUP = "fib daddr type local dnat ip to meta l4proto . th dport map @ports"
@@ -258,6 +277,7 @@ class Desired:
             "output": [_PORTS_LOOKUP],
         }
         self.chains: dict[str, tuple[str, ...]] = {}
+        self.meters = tuple(sorted({meter_set(r.meter) for rs in rules.chains.values() for r in rs if r.limit}))
         for key, rs in rules.chains.items():
             if key == ("filter", "ISOLATE"):
                 self.chains["ISOLATE"] = self._isolate(rs)
@@ -330,13 +350,16 @@ def _elements(d: dict[str, str]) -> str:
 
 
 class NftablesFirewall:
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, admit: list[Rule] = ()) -> None:
         self.prefix = prefix
         self.table = f"inet {prefix}"
         self.nft = Nft()
         self._applied: Desired | None = None
         self._gen: int | None = None  # the generation our last write left
         self.full_writes = 0  # how often the whole table was written (tests, doctor)
+        # our accepts in iptables chains that would drop the bridge's traffic
+        # (Docker's): `admit` until the first apply brings rules.build's
+        self.admission = Admission(prefix, list(admit))
 
     # --- the driver protocol ---------------------------------------------
     def setup(self) -> None:
@@ -347,7 +370,10 @@ class NftablesFirewall:
     def apply(self, rules: RuleSet) -> int:
         want = Desired(rules)
         have = self._applied
-        if have is not None and self._gen != generation() and self.missing(have):
+        if rules.admit:
+            self.admission.rules = list(rules.admit)
+        before = generation()
+        if have is not None and self._gen != before and self._table_missing(have):
             have = None  # someone changed the table: the difference would be against nothing real
         if have is not None:
             script = self._diff(have, want)
@@ -355,21 +381,23 @@ class NftablesFirewall:
                 return 0
             try:
                 self.nft.run(script)
-                self._wrote(want)
+                self._wrote(want, before)
                 return 1
             except NftError:
                 pass  # the kernel no longer holds what we wrote: write it whole
         self.nft.run(self._full(want))
         self._exempt(want.bridge)
-        self._wrote(want)
+        self._wrote(want, None)
+        self.admission.ensure(force=True)
         self.full_writes += 1
         return 1
 
     # --- other tables' forward chains with a drop policy ---------------------
-    # (firewalld, docker's iptables-nft FORWARD): a packet our forward chain
-    # accepts is still dropped there, so tether puts two accepts for its
-    # bridge at the top of each such chain, marked with a comment naming its
-    # prefix; doctor lists them, teardown takes them out again.
+    # (firewalld's): a packet our forward chain accepts is still dropped
+    # there, so tether puts two accepts for its bridge at the top of each
+    # such chain, marked with a comment naming its prefix; doctor lists them,
+    # teardown takes them out again. iptables' own chains (Docker's FORWARD
+    # and DOCKER-USER) are the Admission's: through their own command.
     def _mark(self) -> str:
         return f"tether {self.prefix}: forwarding of its bridge"
 
@@ -385,7 +413,8 @@ class NftablesFirewall:
                     and not (c["family"] == "inet" and c["table"] == self.prefix) and not _iptables_nft(c):
                 chains.append((c["family"], c["table"], c["name"]))
             r = item.get("rule")
-            if r and r.get("comment") == mark:
+            if r and r.get("comment") == mark and not _iptables_nft({"family": r["family"], "table": r["table"],
+                                                                      "name": r["chain"]}):
                 ours.append((r["family"], r["table"], r["chain"], r["handle"]))
         return chains, ours
 
@@ -418,20 +447,22 @@ class NftablesFirewall:
         if ours:
             self.nft.run("".join(f"delete rule {f} {t} {c} handle {h}\n" for f, t, c, h in ours))
 
-    def _wrote(self, want: Desired) -> None:
+    def _wrote(self, want: Desired, before: int | None) -> None:
         self._applied = want
         self._gen = generation()
+        self.admission.advance(before, self._gen)
 
-    def _listing(self) -> tuple[dict[str, list[str]], dict[str, dict[str, str]]] | None:
+    def _listing(self) -> tuple[dict[str, list[str]], dict[str, dict[str, str]], set[str]] | None:
         """Our table as the kernel holds it: ({chain: its rules' expressions
-        as JSON}, {map: {key: value} as this driver writes them}); None when
-        there is no table."""
+        as JSON}, {map: {key: value} as this driver writes them}, the meter
+        sets); None when there is no table."""
         try:
             data = json.loads(self.nft.run(f"list table {self.table}", as_json=True))
         except NftError:
             return None
         rules: dict[str, list[str]] = {}
         maps: dict[str, dict[str, str]] = {}
+        meters: set[str] = set()
         for item in data.get("nftables", []):
             if "chain" in item:
                 rules.setdefault(item["chain"]["name"], [])
@@ -439,21 +470,29 @@ class NftablesFirewall:
                 rules.setdefault(item["rule"]["chain"], []).append(json.dumps(item["rule"]["expr"]))
             elif "map" in item:
                 maps[item["map"]["name"]] = dict(_element(e) for e in item["map"].get("elem", []))
+            elif "set" in item and item["set"]["name"].startswith("meter_"):
+                meters.add(item["set"]["name"])
             elif "set" in item:
                 maps[item["set"]["name"]] = {_text(e): "" for e in item["set"].get("elem", [])}
-        return rules, maps
+        return rules, maps, meters
 
-    def missing(self, want: Desired | None = None) -> list[str]:
-        """What of `want` (default: our last write) the kernel does not hold:
-        chains, rules (counted per chain) and map elements, one line each;
-        [] when it holds all of it, and nothing else in our table."""
-        want = want or self._applied
-        if want is None:
+    def missing(self) -> list[str]:
+        """What of our last write the kernel does not hold (our table: its
+        chains, rules counted per chain, map elements; our accepts in other
+        tools' chains that would drop the bridge's traffic), one line each;
+        [] when it holds all of it."""
+        if self._applied is None:
             return []
+        return self._table_missing(self._applied) + self.admission.missing()
+
+    def _table_missing(self, want: Desired) -> list[str]:
+        """What of `want` the kernel's table lacks: chains, rules (counted per
+        chain) and map elements, one line each; [] when it holds all of it,
+        and nothing else in our table."""
         listing = self._listing()
         if listing is None:
             return [f"table {self.table}"]
-        rules, maps = listing
+        rules, maps, meters = listing
         out = []
         for name, rs in want.chains.items():
             if name not in rules:
@@ -461,6 +500,7 @@ class NftablesFirewall:
             elif len(rules[name]) != len(rs):
                 out.append(f"chain {name}: {len(rules[name])} of its {len(rs)} rules")
         out += [f"chain {name} (not ours)" for name in rules if name not in want.chains]
+        out += [f"set {m}" for m in want.meters if m not in meters]
         for m, (kind, _) in _COLLECTIONS.items():
             if m not in maps:
                 out.append(f"{kind} {m}")
@@ -474,15 +514,21 @@ class NftablesFirewall:
         return out
 
     def heal(self) -> list[str]:
-        """Restore the table when someone changed it since our last write (a
-        flush, a deleted table, chain, rule or element): what was missing,
-        [] when nothing was. Cheap when nobody wrote: one generation query."""
-        if self._applied is None or self._gen == generation():
+        """Restore what someone changed since our last write (a flush, a
+        deleted table, chain, rule or element; our accepts in another tool's
+        chain): what was missing, [] when nothing was. Cheap when nobody
+        wrote: one generation query (and a listing of the legacy filter
+        table, when one is loaded)."""
+        if self._applied is None:
             return []
-        lost = self.missing()
-        if lost:
+        lost = self.admission.ensure()  # first: its own commits then leave our generation check alone
+        if self._gen == generation():
+            return lost
+        table = self._table_missing(self._applied)
+        if table:
             self.nft.run(self._full(self._applied))
             self.full_writes += 1
+        lost = table + lost
         lost += [f"the accepts for {self._applied.bridge} in {c} (a drop-policy forward chain)"
                  for c in self._exempt(self._applied.bridge)]
         self._gen = generation()
@@ -495,7 +541,7 @@ class NftablesFirewall:
         if listing is None:
             return (False, f"no table {self.table}: tether-fused is not running, or someone deleted it",
                     f"start (or restart) tether-fused: it writes its table at start and within 2 s of a removal; then {see}")
-        chains, maps = listing
+        chains, maps, _ = listing
         elements = {m: len(e) for m, e in maps.items()}
         base = [n for n in _BASE_NAMES if n in chains]
         if len(base) < len(_BASE) or set(elements) != set(_COLLECTIONS):
@@ -507,8 +553,13 @@ class NftablesFirewall:
         if unexempt:
             return (False, f"forward chains with a drop policy drop tether's traffic: {', '.join(unexempt)}",
                     "restart tether-fused: it adds accepts for its bridge at the top of such chains")
+        ok, admitted, fix = self.admission.check()
+        if not ok:
+            return (False, admitted, fix)
         told = (f"; it added accepts for its bridge to the drop-policy forward chain(s) {', '.join(exempt)}"
                 if exempt else "")
+        if admitted:
+            told += f"; it {admitted}"
         isolated = "ISOLATE" in chains
         if isolated:
             told = f"; isolation: {elements['allowed']} consumer . target . port tuples allowed" + told
@@ -525,6 +576,7 @@ class NftablesFirewall:
 
     def teardown(self) -> None:
         self._unexempt()
+        self.admission.remove()
         self.nft.run(f"add table {self.table}\ndelete table {self.table}\n")
         self._applied = None
 
@@ -534,7 +586,7 @@ class NftablesFirewall:
         listing = self._listing()
         if listing is None:
             return {}
-        rules, maps = listing
+        rules, maps, _ = listing
         out = {(self.table, chain): rs for chain, rs in rules.items()}
         out |= {(self.table, "map " + m): [f"{k} : {v}" for k, v in e.items()] for m, e in maps.items()}
         return out
@@ -544,6 +596,7 @@ class NftablesFirewall:
         t = self.table
         lines = [f"add table {t}", f"delete table {t}", f"add table {t}"]
         lines += [f"add {kind} {t} {m} {{ type {type_} ; }}" for m, (kind, type_) in _COLLECTIONS.items()]
+        lines += [f"add set {t} {m} {{ {_METER_TYPE} }}" for m in want.meters]
         for name in want.chains:
             if name not in _BASE_NAMES:
                 lines.append(f"add chain {t} {name}")
@@ -558,7 +611,7 @@ class NftablesFirewall:
 
     def _diff(self, have: Desired, want: Desired) -> str:
         t = self.table
-        lines = []
+        lines = [f"add set {t} {m} {{ {_METER_TYPE} }}" for m in want.meters if m not in have.meters]
         for name, rs in want.chains.items():
             if name not in have.chains:
                 lines.append(f"add chain {t} {name}")
