@@ -13,7 +13,9 @@ import sys
 import trio
 
 from . import config as config_mod
-from . import control, dns
+from . import control
+from .dns.supervisor import DnsError, DnsService
+from .dns.supervisor import stop_all as stop_dns
 from .fs import session
 from .fs.server import log_format
 from .net import firewall as fw
@@ -139,6 +141,7 @@ async def run(cfg: config_mod.Config, log_level: str = "info", rebuild_from: lis
     for what in fw.remove_others(cfg.firewall.driver, cfg.firewall.chain_prefix):
         log.warning("firewall: removed %s, left by another driver (the driver is %s now)", what, fw.choose(cfg.firewall.driver))
     files = session.FileService(cfg.run_dir, cfg.fs_dir, log_level)
+    responder = None  # the DNS process's supervisor
     store = worker = None
     try:
         how = files.start()
@@ -168,20 +171,23 @@ async def run(cfg: config_mod.Config, log_level: str = "info", rebuild_from: lis
             done = await rebuild.rebuild(store, cfg, wiring, worker, rebuild_from, netns_inode)
             for line in done or ["nothing: no running container mounts this daemon's files"]:
                 log.info("rebuilt the store: %s", line)
-        responder = None
         if cfg.dns.enabled:
             upstreams = cfg.dns.upstream_servers()
-            responder = dns.Responder(str(cfg.network.gateway), upstreams, cfg.dns.search, cfg.dns.timeout)
-            log.info("dns: on %s:53, upstreams %s", cfg.network.gateway, upstreams or "none (NXDOMAIN)")
+            responder = DnsService(cfg.run_dir, str(cfg.network.gateway), cfg.dns.per_client_qps, upstreams,
+                                   cfg.dns.search, cfg.dns.timeout, log_level)
+        else:
+            for line in stop_dns(cfg.run_dir):
+                log.info("dns: [dns] enabled = false: %s", line)
         service = Service(
             cfg, store, wiring, firewall, worker, publish=files.publish,
             publish_dns=responder.publish if responder else lambda d: None, files=files,
         )
         await service.start()
+        if responder is not None:  # the DNS process answers from the data service.start() published
+            how = await trio.to_thread.run_sync(responder.start)
+            log.info("dns: %s on %s:53, %d queries/s per source, upstreams %s", how, cfg.network.gateway,
+                     cfg.dns.per_client_qps, upstreams or "none (NXDOMAIN)")
         async with trio.open_nursery() as nursery:
-            if responder is not None:
-                await nursery.start(responder.serve_udp)
-                await nursery.start(responder.serve_tcp)
             await nursery.start(control.serve, cfg.socket_path, service.dispatch)
             await nursery.start(service.watch_liveness)
             await nursery.start(service.watch_firewall)
@@ -211,6 +217,8 @@ async def run(cfg: config_mod.Config, log_level: str = "info", rebuild_from: lis
         except FileNotFoundError:
             pass
         files.close()
+        if responder is not None:
+            responder.close()
         if worker is not None:
             await worker.run(wiring.close)
             worker.shutdown()
@@ -228,7 +236,7 @@ def cleanup(cfg: config_mod.Config) -> None:
     if cfg.run_dir.exists():
         _prepare_run_dir(cfg)
         _lock(cfg)  # refuses while a tether-fused runs on this run_dir
-    done = session.stop_all(cfg.run_dir, cfg.fs_dir)
+    done = stop_dns(cfg.run_dir) + session.stop_all(cfg.run_dir, cfg.fs_dir)
     wiring, firewall = _parts(cfg)
     veths = wiring.bridge_ports()
     if wiring.has_bridge():
@@ -311,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
             cleanup(cfg)
             return
         trio.run(run, cfg, a.log_level, a.runc_root if a.rebuild_store else None)
-    except (StoreError, FirewallError, WiringError, AlreadyRunning, session.MountError) as e:
+    except (StoreError, FirewallError, WiringError, AlreadyRunning, session.MountError, DnsError) as e:
         print(f"tether-fused: {e}", file=sys.stderr)
         sys.exit(1)
     except OSError as e:  # e.g. run_dir not writable

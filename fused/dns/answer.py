@@ -1,16 +1,18 @@
-"""The DNS responder: A, SRV and PTR per asking container, on the bridge gateway.
+"""Sans-IO answering: a query's bytes and the asking address in, the answer's
+bytes out, or "forward it to the upstreams", or nothing (malformed: dropped).
 
-It answers from the published `DnsData` (replaced whole on every change: the
-next query sees it, no reload) and identifies the asking container by its
+It answers from the DnsData tether-fused published last (replaced whole on
+every change: the next query sees it) and knows the asking container by its
 source address; a query from any other source is REFUSED. Names tether does
-not know are forwarded to the upstreams (SERVFAIL when they do not answer in
-time, NXDOMAIN when there are none). Wire format: dnspython. Listens on
-<gateway>:53, UDP and TCP, and nowhere else.
+not know are for the upstreams (NXDOMAIN when there are none). No socket and
+no clock: the DNS process (server.py) does the I/O; the tests and the fuzzer
+call it directly. Wire format: dnspython, after the budget let the query in;
+`short_answer` builds an answer from the header and question bytes alone.
 """
 from __future__ import annotations
 
 import logging
-import socket
+from typing import NamedTuple
 
 import dns.exception
 import dns.flags
@@ -23,33 +25,49 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 import dns.reversename
-import trio
 
-from .render import DnsData
+from ..render import DnsData
 
 log = logging.getLogger("tether.dns")
 
 TTL = 0  # every answer can change with the link graph
 UDP_DEFAULT = 512
 UDP_MAX = 4096
-MAX_FORWARDS = 256  # queries forwarded at once
-TCP_IDLE = 10.0
+REFUSED = 5
+SERVFAIL = 2
 
 
-class Responder:
-    def __init__(self, gateway: str, upstreams: list[tuple[str, int]], search: list[str], timeout: float = 2.0) -> None:
-        self.gateway = gateway
-        self.upstreams = upstreams
+class Forward(NamedTuple):
+    """Not tether's name: ask the upstreams, and answer with theirs."""
+
+    wire: bytes  # the query as it came
+    limit: int | None  # the client's UDP size; None over TCP
+
+
+class Answers:
+    def __init__(self, search: list[str], forwarding: bool) -> None:
+        """`forwarding`: there are upstreams (else unknown names are NXDOMAIN)."""
         self.suffixes = [dns.name.from_text(s) for s in search]
-        self.timeout = timeout
+        self.forwarding = forwarding
         self.data = DnsData({}, {}, {})
-        self.forwards = trio.CapacityLimiter(MAX_FORWARDS)
         self.counters = {"answered": 0, "forwarded": 0, "refused": 0, "dropped": 0}
 
     def publish(self, data: DnsData) -> None:
         self.data = data
 
-    # --- answering (pure over self.data) -------------------------------------
+    def respond(self, wire: bytes, src: str, tcp: bool = False) -> bytes | Forward | None:
+        """The answer's bytes (within the query's UDP size unless `tcp`), a
+        Forward, or None: malformed, dropped."""
+        query, answer = self.handle(wire, src)
+        if query is None:
+            return None
+        limit = None if tcp else self.udp_limit(query)
+        if answer is None:
+            self.counters["forwarded"] += 1
+            return Forward(wire, limit)
+        self.counters["answered"] += 1
+        return self.to_wire(query, answer, limit)
+
     def _strip_suffix(self, qname: dns.name.Name, labels: int) -> dns.name.Name:
         """`qname` without a configured search suffix, when it has `labels`
         labels before it."""
@@ -119,7 +137,7 @@ class Responder:
         # target too); other containers by their own address
         addr = self.data.hosts.get(src, {}).get(name) or self.data.names.get(name)
         if addr is None:
-            return self._unknown(resp) if not self.upstreams else None
+            return self._unknown(resp) if not self.forwarding else None
         if qtype in (dns.rdatatype.A, dns.rdatatype.ANY):
             rrs = resp.find_rrset(resp.answer, qname, dns.rdataclass.IN, dns.rdatatype.A, create=True)
             rrs.add(dns.rdata.from_text("IN", "A", addr), TTL)
@@ -151,7 +169,7 @@ class Responder:
             log.exception("answering %s failed", msg.question)
             answer = dns.message.make_response(msg)
             answer.set_rcode(dns.rcode.SERVFAIL)
-        if answer is None and not self.upstreams:
+        if answer is None and not self.forwarding:
             answer = self._unknown(dns.message.make_response(msg))
             answer.flags |= dns.flags.RA
         return msg, answer
@@ -175,111 +193,44 @@ class Responder:
             return max(UDP_DEFAULT, min(query.payload, UDP_MAX))
         return UDP_DEFAULT
 
-    # --- forwarding --------------------------------------------------------------
-    async def forward(self, query: dns.message.Message, tcp: bool) -> bytes:
-        """The first upstream answer (raw, with the query's id), or SERVFAIL."""
-        wire = query.to_wire()
-        async with self.forwards:
-            for host, port in self.upstreams:
-                with trio.move_on_after(self.timeout):
-                    try:
-                        raw = await (_ask_tcp(wire, host, port) if tcp else _ask_udp(wire, host, port))
-                    except OSError:
-                        continue
-                    if raw is not None and len(raw) >= 12 and raw[:2] == wire[:2]:
-                        self.counters["forwarded"] += 1
-                        return raw
-        fail = dns.message.make_response(query)
-        fail.flags |= dns.flags.RA
-        fail.set_rcode(dns.rcode.SERVFAIL)
-        return fail.to_wire()
 
-    # --- serving -----------------------------------------------------------------
-    async def serve_udp(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        await sock.bind((self.gateway, 53))
-        task_status.started()
-        async with trio.open_nursery() as nursery:
-            while True:
-                try:
-                    wire, (src, sport) = await sock.recvfrom(65535)
-                except OSError:
-                    continue
-                query, answer = self.handle(wire, src)
-                if query is None:
-                    continue
-                limit = self.udp_limit(query)
-                if answer is not None:
-                    self.counters["answered"] += 1
-                    await _sendto(sock, self.to_wire(query, answer, limit), (src, sport))
-                else:
-                    nursery.start_soon(self._forward_udp, sock, query, (src, sport), limit)
-
-    async def _forward_udp(self, sock, query, addr, limit) -> None:
-        raw = await self.forward(query, tcp=False)
-        if len(raw) > limit:  # an upstream answer larger than the client allows
-            raw = self.to_wire(query, dns.message.from_wire(raw, ignore_trailing=True), limit)
-        await _sendto(sock, raw, addr)
-
-    async def serve_tcp(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        listeners = await trio.open_tcp_listeners(53, host=self.gateway)
-        task_status.started()
-        await trio.serve_listeners(self._tcp_conn, listeners)
-
-    async def _tcp_conn(self, stream: trio.SocketStream) -> None:
-        src = stream.socket.getpeername()[0]
-        buf = b""
-        async with stream:
-            while True:
-                with trio.move_on_after(TCP_IDLE) as idle:
-                    while len(buf) < 2 or len(buf) < 2 + int.from_bytes(buf[:2], "big"):
-                        chunk = await stream.receive_some(65535)
-                        if not chunk:
-                            return
-                        buf += chunk
-                if idle.cancelled_caught:
-                    return
-                n = int.from_bytes(buf[:2], "big")
-                wire, buf = buf[2 : 2 + n], buf[2 + n :]
-                query, answer = self.handle(wire, src)
-                if query is None:
-                    return  # malformed: close
-                if answer is not None:
-                    self.counters["answered"] += 1
-                    out = self.to_wire(query, answer, 65535)
-                else:
-                    out = await self.forward(query, tcp=True)
-                try:
-                    await stream.send_all(len(out).to_bytes(2, "big") + out)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
-
-
-async def _sendto(sock, data: bytes, addr) -> None:
+def fit(query_wire: bytes, answer_wire: bytes, limit: int | None) -> bytes:
+    """An upstream's answer within the client's UDP size (truncated, TC, when
+    larger): only such an answer is parsed."""
+    if limit is None or len(answer_wire) <= limit:
+        return answer_wire
     try:
-        await sock.sendto(data, addr)
-    except OSError:
-        pass
+        query = dns.message.from_wire(query_wire)
+        answer = dns.message.from_wire(answer_wire, ignore_trailing=True)
+    except Exception:  # an upstream's garbage: the client gets a failure, not it
+        return short_answer(query_wire, SERVFAIL) or b""
+    return Answers.to_wire(query, answer, limit)
 
 
-async def _ask_udp(wire: bytes, host: str, port: int) -> bytes | None:
-    with trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        await s.connect((host, port))
-        await s.send(wire)
-        while True:
-            raw = await s.recv(65535)
-            if raw[:2] == wire[:2]:
-                return raw
+def short_answer(wire: bytes, rcode: int) -> bytes | None:
+    """An answer with `rcode` and no records, made of the query's header and
+    question bytes alone (no parsing): what the budget refuses with, and a
+    failed forward's SERVFAIL. None: no query to answer (too short, or a
+    response)."""
+    if len(wire) < 12 or wire[2] & 0x80:
+        return None
+    question = _question(wire)
+    # QR, the query's opcode and RD; RA and the rcode
+    flags = bytes((0x80 | (wire[2] & 0x79), 0x80 | rcode))
+    return wire[:2] + flags + (b"\x00\x01" if question else b"\x00\x00") + bytes(6) + question
 
 
-async def _ask_tcp(wire: bytes, host: str, port: int) -> bytes | None:
-    stream = await trio.open_tcp_stream(host, port)
-    async with stream:
-        await stream.send_all(len(wire).to_bytes(2, "big") + wire)
-        buf = b""
-        while len(buf) < 2 or len(buf) < 2 + int.from_bytes(buf[:2], "big"):
-            chunk = await stream.receive_some(65535)
-            if not chunk:
-                return None
-            buf += chunk
-        return buf[2 : 2 + int.from_bytes(buf[:2], "big")]
+def _question(wire: bytes) -> bytes:
+    """The bytes of a query's one question (name, type, class), or b"" when it
+    has another count or a name that does not end where it should."""
+    if wire[4:6] != b"\x00\x01":
+        return b""
+    i, end = 12, len(wire)
+    while i < end and i < 12 + 255:
+        n = wire[i]
+        if n == 0:
+            return wire[12 : i + 5] if i + 5 <= end else b""
+        if n & 0xC0:  # a compression pointer: no question of a query has one
+            return b""
+        i += n + 1
+    return b""

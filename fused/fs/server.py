@@ -40,6 +40,7 @@ import threading
 import time
 
 from ..channel import listen, recv_frame, send_frame
+from ..child import log_format
 from . import handlers as h
 from . import wire
 
@@ -52,14 +53,6 @@ TABLE_SIZE = 1 << 20  # 43,690 inodes with a backing file
 SPIN = float(os.environ.get("TETHER_FSD_SPIN_US", "30")) / 1e6
 
 _libc = ctypes.CDLL(None, use_errno=True)
-
-
-def log_format(env=os.environ) -> str:
-    """journald stamps each line itself (JOURNAL_STREAM is set for a unit's
-    stderr); anywhere else a line carries its own time."""
-    if env.get("JOURNAL_STREAM"):
-        return "%(name)s: %(message)s"
-    return "%(asctime)s %(name)s: %(message)s"
 
 
 def code_version() -> str:

@@ -5,7 +5,7 @@ import dns.message
 import dns.rdatatype
 
 from fused import render
-from fused.dns import Responder
+from fused.dns.answer import Answers
 from fused.graph import Node, Topology
 from fused.model import PortSpec
 
@@ -19,7 +19,7 @@ def topo(target: str = "db") -> Topology:
     return Topology.of(nodes, [("web", "database", target, "10.1.0.1", target)], "facade")
 
 
-def a_record(r: Responder, name: str, src: str = "10.0.0.2") -> str | None:
+def a_record(r: Answers, name: str, src: str = "10.0.0.2") -> str | None:
     ans = r.resolve(dns.message.make_query(name, dns.rdatatype.A), src)
     return ans.answer[0][0].address if ans is not None and ans.answer else None
 
@@ -34,7 +34,7 @@ def hosts_address(t: Topology, consumer: str, name: str) -> str | None:
 
 
 def test_a_target_name_on_a_link_line_resolves_like_the_hosts_file():
-    r = Responder("10.0.0.1", [], [])
+    r = Answers([], forwarding=False)
     for target in ("db", "db2"):  # before and after `move db db2`
         t = topo(target)
         r.publish(render.dns_data(t))
@@ -50,6 +50,6 @@ def test_a_target_name_on_a_link_line_resolves_like_the_hosts_file():
 def test_the_first_hosts_line_naming_a_target_wins():
     nodes = {"web": Node("web", "10.0.0.2", True), "db": Node("db", "10.0.0.3", True)}
     t = Topology.of(nodes, [("web", "zeta", "db", "10.1.0.9", "db"), ("web", "alpha", "db", "10.1.0.5", "db#1")], "facade")
-    r = Responder("10.0.0.1", [], [])
+    r = Answers([], forwarding=False)
     r.publish(render.dns_data(t))
     assert a_record(r, "db") == hosts_address(t, "web", "db") == "10.1.0.5"

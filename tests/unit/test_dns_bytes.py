@@ -13,9 +13,11 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.reversename
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fused import graph, render
-from fused.dns import Responder
+from fused.dns.answer import REFUSED, Answers, Forward, short_answer
 from fused.graph import Node, Topology
 from fused.model import PortSpec
 
@@ -39,13 +41,13 @@ TOPO = Topology.of(
 )
 
 
-def responder(topo: Topology = TOPO, upstreams=(), search=()) -> Responder:
-    r = Responder(GATEWAY, list(upstreams), list(search))
+def responder(topo: Topology = TOPO, upstreams=(), search=()) -> Answers:
+    r = Answers(list(search), forwarding=bool(upstreams))
     r.publish(render.dns_data(topo))
     return r
 
 
-def exchange(r: Responder, wire: bytes, src: str = WEB) -> bytes | None:
+def exchange(r: Answers, wire: bytes, src: str = WEB) -> bytes | None:
     """What the UDP server sends back for `wire`: None when it drops it or
     forwards it (answer None)."""
     query, answer = r.handle(wire, src)
@@ -54,7 +56,7 @@ def exchange(r: Responder, wire: bytes, src: str = WEB) -> bytes | None:
     return r.to_wire(query, answer, r.udp_limit(query))
 
 
-def ask(r: Responder, name: str, rdtype="A", src: str = WEB) -> dns.message.Message:
+def ask(r: Answers, name: str, rdtype="A", src: str = WEB) -> dns.message.Message:
     q = dns.message.make_query(name, rdtype)
     raw = exchange(r, q.to_wire(), src)
     assert raw is not None, f"{name} {rdtype}: no answer (forwarded or dropped)"
@@ -268,3 +270,61 @@ def test_a_new_graph_is_answered_from_the_next_query():
     # db left web's hosts file: its own address, as for anyone
     assert records(ask(r, "db")) == [("db.", "A", 0, DB)]
     assert records(ask(r, "_database._tcp", "SRV")) == [("_database._tcp.", "SRV", 0, "0 0 6379 database.")]
+
+
+# --- the budget's REFUSED, made of the header and question bytes alone ------------
+@pytest.mark.parametrize("name, rdtype", [("database", "A"), ("_database._tcp", "SRV"), ("x" * 63 + ".example", "AAAA")])
+def test_a_short_answer_is_the_query_refused(name, rdtype):
+    q = dns.message.make_query(name, rdtype, use_edns=0)
+    a = dns.message.from_wire(short_answer(q.to_wire(), REFUSED))
+    assert a.id == q.id and a.flags & dns.flags.QR and a.flags & dns.flags.RD
+    assert a.rcode() == dns.rcode.REFUSED and a.question == q.question
+    assert a.answer == a.authority == a.additional == [] and a.edns < 0
+
+
+def test_a_short_answer_keeps_the_opcode_and_leaves_out_a_question_it_cannot_delimit():
+    q = dns.message.make_query("database", "A")
+    q.set_opcode(dns.opcode.NOTIFY)
+    assert dns.message.from_wire(short_answer(q.to_wire(), REFUSED)).opcode() == dns.opcode.NOTIFY
+    two = dns.message.make_query("database", "A")
+    two.question.append(dns.message.make_query("web", "A").question[0])
+    for wire in (two.to_wire(), _query()[:-3], bytes(12) + b"\xc0\x0c\x00\x01\x00\x01"):
+        a = dns.message.from_wire(short_answer(wire, REFUSED))
+        assert a.question == [] and a.rcode() == dns.rcode.REFUSED
+
+
+@pytest.mark.parametrize("wire", [b"", b"\x12" * 11,
+                                  dns.message.make_response(dns.message.make_query("database", "A")).to_wire()])
+def test_no_short_answer_to_what_is_no_query(wire):
+    assert short_answer(wire, REFUSED) is None  # too short, or a response: never answered
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=600))
+def test_short_answer_fuzzed(wire):
+    out = short_answer(wire, REFUSED)
+    if out is None:
+        assert len(wire) < 12 or wire[2] & 0x80
+        return
+    a = dns.message.from_wire(out)  # whatever came in, what goes out parses
+    assert a.id == int.from_bytes(wire[:2], "big") and a.rcode() == dns.rcode.REFUSED and len(a.question) <= 1
+
+
+# --- the whole of answering, fuzzed: bytes in, bytes (or forward, or nothing) out -----
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from([("database", "A"), ("_database._tcp", "SRV"), ("nosuch", "A"), ("web", "AAAA"),
+                        (dns.reversename.from_address(DB).to_text(), "PTR")]),
+       st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=6),
+       st.sampled_from([WEB, CACHE, "10.213.0.99"]), st.booleans())
+def test_respond_fuzzed(question, flips, src, forwarding):
+    wire = bytearray(dns.message.make_query(*question).to_wire())
+    for at, byte in flips:
+        if at < len(wire):
+            wire[at] = byte
+    r = responder(upstreams=[("192.0.2.53", 53)] if forwarding else ())
+    out = r.respond(bytes(wire), src)
+    if out is None or isinstance(out, Forward):
+        assert out is None or forwarding
+        return
+    a = dns.message.from_wire(out)
+    assert a.id == int.from_bytes(wire[:2], "big") and a.flags & dns.flags.QR and len(out) <= 512
