@@ -117,3 +117,8 @@ def test_without_the_bridge_two_marked_accepts_do():
     healed = DOCKER_20 + "".join(f"-A FORWARD {' '.join(quote(w) for w in r)}\n" for r in OURS)
     assert not judge("iptables-nft", parse(healed)["FORWARD"], None, "tether TT1:").broken
     assert judge("iptables-nft", parse(DOCKER_20)["FORWARD"], None, "tether TT1:").broken
+
+
+def test_a_comment_as_iptables_quotes_it():
+    chains = parse('-A DOCKER-USER -m comment --comment "a user\\\'s \\"drop\\"" -j DROP\n')
+    assert chains["DOCKER-USER"].rules == (("-m", "comment", "--comment", 'a user\'s "drop"', "-j", "DROP"),)

@@ -99,7 +99,8 @@ def parse(listing: str) -> dict[str, Chain]:
         elif line.startswith("-N "):
             policy.setdefault(line.split()[1], None)
         elif line.startswith("-A "):
-            words = shlex.split(line)
+            # iptables quotes a comment with "..." and escapes a ' in it too
+            words = [w.replace("\\'", "'") for w in shlex.split(line)]
             rules.setdefault(words[1], []).append(tuple(words[2:]))
             policy.setdefault(words[1], None)
     return {name: Chain(name, pol, tuple(rules.get(name, ()))) for name, pol in policy.items()}
