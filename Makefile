@@ -10,8 +10,12 @@ PY    := $(VENV)/bin/python
 # etcd-server: the tests' throwaway etcd for several hosts (tests/integration/
 # test_cluster.py), started inside the tests' own network namespaces; the
 # package's own service is stopped and disabled right after the install
+# docker.io: tests/integration/test_docker_firewall.py starts a dockerd of its
+# own (its own data and exec roots, socket, no bridge) to check tether next
+# to Docker's firewall; the package's services are stopped and disabled right
+# after the install, so no other dockerd runs
 APT_PACKAGES := runc busybox-static fuse3 iptables nftables conntrack iproute2 \
-                python3 python3-venv python3-dev gcc podman etcd-server
+                python3 python3-venv python3-dev gcc podman etcd-server docker.io
 # the peers `make bench` measures tether against (podman's network backend,
 # the CNI reference plugins, LXCFS); only the benchmark uses them
 BENCH_PACKAGES := netavark containernetworking-plugins lxcfs
@@ -25,6 +29,8 @@ deps:
 	  echo "installing:$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  case "$$missing" in *etcd-server*) systemctl disable --now etcd >/dev/null 2>&1 || true;; esac; \
+	  case "$$missing" in *docker.io*) units="docker.socket docker.service containerd.service"; \
+	    systemctl disable $$units >/dev/null 2>&1; systemctl stop $$units >/dev/null 2>&1 || true;; esac; \
 	fi
 
 $(VENV)/.installed: pyproject.toml
