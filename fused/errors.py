@@ -27,6 +27,16 @@ class StoreError(TetherError):
     """The store refuses the change or cannot be used (locked, damaged, too new)."""
 
 
+class StoreFull(StoreError):
+    """No space is left where the store writes (a full disk under state_dir,
+    etcd's quota): an expected condition, refused in one line, nothing changed."""
+
+
+class DeadlineError(TetherError):
+    """A change could not reach its commit in time (it waited for the store,
+    the kernel or an earlier change): refused, nothing changed."""
+
+
 class WiringError(TetherError):
     """The kernel refused a piece of a container's network (veth, address, route)."""
 

@@ -1,6 +1,6 @@
 """The one place where a request becomes: snapshot -> plan -> kernel -> commit -> publish.
 
-Every operation holds `self.lock`: one writer. It reads one store snapshot,
+Every change holds `self.lock`: one writer. It reads one store snapshot,
 plans the change on a Draft of it (plan.py: pure), applies what the kernel
 must have before the change is true (a veth, the firewall rules of the state
 after it), commits the change set conditioned on the snapshot's revision,
@@ -10,11 +10,23 @@ leaves nothing behind. Kernel steps after the commit (cutting connections,
 removing a veth) that fail are logged and returned as `warnings` on a
 request that succeeded: the change is in the store, and saying "internal
 error" would be false.
+
+Nothing here blocks the trio thread: store calls run on the store's thread
+(store/thread.py), kernel calls on the kernel's (Worker), and the served
+files are handed to the file server on the publisher's (publisher.py), in
+commit order; a change waits for its own files after it lets go of the lock.
+A change must reach its commit within CHANGE_DEADLINE of its arrival, else
+it is refused in one line naming what it waited for, with its kernel steps
+undone. Read-only requests never queue behind a change: they answer from
+the store when it answers at once, else from the last published snapshot.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import logging
+import math
 import os
 import random
 import time
@@ -24,13 +36,15 @@ import trio
 from . import drift, graph, model, oci, plan, render, rules
 from . import config as config_mod
 from .config import Config
-from .errors import InputError, ServiceError
+from .errors import DeadlineError, InputError, ServiceError, StoreFull
 from .graph import Edge, Topology, resolve_edge
 from .net import ports as host_ports
 from .net.firewall import Firewall
 from .net.wiring import Endpoint, Wiring, Worker, netns_inode, veth_name
 from .errors import StoreError
+from .publisher import Delivery, Publisher
 from .store.base import ChangeSet, Conflict, Draft, Store, StoreSnapshot, inverse
+from .store.thread import StoreThread
 
 log = logging.getLogger("tether.service")
 
@@ -41,6 +55,14 @@ FIREWALL_INTERVAL = 1.0  # s: tether's rules, flushed by someone else, are back 
 LIVENESS_INTERVAL = 2.0  # s: a container whose process died without a poststop is stopped within two
 ZERO_MAC = "00:00:00:00:00:00"
 CONFLICT_ATTEMPTS = 20  # a request planned again at most this often when other hosts commit first
+# The hook gives up on the daemon after 10 s: a change is refused if it has not
+# reached its commit by CHANGE_DEADLINE (the commit itself takes at most the
+# store's timeout), and answers by ANSWER_WITHIN, with a warning if the file
+# server has not acknowledged its files by then.
+CHANGE_DEADLINE = 6.0  # s
+ANSWER_WITHIN = 9.0  # s
+READ_WAIT = 0.25  # s: a read-only request waits this long for the store, then answers from the last publish
+CHANGES = frozenset({"register", "abort", "poststop", "rm", "link_add", "link_rm", "link_retarget", "move"})
 
 
 def rfc3339(ts: float | None) -> str | None:
@@ -85,6 +107,23 @@ class Published:
     dns: render.DnsData
 
 
+@dataclasses.dataclass
+class Request:
+    """One control request, for the steps that bound and report it."""
+
+    op: str
+    started: float  # trio's clock
+    deadline: float = math.inf  # its commit must begin by then
+    waited: dict[str, float] = dataclasses.field(default_factory=dict)  # what it waited for, seconds
+    published: int = 0  # the publisher's number of the files its commit made
+
+    def waited_for(self, what: str, seconds: float) -> None:
+        self.waited[what] = self.waited.get(what, 0.0) + seconds
+
+
+_REQUEST: contextvars.ContextVar[Request | None] = contextvars.ContextVar("tether_request", default=None)
+
+
 @dataclasses.dataclass(frozen=True)
 class Undo:
     """A registration the hook may still abort: undone exactly while the
@@ -111,7 +150,10 @@ class Service:
         self.files = files  # fs.session.FileService: its health
         self.publish = publish
         self.publish_dns = publish_dns
-        self.store = store
+        self.store = store  # for what needs no request (live hosts, underlays); calls go through:
+        self.store_thread = StoreThread(store)
+        self.publisher = Publisher(self._hand_files)
+        self._holder_waits = ""  # what the change holding the lock waits for now, for those behind it
         self.wiring = wiring
         self.firewall = firewall
         self.worker = worker
@@ -127,6 +169,102 @@ class Service:
         # the containers it wires, whose processes it can see
         self.host = cfg.cluster.host_name if cfg.clustered else ""
         self._seen: Topology | None = None  # the topology the last refresh saw (several hosts)
+
+    def close(self) -> None:
+        """Hand over the files still queued, then stop the store's thread (before the store is closed)."""
+        self.publisher.close()
+        self.store_thread.close()
+
+    @property
+    def revision(self) -> int | None:
+        """The store revision of the last publish."""
+        return self._pub.snap.revision if self._pub is not None else None
+
+    # --- waiting, bounded -------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _changing(self):
+        """The lock, within the request's deadline: past it, the request is
+        refused, naming what the change holding the lock waits for."""
+        req = _REQUEST.get()
+        t0 = trio.current_time()
+        with trio.move_on_at(req.deadline if req is not None else math.inf) as waiting:
+            await self.lock.acquire()
+        if waiting.cancelled_caught:  # (a cancelled acquire has not acquired)
+            holder = self._holder_waits or "its kernel steps (veth, firewall)"
+            req.waited_for(f"an earlier change, which waits for {holder}", trio.current_time() - t0)
+            raise self._late(req)
+        if req is not None:
+            req.waited_for("an earlier change", trio.current_time() - t0)
+        try:
+            yield
+        finally:
+            self._holder_waits = ""
+            self.lock.release()
+
+    def _late(self, req: Request) -> DeadlineError:
+        what = max(req.waited, key=req.waited.get) if req.waited else "its kernel steps (veth, firewall)"
+        return DeadlineError(
+            f"gave up after {trio.current_time() - req.started:.1f} s waiting for {what}: nothing was changed; "
+            "try again"
+        )
+
+    async def _snapshot(self) -> StoreSnapshot:
+        """The store's snapshot, for a change (under the lock), within its deadline."""
+        req = _REQUEST.get()
+        t0 = trio.current_time()
+        self._holder_waits = self.store_thread.where
+        snap = None
+        try:
+            snap = await self.store_thread.snapshot(wait=req.deadline - t0 if req is not None else math.inf)
+        except trio.TooSlowError:
+            pass
+        finally:
+            self._holder_waits = ""
+            if req is not None:
+                req.waited_for(self.store_thread.where, trio.current_time() - t0)
+        if snap is None:
+            raise self._late(req)
+        return snap
+
+    async def _view(self) -> StoreSnapshot:
+        """What a read-only request answers from: the store's snapshot when
+        it comes at once, else the last published one. A reader never queues
+        behind a change waiting for the store or the kernel."""
+        pub = self._pub
+        if pub is not None and (self.lock.locked() or self.store_thread.busy):
+            return pub.snap
+        try:
+            return await self.store_thread.snapshot(wait=READ_WAIT if pub is not None else math.inf)
+        except trio.TooSlowError:
+            return pub.snap
+
+    def _hand_files(self, snapshot) -> tuple[bool, int | None]:
+        """On the publisher's thread: the files to the file server. Not
+        acknowledged: FileService restarts it, and the next one serves the
+        newest snapshot before it answers any read."""
+        f = self.files
+        server = f.pid if f is not None else None
+        self.publish(snapshot)
+        return (f is None or f.conn is not None), server
+
+    async def _files_served(self, req: Request) -> list[str]:
+        """Wait for the files of the request's commit; a warning when the
+        file server has not taken them."""
+        answer_by = req.started + ANSWER_WITHIN if req.op in CHANGES else math.inf
+        got = await self.publisher.wait(req.published, max(answer_by - trio.current_time(), 0.0))
+        if got is not None and got.acknowledged:
+            return []
+        f = self.files
+        if got is None:
+            pid = f.pid if f is not None else None
+            line = (f"the change is committed, but the file server (pid {pid}) has not acknowledged its files after "
+                    f"{trio.current_time() - req.started:.1f} s: reads show it once it answers, or once the one "
+                    "that replaces it does (within a few seconds)")
+        else:
+            line = (f"the change is committed, but the file server (pid {got.server}) did not acknowledge its files: "
+                    "it was restarted, and the new one serves them")
+        log.warning("%s: %s", req.op, line)
+        return [line]
 
     # --- kernel helpers ---------------------------------------------------
     def _endpoint(self, name: str, pid: int, ip: str, mac: str, answers: tuple[str, ...] = ()) -> Endpoint:
@@ -165,10 +303,20 @@ class Service:
             self.last_commits = 0
             return d.snap
         t0 = time.perf_counter()
+        req = _REQUEST.get()
         try:
             self.last_commits = await self.apply_firewall(d.after())
             t1 = time.perf_counter()
-            snap = self.store.commit(d.change, d.snap.revision) if d.change else d.snap
+            if req is not None:
+                req.waited_for("the firewall", t1 - t0)
+                if trio.current_time() > req.deadline:  # the hook is about to give up: nothing half-done
+                    raise self._late(req)
+            if d.change:
+                self._holder_waits = self.store_thread.where
+                snap = await self.store_thread.commit(d.change, d.snap.revision)
+                self._holder_waits = ""
+            else:
+                snap = d.snap
             t2 = time.perf_counter()
         except BaseException:
             with trio.CancelScope(shield=True):
@@ -219,7 +367,9 @@ class Service:
             files = render.update_files(pub.files, views, touched, r)
             dns_data = render.update_dns(pub.dns, pub.views, views, touched)
         self._pub = Published(snap, topo, views, files, dns_data)
-        self.publish(render.Snapshot(files, render.fileset(None, r), time.time_ns()))
+        seq = self.publisher.submit(render.Snapshot(files, render.fileset(None, r), time.time_ns()))
+        if (req := _REQUEST.get()) is not None:
+            req.published = seq
         self.publish_dns(dns_data)
 
     def _render_args(self) -> tuple:
@@ -256,8 +406,8 @@ class Service:
         the firewall chains are rebuilt and the files published (at start and
         on SIGHUP)."""
         rewired = []
-        async with self.lock:
-            d = Draft(self.store.snapshot())
+        async with self._changing():
+            d = Draft(await self._snapshot())
             stopped = plan.stop_dead(d, self._alive, time.time(), self.host)
             revived = plan.revive(d, self._alive, self.host, time.time()) if self.host else []
             keep = set()
@@ -283,7 +433,16 @@ class Service:
             for veth in gone:  # their process is gone; a netns that outlives it keeps no veth of ours
                 await self.worker.run(self.wiring.unwire, veth)
             unknown = [v for v in await self.worker.run(self.wiring.bridge_ports) if v not in keep and v not in gone]
-            await self._commit(d, firewall_anyway=True)
+            try:
+                await self._commit(d, firewall_anyway=True)
+            except StoreFull as e:
+                # a start on a full disk (after a crash): serve the store as
+                # it is, and refuse changes until there is space
+                if d.change:
+                    log.warning("reconcile: %s; serving the store as it is (what changed for %s is recorded once "
+                                "there is space)", e, ", ".join(sorted(d.change.names())))
+                stopped, revived = [], []
+                await self._commit(Draft(d.snap), firewall_anyway=True)
         for n in stopped:
             log.info("reconcile: %s: netns gone, marked stopped", n)
         for n in revived:
@@ -299,12 +458,12 @@ class Service:
         """Mark stopped every running container whose process is gone: a
         poststop that never came (a kill -9 of the runtime, its state
         deleted). Cheap when nothing died: one stat per running container."""
-        snap = self.store.snapshot()
+        snap = await self.store_thread.snapshot()
         lost = self.host and any(not c.running and c.host == self.host and c.pid for c in snap.containers.values())
         if not lost and not any(c.running and not self._alive(c) for c in snap.containers.values()):
             return []
-        async with self.lock:
-            d = Draft(self.store.snapshot())
+        async with self._changing():
+            d = Draft(await self._snapshot())
             # with etcd, as many as one transaction takes; the rest next round
             dead = plan.stop_dead(d, self._alive, time.time(), self.host, limit=100 if self.host else None)
             if lost and (back := plan.revive(d, self._alive, self.host, time.time())):
@@ -360,8 +519,8 @@ class Service:
         consumers that another host's change moved away cut. Those two
         compare with what the last refresh saw, not with the last publish: a
         local request may have published another host's change first."""
-        async with self.lock:
-            snap = self.store.snapshot()
+        async with self._changing():
+            snap = await self._snapshot()
             t0 = time.perf_counter()
             if self._pub is None or snap is not self._pub.snap:
                 await self.apply_firewall(snap)
@@ -454,8 +613,8 @@ class Service:
                 'add {"type": "network"} to linux.namespaces in its config.json'
             )
         runtime = tuple(drift.runtime_of(args.get("ppid")))
-        async with self.lock:
-            d = Draft(self.store.snapshot())
+        async with self._changing():
+            d = Draft(await self._snapshot())
             done = plan.register(d, reg, ino, runtime, self.cfg.network, time.time(), self._alive, host_ports.in_use,
                                  self.host)
             t_plan = time.perf_counter()
@@ -518,8 +677,8 @@ class Service:
         state, _, _ = hook_input(args)
         cid, pid = state.get("id"), state.get("pid")
         undo = self._undo.pop(cid, None) if isinstance(cid, str) else None
-        async with self.lock:
-            d = Draft(self.store.snapshot())
+        async with self._changing():
+            d = Draft(await self._snapshot())
             c = d.find_running_by_id(cid) if isinstance(cid, str) else None
             if c is None or c.pid != pid:
                 return {"known": False}
@@ -543,8 +702,8 @@ class Service:
         if isinstance(cid, str):
             self._undo.pop(cid, None)
         name = ann.get(model.ANN_NAME) if isinstance(ann, dict) else None
-        async with self.lock:
-            d = Draft(self.store.snapshot())
+        async with self._changing():
+            d = Draft(await self._snapshot())
             c = d.container(name) if model.is_label(name) else None
             if c is None or c.id != cid:
                 c = d.find_running_by_id(cid) if isinstance(cid, str) else None
@@ -606,9 +765,8 @@ class Service:
         return out
 
     async def ps(self, args: dict) -> list[dict]:
-        async with self.lock:
-            snap = self.store.snapshot()
-            return [self._summary(snap, name) for name in sorted(snap.containers)]
+        snap = await self._view()
+        return [self._summary(snap, name) for name in sorted(snap.containers)]
 
     def _named(self, snap: StoreSnapshot, args: dict) -> model.Container:
         name = model.check_label(args.get("name"))
@@ -618,30 +776,28 @@ class Service:
         return c
 
     async def inspect(self, args: dict) -> dict:
-        async with self.lock:
-            snap = self.store.snapshot()
-            c = self._named(snap, args)
-            out = self._summary(snap, c.name)
-            out["leases"] = self._leases(snap, c.name)
-            out["veth"] = veth_name(self.cfg.network.bridge, c.name)
-            topo = self.topology(snap)
-            groups = {g for g, t in topo.groups.items() if t == c.name}
-            out["links_in"] = [model.link_text(e.alias, c.name, e.consumer) for e in topo.edges if e.group in groups]
-            pub = self._pub
-            if pub is not None and pub.snap is snap and c.name in pub.files:
-                fs = pub.files[c.name]
-            else:
-                fs = render.render_all(topo, *self._render_args())[0][c.name]
-            out["files"] = {f: fs.get(f).decode() for f in render.FILES}
-            return out
+        snap = await self._view()
+        c = self._named(snap, args)
+        out = self._summary(snap, c.name)
+        out["leases"] = self._leases(snap, c.name)
+        out["veth"] = veth_name(self.cfg.network.bridge, c.name)
+        topo = self.topology(snap)
+        groups = {g for g, t in topo.groups.items() if t == c.name}
+        out["links_in"] = [model.link_text(e.alias, c.name, e.consumer) for e in topo.edges if e.group in groups]
+        pub = self._pub
+        if pub is not None and pub.snap is snap and c.name in pub.files:
+            fs = pub.files[c.name]
+        else:
+            fs = render.render_all(topo, *self._render_args())[0][c.name]
+        out["files"] = {f: fs.get(f).decode() for f in render.FILES}
+        return out
 
     async def leases(self, args: dict) -> list[dict]:
-        async with self.lock:
-            return self._leases(self.store.snapshot())
+        return self._leases(await self._view())
 
     async def rm(self, args: dict) -> dict:
-        async with self.lock:
-            d = Draft(self.store.snapshot())
+        async with self._changing():
+            d = Draft(await self._snapshot())
             c = self._named(d.snap, args)
             if c.running and self._alive(c):
                 raise ServiceError(f"container {c.name!r} is running: stop it first (runc kill, runc delete)")
@@ -726,20 +882,20 @@ class Service:
         return []
 
     async def link_add(self, args: dict) -> dict:
-        async with self.lock:
+        async with self._changing():
             consumer = model.check_label(args.get("consumer"), "consumer name")
             target = model.check_label(args.get("target"), "target name")
             alias = model.check_label(args.get("alias") or target, "alias")
-            d = Draft(self.store.snapshot())
+            d = Draft(await self._snapshot())
             link = plan.link_add(d, consumer, target, alias, self.cfg.network)
             snap = await self._commit(d)
             return self._link_row(self.topology(snap), link)
 
     async def link_rm(self, args: dict) -> dict:
-        async with self.lock:
+        async with self._changing():
             consumer = model.check_label(args.get("consumer"), "consumer name")
             alias = model.check_label(args.get("alias"), "alias")
-            d = Draft(self.store.snapshot())
+            d = Draft(await self._snapshot())
             plan.consumer(d, consumer)
             link = plan.existing_link(d, consumer, alias)
             target = d.target(link)
@@ -754,11 +910,11 @@ class Service:
             }
 
     async def link_retarget(self, args: dict) -> dict:
-        async with self.lock:
+        async with self._changing():
             consumer = model.check_label(args.get("consumer"), "consumer name")
             alias = model.check_label(args.get("alias"), "alias")
             target = model.check_label(args.get("target"), "target name")
-            d = Draft(self.store.snapshot())
+            d = Draft(await self._snapshot())
             before, previous, after = plan.link_retarget(d, consumer, alias, target, bool(args.get("allow_dangling")))
             if after != before and before.facade:
                 self._can_cut()
@@ -774,11 +930,11 @@ class Service:
     async def move(self, args: dict) -> dict:
         """Failover: every link to OLD now goes to NEW, and OLD's published
         host ports forward to NEW; one transaction, one firewall commit."""
-        async with self.lock:
+        async with self._changing():
             t0, self.steps = time.perf_counter(), {}
             old = model.check_label(args.get("old"), "container name")
             new = model.check_label(args.get("new"), "container name")
-            d = Draft(self.store.snapshot())
+            d = Draft(await self._snapshot())
             strategy = self.cfg.network.strategy
             moved = plan.move(d, old, new, strategy, self._alive, time.time())
             old_lease = d.snap.ip_leases.get(old)
@@ -865,9 +1021,8 @@ class Service:
                 log.warning("move: could not give %s back to %s: %s", h.ip, h.giver, e)
 
     async def link_ls(self, args: dict) -> list[dict]:
-        async with self.lock:
-            topo = self.topology(self.store.snapshot())
-            return [self._link_row(topo, e) for e in topo.edges]
+        topo = self.topology(await self._view())
+        return [self._link_row(topo, e) for e in topo.edges]
 
     async def health(self, args: dict) -> dict:
         """The served files' state, for `tether ps` and `tether doctor`."""
@@ -883,9 +1038,8 @@ class Service:
         """Containers the runtimes run while tether has them stopped (or never
         registered them), and the reverse: see fused/drift.py."""
         since = time.time()  # the lists first, then the records: a start or stop meanwhile is left out
-        listings = await drift.listings({c.runtime for c in self.store.snapshot().containers.values() if c.runtime})
-        async with self.lock:
-            snap = self.store.snapshot()
+        listings = await drift.listings({c.runtime for c in (await self._view()).containers.values() if c.runtime})
+        snap = await self._view()
         rows = [
             {"name": c.name, "id": c.id, "state": c.state, "runtime": list(c.runtime),
              "changed": max(c.started_at or 0, c.stopped_at or 0)}
@@ -904,6 +1058,24 @@ class Service:
     async def dispatch(self, op: str, args: dict):
         if op not in self.OPS:
             raise InputError(f"unknown operation {op[:40]!r}: upgrade the tether client to match the daemon")
+        now = trio.current_time()
+        req = Request(op, now, now + CHANGE_DEADLINE if op in CHANGES else math.inf)
+        token = _REQUEST.set(req)
+        try:
+            result = await self._attempts(op, args, req)
+        except (StoreError, DeadlineError) as e:
+            if op in CHANGES and not isinstance(e, Conflict):  # expected, and said to the asker: one line here too
+                log.warning("%s refused: %s", op.replace("_", " "), e)
+            raise
+        finally:
+            _REQUEST.reset(token)
+        if req.published:
+            warnings = await self._files_served(req)
+            if warnings and isinstance(result, dict):
+                result["warnings"] = [*result.get("warnings", ()), *warnings]
+        return result
+
+    async def _attempts(self, op: str, args: dict, req: Request):
         for attempt in range(1, CONFLICT_ATTEMPTS + 1):
             try:
                 if op == "reconcile":
@@ -919,7 +1091,6 @@ class Service:
                     ) from None
                 log.info("%s: %s (attempt %d of %d)", op, e, attempt, CONFLICT_ATTEMPTS)
                 await trio.sleep(random.uniform(0, 0.002 * attempt))
-
 
 
 def _owns(d: Draft, name: str, ip: str) -> bool:

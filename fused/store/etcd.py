@@ -49,6 +49,7 @@ import requests
 from etcd3gw import exceptions as etcd_errors
 
 from ..model import Container, IpLease, Link, PortLease
+from ..errors import StoreFull
 from .base import ChangeSet, Conflict, StoreError, StoreSnapshot, apply
 
 log = logging.getLogger("tether.store")
@@ -107,6 +108,11 @@ class EtcdStore:
         self._post("/maintenance/status", {})  # unreachable: one line, before anything is joined
         self._join()
 
+    @property
+    def where(self) -> str:
+        """The store, as a line that says what a request waited for names it."""
+        return f"etcd at {', '.join(self.endpoints)}"
+
     def _client(self, endpoint: str) -> etcd3gw.Etcd3Client:
         proto, _, rest = endpoint.partition("://")
         host, _, port = rest.rpartition(":")
@@ -134,7 +140,13 @@ class EtcdStore:
             except (etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError) as e:
                 last = e
             except etcd_errors.Etcd3Exception as e:
-                raise StoreError(f"etcd at {c.base_url} refused {path}: {str(e)[:200]}") from None
+                detail = getattr(e, "detail_text", None) or ""
+                if "database space exceeded" in detail:  # its NOSPACE alarm: every write refused until disarmed
+                    raise StoreFull(
+                        f"etcd at {c.base_url} has no space left (mvcc: database space exceeded, its "
+                        "--quota-backend-bytes): compact and defragment it, then `etcdctl alarm disarm`"
+                    ) from None
+                raise StoreError(f"etcd at {c.base_url} refused {path}: {(detail or str(e))[:200]}") from None
         self._dirty = True
         self._down = (
             f"etcd is unreachable at {', '.join(self.endpoints)} ({type(last).__name__}, {self.timeout:g} s): "

@@ -8,22 +8,30 @@ applied (base.apply), and the file is read again only when another
 connection wrote to it (`PRAGMA data_version`). `commit()` writes a change
 set in one `BEGIN IMMEDIATE` transaction, if the revision is still the one
 it was planned on.
+
+A full disk under the store (SQLite's SQLITE_FULL, or an I/O error while the
+filesystem has no space left, as when the WAL index cannot grow) is
+StoreFull: one line naming the filesystem and the store, and the
+transaction rolled back, so nothing changed.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import sqlite3
 import time
 from pathlib import Path
 
 from ..allocator import undotted
-from ..errors import StoreError
+from ..errors import StoreError, StoreFull
 from ..model import Container, IpLease, Link, PortLease
 from .base import ChangeSet, Conflict, StoreSnapshot, apply
 
 SCHEMA_VERSION = 4
 BUSY_TIMEOUT_MS = 2000  # well inside the hook's 10 s: a locked store is one clear line
+LOW_SPACE = 1 << 20  # bytes: an I/O error with less than this left on the filesystem is a full disk
 
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -142,6 +150,62 @@ def quarantine(path: Path, now: float | None = None) -> Path:
     return dest
 
 
+def _filesystem(path: Path) -> tuple[str, str]:
+    """(source, mount point) of the filesystem `path` is on, from mountinfo:
+    the top mount of the longest mount point above it."""
+    target = os.path.realpath(path)
+    found = ("?", "/")
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                fields, tail = left.split(), right.split()
+                if len(fields) < 5 or len(tail) < 2:
+                    continue
+                mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+                inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+                if inside and len(mount) >= len(found[1]):
+                    found = (tail[1], mount)
+    except OSError:
+        pass
+    return found
+
+
+def _space_left(path: Path) -> int | None:
+    """Bytes root may still write on the filesystem of `path` (None: unknown);
+    0 as well when it has no inode left."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    if st.f_files and not st.f_ffree:
+        return 0
+    return st.f_bfree * st.f_frsize
+
+
+def no_space(path: Path) -> StoreFull:
+    source, mount = _filesystem(path.parent)
+    where = source if source == mount else f"{source} ({mount})"
+    return StoreFull(f"no space left on {where} for the store {path}: free space there or move state_dir")
+
+
+def full_disk(path: Path, e: BaseException) -> StoreFull | None:
+    """`e` as the one line of a full disk under the store at `path`, or None
+    when it is something else."""
+    if isinstance(e, OSError):
+        return no_space(path) if e.errno in (errno.ENOSPC, errno.EDQUOT) else None
+    name = getattr(e, "sqlite_errorname", "") or ""
+    if name == "SQLITE_FULL":
+        return no_space(path)
+    if name.startswith("SQLITE_IOERR") or "disk I/O error" in str(e):
+        # SQLite says "disk I/O error" where a write or the WAL index's growth
+        # failed: on a filesystem with no space left, that is the cause
+        left = _space_left(path.parent)
+        if left is not None and left < LOW_SPACE:
+            return no_space(path)
+    return None
+
+
 def _ip_lease(r: tuple) -> IpLease:
     ip, name, mac, since = r
     if undotted(ip) is None or not isinstance(name, str) or not isinstance(mac, str) or not isinstance(since, (int, float)):
@@ -187,17 +251,21 @@ class SqliteStore:
                 head = f.read(100)
             if len(head) < 100 or not head.startswith(HEADER):
                 raise StoreDamaged(self.path, "it is not an SQLite database: its header is wrong or cut short")
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as e:
+            raise full_disk(self.path, e) or e from None
         os.close(fd)
         os.chmod(self.path, 0o600)
+        # used by one thread at a time: tether-fused's store thread (store/thread.py)
         self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._snap: StoreSnapshot | None = None
         self._data_version: int | None = None
         try:
             self.db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-            self._locked(self._pragmas)
-            self._locked(self._migrate)
-            self._locked(self._check)
+            self._guarded(self._pragmas)
+            self._guarded(self._migrate)
+            self._guarded(self._check)
         except sqlite3.DatabaseError as e:
             self.db.close()
             if getattr(e, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or type(e) is sqlite3.DatabaseError:
@@ -233,20 +301,37 @@ class SqliteStore:
         except (ValueError, TypeError) as e:
             raise StoreDamaged(self.path, f"a row does not parse: {e}") from None
 
+    @property
+    def where(self) -> str:
+        """The store, as a line that says what a request waited for names it."""
+        return f"the store {self.path}"
+
+    timeout = BUSY_TIMEOUT_MS / 1000  # s: the longest one call waits for another process's lock
+
     def close(self) -> None:
         self.db.close()
 
-    def _locked(self, fn, *args):
-        """fn(*args), with SQLite's lock errors as one line naming the file."""
+    def _guarded(self, fn, *args):
+        """fn(*args), with SQLite's lock errors and a full disk as one line
+        naming the file."""
         try:
             return fn(*args)
-        except sqlite3.OperationalError as e:
-            if "locked" in str(e) or "busy" in str(e):
+        except (sqlite3.OperationalError, OSError) as e:
+            if isinstance(e, sqlite3.OperationalError) and ("locked" in str(e) or "busy" in str(e)):
                 raise StoreError(
                     f"the store {self.path} is locked by another process (waited {BUSY_TIMEOUT_MS / 1000:g} s): "
                     f"find it with `fuser -v {self.path}` and stop it; only tether-fused may write the store"
                 ) from None
+            if (full := full_disk(self.path, e)) is not None:
+                raise full from None
             raise
+
+    def _end(self, how: str) -> None:
+        """COMMIT or ROLLBACK the open transaction, if SQLite has not rolled
+        it back itself (it does on a full disk: a ROLLBACK then would fail,
+        and hide why)."""
+        if self.db.in_transaction:
+            self.db.execute(how)
 
     def _migrate(self) -> None:
         self.db.execute("BEGIN IMMEDIATE")
@@ -283,14 +368,14 @@ class SqliteStore:
                 if int(v) < SCHEMA_VERSION:
                     self.db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION),))
             self.db.execute("INSERT OR IGNORE INTO meta VALUES ('revision', '0')")
+            self.db.execute("COMMIT")
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._end("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
 
     # --- reading ----------------------------------------------------------------
     def snapshot(self) -> StoreSnapshot:
-        return self._locked(self._snapshot)
+        return self._guarded(self._snapshot)
 
     def _snapshot(self) -> StoreSnapshot:
         (version,) = self.db.execute("PRAGMA data_version").fetchone()
@@ -301,7 +386,7 @@ class SqliteStore:
             snap = self._read()
             (self._data_version,) = self.db.execute("PRAGMA data_version").fetchone()
         finally:
-            self.db.execute("COMMIT")
+            self._end("COMMIT")
         self._snap = snap
         return snap
 
@@ -325,7 +410,7 @@ class SqliteStore:
 
     # --- writing ----------------------------------------------------------------
     def commit(self, change: ChangeSet, revision: int) -> StoreSnapshot:
-        return self._locked(self._commit, change, revision)
+        return self._guarded(self._commit, change, revision)
 
     def _commit(self, change: ChangeSet, revision: int) -> StoreSnapshot:
         before = self._snapshot()
@@ -337,10 +422,10 @@ class SqliteStore:
                 raise Conflict(f"the store is at revision {rev}, not {revision}: plan again")
             self._write(change)
             self.db.execute("UPDATE meta SET value=? WHERE key='revision'", (str(revision + 1),))
+            self.db.execute("COMMIT")  # a COMMIT that fails (a full disk) leaves it open or rolled back: never half
         except BaseException:
-            self.db.execute("ROLLBACK")
+            self._end("ROLLBACK")
             raise
-        self.db.execute("COMMIT")
         if before.revision == revision and version == self._data_version:  # nobody else wrote: no read
             self._snap = apply(before, change, revision + 1)
             return self._snap

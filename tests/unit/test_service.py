@@ -78,7 +78,9 @@ BUNDLE = {"dir": "/nonexistent"}
 
 
 @pytest.fixture
-def svc(monkeypatch, tmp_path):
+def build(monkeypatch, tmp_path):
+    """Service(store, firewall, publish, files): a Service on these parts
+    (defaults: the memory store, a recording firewall, a list of publishes)."""
     DEAD.clear()
     (tmp_path / "config.json").write_text(json.dumps({"root": {"path": "rootfs"}}))
     BUNDLE["dir"] = str(tmp_path)
@@ -86,12 +88,25 @@ def svc(monkeypatch, tmp_path):
     monkeypatch.setattr(service_mod, "_host_netns", lambda: 1)
     monkeypatch.setattr(service_mod.host_ports, "in_use", lambda port, proto: False)
     cfg = Config(network={"subnet": "10.9.0.0/29", "facade_subnet": "10.10.0.0/24", "port_range": "40000-40009"})
-    worker = Worker("test-kernel")
-    published = []
-    s = service_mod.Service(cfg, MemoryStore(), FakeWiring(), FakeFirewall(), worker, publish=published.append)
-    s.published = published
-    yield s
-    worker.shutdown()
+    made = []
+
+    def make(store=None, firewall=None, publish=None, files=None):
+        published = []
+        s = service_mod.Service(cfg, store or MemoryStore(), FakeWiring(), firewall or FakeFirewall(),
+                                Worker("test-kernel"), publish=publish or published.append, files=files)
+        s.published = published
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()
+        s.worker.shutdown()
+
+
+@pytest.fixture
+def svc(build):
+    return build()
 
 
 def state(name: str, pid: int, **ann) -> dict:
@@ -376,3 +391,248 @@ def test_a_failed_hand_over_refuses_the_move_and_changes_nothing(reassign):
     with pytest.raises(ServiceError, match="db2 could not take over .*nothing was moved"):
         call(s, "move", {"old": "db", "new": "db2"})
     assert s.store.snapshot() is before
+
+
+# --- nothing waits on the trio thread; changes have a deadline; a full store is one line ----------
+
+import logging  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+from fused.errors import DeadlineError, StoreFull  # noqa: E402
+
+
+class HeldStore(MemoryStore):
+    """A store whose commits wait while `held` is set (SQLite's busy wait, a slow etcd)."""
+
+    where = "the store /state/tether.db"
+    timeout = 2.0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held = threading.Event()
+        self.waiting = threading.Event()
+
+    def commit(self, change, revision):
+        give_up = time.monotonic() + 3  # on the trio thread (the bug this guards against), a hang would be the test's
+        while self.held.is_set() and time.monotonic() < give_up:
+            self.waiting.set()
+            time.sleep(0.005)
+        return super().commit(change, revision)
+
+
+class HeldFiles:
+    """FileService's side the service reads (pid, conn), and a publish that
+    waits while `held` is set, as for a stopped file server."""
+
+    def __init__(self) -> None:
+        self.pid, self.conn, self.problem = 4242, object(), None
+        self.held = threading.Event()
+        self.waiting = threading.Event()
+        self.served = []
+        self.drop = False
+
+    def publish(self, snapshot) -> None:
+        give_up = time.monotonic() + 3
+        while self.held.is_set() and time.monotonic() < give_up:
+            self.waiting.set()
+            time.sleep(0.005)
+        if self.drop:  # FileService's way of saying "not acknowledged": it let go of the file server
+            self.conn = None
+            return
+        self.served.append(snapshot)
+
+
+async def until(event: threading.Event) -> None:
+    while not event.is_set():
+        await trio.sleep(0.005)
+
+
+def three(s) -> None:
+    call(s, "register", state("db", 101, expose="5432"))
+    call(s, "register", state("db2", 102, expose="5432"))
+    call(s, "register", state("web", 103, links="db:database"))
+
+
+def test_reads_answer_while_a_change_waits_for_the_file_server(build):
+    files = HeldFiles()
+    s = build(publish=files.publish, files=files)
+    three(s)
+    files.held.set()
+    seen = {}
+
+    async def main():
+        async with trio.open_nursery() as n:
+            async def retarget():
+                seen["retarget"] = await s.dispatch(
+                    "link_retarget", {"consumer": "web", "alias": "database", "target": "db2"})
+                seen["retarget_done"] = trio.current_time()
+
+            n.start_soon(retarget)
+            await until(files.waiting)
+            t0 = trio.current_time()
+            seen["ps"] = await s.dispatch("ps", {})
+            seen["link_ls"] = await s.dispatch("link_ls", {})
+            seen["inspect"] = await s.dispatch("inspect", {"name": "web"})
+            seen["reads"] = trio.current_time() - t0
+            assert "retarget" not in seen  # it waits for its files
+            await trio.sleep(0.2)
+            assert "retarget" not in seen
+            seen["released"] = trio.current_time()
+            files.held.clear()
+
+    trio.run(main)
+    assert seen["reads"] < 0.2
+    assert [r["target"] for r in seen["link_ls"]] == ["db2"]  # committed: the store says so
+    assert "warnings" not in seen["retarget"]
+    assert seen["retarget_done"] >= seen["released"]
+    assert files.served[-1].files["web"].hosts.decode().endswith("\tdatabase db2\n")
+
+
+def test_publishes_reach_the_file_server_in_commit_order(build):
+    files = HeldFiles()
+    s = build(publish=files.publish, files=files)
+    three(s)
+    files.held.set()
+    targets = ["db2", "db", "db2", "db"]
+
+    async def main():
+        async with trio.open_nursery() as n:
+            for i, t in enumerate(targets):
+                n.start_soon(s.dispatch, "link_retarget", {"consumer": "web", "alias": "database", "target": t})
+                await trio.sleep(0.02)  # each one commits while the first's files wait
+            await until(files.waiting)
+            files.held.clear()
+
+    before = len(files.served)
+    trio.run(main)
+    revisions = [snap.mtime_ns for snap in files.served[before:]]
+    assert revisions == sorted(revisions) and len(revisions) < len(targets)  # in order; the waiting ones merged
+    assert files.served[-1].files["web"].hosts.decode().endswith("\tdatabase db\n")  # the last commit's
+
+
+def test_files_the_file_server_did_not_take_are_a_warning_on_a_committed_change(build):
+    files = HeldFiles()
+    s = build(publish=files.publish, files=files)
+    three(s)
+    files.drop = True
+    r = call(s, "link_retarget", {"consumer": "web", "alias": "database", "target": "db2"})
+    assert r["target"] == "db2"
+    assert r["warnings"] == ["the change is committed, but the file server (pid 4242) did not acknowledge its "
+                             "files: it was restarted, and the new one serves them"]
+
+
+def test_files_not_acknowledged_by_the_answer_are_a_warning(build, monkeypatch):
+    monkeypatch.setattr(service_mod, "ANSWER_WITHIN", 0.3)
+    files = HeldFiles()
+    s = build(publish=files.publish, files=files)
+    three(s)
+    files.held.set()
+    try:
+        r = call(s, "link_retarget", {"consumer": "web", "alias": "database", "target": "db2"})
+    finally:
+        files.held.clear()
+    assert r["target"] == "db2" and len(r["warnings"]) == 1
+    assert r["warnings"][0].startswith("the change is committed, but the file server (pid 4242) has not "
+                                       "acknowledged its files after 0.3 s")
+
+
+def test_a_change_behind_a_slow_store_is_refused_in_one_line_and_leaves_nothing(build, monkeypatch):
+    monkeypatch.setattr(service_mod, "CHANGE_DEADLINE", 0.3)
+    store = HeldStore()
+    s = build(store=store)
+    call(s, "register", state("db", 101, expose="5432"))
+    store.held.set()
+    seen = {}
+
+    async def main():
+        async with trio.open_nursery() as n:
+            async def first():
+                seen["first"] = await s.dispatch("link_add", {"consumer": "db", "target": "db", "alias": "self"})
+
+            n.start_soon(first)
+            await until(store.waiting)
+            t0 = trio.current_time()
+            seen["ps"] = await s.dispatch("ps", {})  # the lock is held: from the last publish, at once
+            seen["read"] = trio.current_time() - t0
+            with pytest.raises(DeadlineError) as e:
+                await s.dispatch("register", state("web", 102))
+            seen["refused"] = str(e.value)
+            store.held.clear()
+
+    trio.run(main)
+    assert seen["read"] < 0.1 and [c["name"] for c in seen["ps"]] == ["db"]
+    assert seen["refused"].startswith("gave up after 0.3 s waiting for an earlier change, which waits "
+                                      "for the store /state/tether.db: nothing was changed; try again")
+    assert "\n" not in seen["refused"]
+    assert set(store.snapshot().containers) == {"db"} and len(s.wiring.veths) == 1  # web: nothing left
+    assert seen["first"]["alias"] == "self"  # the slow one went through once the store answered
+
+
+def test_a_change_that_misses_its_deadline_before_the_commit_undoes_its_kernel_steps(build, monkeypatch):
+    monkeypatch.setattr(service_mod, "CHANGE_DEADLINE", 0.2)
+
+    class SlowFirewall(FakeFirewall):
+        def apply(self, rules):
+            time.sleep(0.3)
+            return super().apply(rules)
+
+    fw = SlowFirewall()
+    s = build(firewall=fw)
+    with pytest.raises(DeadlineError, match=r"^gave up after 0\.\d s waiting for the firewall: nothing was changed"):
+        call(s, "register", state("db", 101))
+    assert s.store.snapshot().containers == {} and s.wiring.veths == set() and s.store.commits == 0
+    assert fw.rules is not None and "10.9.0.2" not in repr(fw.rules)  # put back: the empty store's rules
+
+
+class FullStore(MemoryStore):
+    where = "the store /full/tether.db"
+    full = True
+
+    def commit(self, change, revision):
+        if self.full:
+            raise StoreFull("no space left on tmpfs (/full) for the store /full/tether.db: free space there or "
+                            "move state_dir")
+        return super().commit(change, revision)
+
+
+def test_a_full_store_refuses_a_change_in_one_line_and_leaves_nothing(build, caplog):
+    store = FullStore()
+    store.full = False
+    s = build(store=store)
+    three(s)
+    store.full = True
+    before = store.snapshot()
+    rules = s.firewall.rules
+    caplog.set_level(logging.INFO)
+    for op, args in (("register", state("new", 110)),
+                     ("link_retarget", {"consumer": "web", "alias": "database", "target": "db2"}),
+                     ("link_add", {"consumer": "web", "target": "db2", "alias": "other"})):
+        caplog.clear()
+        with pytest.raises(StoreFull, match="^no space left on tmpfs"):
+            call(s, op, args)
+        assert store.snapshot() is before and s.firewall.rules == rules and len(s.wiring.veths) == 3
+        lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+        assert [r.getMessage() for r in lines] == [
+            f"{op.replace('_', ' ')} refused: no space left on tmpfs (/full) for the store /full/tether.db: "
+            "free space there or move state_dir"]
+        assert all(r.exc_info is None for r in caplog.records)  # no traceback
+    assert [c["name"] for c in call(s, "ps", {})] == ["db", "db2", "web"]
+    store.full = False  # space again: all works
+    assert call(s, "link_retarget", {"consumer": "web", "alias": "database", "target": "db2"})["target"] == "db2"
+
+
+def test_reconcile_on_a_full_store_serves_the_store_as_it_is(build):
+    store = FullStore()
+    store.full = False
+    s = build(store=store)
+    three(s)
+    store.full = True
+    DEAD.add(101)  # db died while the daemon was away: marking it stopped needs space
+    s._pub = None  # as at a start
+    r = call(s, "reconcile", {})
+    assert r["stopped"] == []
+    assert store.snapshot().containers["db"].running
+    assert s._pub.snap is store.snapshot() and s.published[-1].files["web"].hosts  # served as the store has it
+    store.full = False
+    assert call(s, "reconcile", {})["stopped"] == ["db"]

@@ -581,3 +581,76 @@ def test_every_table_is_checked_at_open(tmp_path, damage):
     damage(p)
     with pytest.raises(StoreDamaged, match=r"is damaged \("):
         SqliteStore(p)
+
+
+# --- a full disk ------------------------------------------------------------------------
+
+
+def test_a_full_store_is_one_line_and_the_change_is_not_half_written(tmp_path):
+    """SQLite's own "database or disk is full" (here: the file may not grow
+    past its pages; on a full filesystem the same error): one line naming the
+    store, the transaction rolled back, and it works again once there is room."""
+    from fused.errors import StoreFull
+
+    p = tmp_path / "x.db"
+    s = SqliteStore(p)
+    add(s, "db", ip="10.0.0.2")
+    before = s.snapshot()
+    (pages,) = s.db.execute("PRAGMA page_count").fetchone()
+    s.db.execute(f"PRAGMA max_page_count={pages}")
+    d = Draft(before)
+    for i in range(200):  # more rows than the pages hold
+        d.put(running(f"c{i}", cid="x" * 200))
+    with pytest.raises(StoreFull) as ei:
+        s.commit(d.change, d.snap.revision)
+    line = str(ei.value)
+    assert "\n" not in line and line.startswith("no space left on ") and f"for the store {p}: " in line
+    assert line.endswith("free space there or move state_dir")
+    assert not s.db.in_transaction and s.snapshot() is before
+    assert set(SqliteStore(p).snapshot().containers) == {"db"}  # nothing of it on disk
+    s.db.execute("PRAGMA max_page_count=1073741823")  # room again
+    assert len(s.commit(d.change, d.snap.revision).containers) == 201
+    s.close()
+
+
+def test_an_io_error_is_a_full_disk_only_when_the_filesystem_is_full(tmp_path, monkeypatch):
+    from fused.store import sqlite as sqlite_mod
+
+    err = sqlite3.OperationalError("disk I/O error")
+    err.sqlite_errorname = "SQLITE_IOERR_SHMSIZE"  # the WAL index could not grow
+    p = tmp_path / "x.db"
+    monkeypatch.setattr(sqlite_mod, "_space_left", lambda path: 0)
+    assert str(sqlite_mod.full_disk(p, err)).startswith("no space left on ")
+    assert str(sqlite_mod.full_disk(p, OSError(28, "No space left on device"))).startswith("no space left on ")
+    monkeypatch.setattr(sqlite_mod, "_space_left", lambda path: 10 << 30)
+    assert sqlite_mod.full_disk(p, err) is None  # a real I/O error stays what it is
+    assert sqlite_mod.full_disk(p, sqlite3.OperationalError("database is locked")) is None
+
+
+def test_the_filesystem_named_is_the_one_under_the_store(tmp_path, monkeypatch):
+    from fused.store import sqlite as sqlite_mod
+
+    info = (
+        "22 1 8:1 / / rw - ext4 /dev/sda1 rw\n"
+        "30 22 0:40 / /var/lib/tether rw - tmpfs tmpfs rw\n"
+        "31 22 0:41 / /var/lib/tether2 rw - tmpfs other rw\n"
+        "32 22 0:42 / /srv/with\\040space rw - xfs /dev/sdb1 rw\n"
+    )
+    real_open = open
+
+    def fake_open(path, *a, **kw):
+        if path == "/proc/self/mountinfo":
+            import io
+            return io.StringIO(info)
+        return real_open(path, *a, **kw)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    monkeypatch.setattr(sqlite_mod.os.path, "realpath", lambda p: str(p))
+    assert sqlite_mod._filesystem("/var/lib/tether") == ("tmpfs", "/var/lib/tether")
+    assert sqlite_mod._filesystem("/var/lib/tether/x") == ("tmpfs", "/var/lib/tether")
+    assert sqlite_mod._filesystem("/var/lib/tether2") == ("other", "/var/lib/tether2")
+    assert sqlite_mod._filesystem("/var/lib/tetherx") == ("/dev/sda1", "/")
+    assert sqlite_mod._filesystem("/srv/with space/db") == ("/dev/sdb1", "/srv/with space")
+    assert str(sqlite_mod.no_space(sqlite_mod.Path("/var/lib/tether/tether.db"))) == (
+        "no space left on tmpfs (/var/lib/tether) for the store /var/lib/tether/tether.db: "
+        "free space there or move state_dir")
