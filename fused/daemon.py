@@ -142,7 +142,7 @@ async def run(cfg: config_mod.Config, log_level: str = "info", rebuild_from: lis
         log.warning("firewall: removed %s, left by another driver (the driver is %s now)", what, fw.choose(cfg.firewall.driver))
     files = session.FileService(cfg.run_dir, cfg.fs_dir, log_level)
     responder = None  # the DNS process's supervisor
-    store = worker = None
+    store = worker = service = None
     try:
         how = files.start()
         log.info("served files: %s at %s (file server pid %s)", how, cfg.fs_dir, files.pid)
@@ -216,6 +216,8 @@ async def run(cfg: config_mod.Config, log_level: str = "info", rebuild_from: lis
             cfg.socket_path.unlink()
         except FileNotFoundError:
             pass
+        if service is not None:  # its last files handed over, its store thread stopped
+            service.close()
         files.close()
         if responder is not None:
             responder.close()
@@ -285,10 +287,7 @@ async def trim_memory(service: Service, interval: float = TRIM_INTERVAL) -> None
     seen = None
     while True:
         await trio.sleep(interval)
-        try:
-            revision = service.store.snapshot().revision
-        except StoreError:  # locked for a moment: the next round
-            continue
+        revision = service.revision  # the last publish's: no store call on this thread
         if revision != seen:
             seen = revision
             trim(0)
