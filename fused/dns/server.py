@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import select
 import signal
 import socket
 import struct
@@ -124,8 +125,13 @@ class Responder:
         self.budget = budget_mod.Budget(qps)
         self.forwarder = Forwarder(upstreams, timeout)
         self.forward_lock = threading.Lock()
-        self.upstream = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        self.upstream.bind(("0.0.0.0", 0))
+        # a connected socket per upstream: the kernel takes answers from it
+        # alone, and nothing of ours listens anywhere but the gateway
+        self.upstreams = {}
+        for u in upstreams:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            s.connect(u)
+            self.upstreams[u] = s
         self.tcp_timeout = timeout
         self.tcp_slots = threading.BoundedSemaphore(MAX_TCP)
         self.args = args  # what it was started with: tether-fused replaces one started otherwise
@@ -229,7 +235,7 @@ class Responder:
     def _do(self, what: Send | Reply) -> None:
         try:
             if isinstance(what, Send):
-                self.upstream.sendto(what.wire, what.to)
+                self.upstreams[what.to].send(what.wire)
             elif what.wire:
                 self.udp.sendto(what.wire, what.client)
         except OSError:
@@ -237,21 +243,25 @@ class Responder:
 
     def serve_upstreams(self) -> None:
         """The upstreams' answers, and the queries they did not answer in time."""
-        sock = self.upstream
+        by_fd = {sock.fileno(): (u, sock) for u, sock in self.upstreams.items()}
+        poller = select.poll()
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
         while True:
             with self.forward_lock:
                 deadline = self.forwarder.next_deadline()
-            sock.settimeout(0.5 if deadline is None else max(0.001, min(0.5, deadline - time.monotonic())))
-            try:
-                wire, sender = sock.recvfrom(65535)
-            except (TimeoutError, BlockingIOError):
-                wire = None
-            except OSError:
-                continue
+            wait = 0.5 if deadline is None else max(0.001, min(0.5, deadline - time.monotonic()))
+            got = []
+            for fd, _ in poller.poll(wait * 1000):
+                upstream, sock = by_fd[fd]
+                try:
+                    got.append((sock.recv(65535), upstream))
+                except OSError:  # ECONNREFUSED: nothing listens there; it times out
+                    pass
             with self.forward_lock:
                 todo = self.forwarder.expire(time.monotonic())
-                if wire is not None:
-                    reply = self.forwarder.answer(wire, sender)
+                for wire, upstream in got:
+                    reply = self.forwarder.answer(wire, upstream)
                     if reply is not None:
                         todo.append(reply)
             for what in todo:
@@ -353,7 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     listener = listen(os.path.join(a.run_dir, f"{NAME}.sock"))
     child.announce(a.run_dir, NAME)
     threading.Thread(target=srv.accept_loop, args=(listener, srv.client), daemon=True, name="channel").start()
-    threading.Thread(target=srv.serve_upstreams, daemon=True, name="upstreams").start()
+    if upstreams:
+        threading.Thread(target=srv.serve_upstreams, daemon=True, name="upstreams").start()
     threading.Thread(target=srv.serve_tcp, daemon=True, name="tcp").start()
     log.info("DNS responder %d: on %s:%d, %d queries/s per source", os.getpid(), *udp.getsockname(), a.qps)
     srv.ready.wait()
