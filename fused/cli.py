@@ -204,7 +204,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "doctor",
         parents=[common],
-        help="check what tether needs (kernel, FUSE, firewall, bridge, daemon, store, mount), one line each with the fix",
+        help="check what tether needs (kernel, FUSE, firewall, bridge, daemon, store, mount, each running "
+        "container's files), one line each with the fix",
         description="Read-only checks, one line each: ok, warn (usable, worth knowing) or FAIL with the fix. "
         "Exit status 0 iff nothing failed.",
     )
@@ -343,6 +344,8 @@ def run(argv: list[str]) -> int:
                 drifted = []
             for d in drifted:
                 print(f"tether: warning: {d['name']}: {d['problem']}: {d['why']}", file=sys.stderr)
+            for line in _check_files(cfg, result):
+                print(f"tether: warning: {line}", file=sys.stderr)
             result = ps_select(result, a.all, filters)
             if a.quiet and not as_json:  # with --json: a list of names, below
                 for c in result:
@@ -358,6 +361,39 @@ def run(argv: list[str]) -> int:
         return 1
     print(json.dumps(result, indent=2, sort_keys=True) if as_json else _printer(op)(result))
     return 0
+
+
+WARNED = 10  # file warnings `ps` prints before pointing at `tether doctor`
+
+
+def _check_files(cfg: config_mod.Config, items: list[dict]) -> list[str]:
+    """Read each running container's served files from inside it (see
+    container_files); set each item's "served_files" (None: not running here),
+    and return the warnings: dead or stale files, or an /etc/hosts not tether's."""
+    from . import container_files as cf
+
+    try:
+        me = cfg.cluster.host_name if cfg.clustered else None
+    except ValueError:  # no usable host name: the daemon said so at its start
+        return []
+    running = [cf.Container(c["name"], c["id"], c["pid"]) for c in items
+               if c["state"] == model.RUNNING and c.get("pid") and (me is None or c.get("host") == me)]
+
+    def served(name: str) -> dict[str, bytes] | None:
+        try:
+            files = request(str(cfg.socket_path), "inspect", {"name": name}, timeout=2.0)["files"]
+        except (DaemonError, Unreachable, KeyError, TypeError):
+            return None
+        return {f: text.encode() for f, text in files.items()}
+
+    found = {f.name: f for f in cf.check(cf.host_mount(cfg.run_dir), running, served)}
+    for c in items:
+        c["served_files"] = found[c["name"]].as_dict() if c["name"] in found else None
+    bad = [f for f in found.values() if f.state in (*cf.PROBLEMS, cf.NOT_TETHERS)]
+    lines = [f"{f.name}: served files {f.state}: {f.detail}: {f.fix}" for f in bad[:WARNED]]
+    if len(bad) > WARNED:
+        lines.append(f"and {len(bad) - WARNED} more container(s) like these: `tether doctor` counts them")
+    return lines
 
 
 def _rm_many(cfg: config_mod.Config, names: list[str], as_json: bool) -> int:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import config as config_mod
+from . import container_files as cf
 from .model import overlay_name
 from .fs.session import KEEPER_NAME, file_server_pid, keeper_pid, mounts_at, read_pid
 from .protocol import DaemonError, Unreachable, request
@@ -44,6 +45,8 @@ CHECK_TIMEOUT = 5.0  # s, per check
 PROBE_NAME = "doctor-probe"  # a valid name: its directory exists whether registered or not
 START = "start it with `systemctl start tether-fused` or `tether-fused --config FILE`"
 PASSTHROUGH_MIN = (6, 9)
+TIMEOUTS = {"containers": cf.BUDGET + 2.0}  # s: checks allowed longer than CHECK_TIMEOUT (it bounds its reads itself)
+LISTED = 5  # names a line lists before "and N more"
 
 
 @dataclass(frozen=True)
@@ -185,6 +188,41 @@ def config_option(text: str, option: str) -> str | None:
     return None
 
 
+def names(findings: list[cf.Finding]) -> str:
+    shown = ", ".join(f.name for f in findings[:LISTED])
+    return shown + (f" and {len(findings) - LISTED} more" if len(findings) > LISTED else "")
+
+
+def containers_result(findings: list[cf.Finding], source: str) -> Result:
+    """The doctor's line for the running containers' files: FAIL naming those
+    whose files are dead or stale, WARN for those whose /etc/hosts is not
+    tether's or that were not checked."""
+    bad = [f for f in findings if f.state in cf.PROBLEMS]
+    if bad:
+        first = bad[0]
+        states = " or ".join(s for s in cf.PROBLEMS if any(f.state == s for f in bad))
+        detail = f"{len(bad)} running container(s) with {states} served files: {names(bad)} ({first.name}: {first.detail})"
+        if len(bad) == 1:
+            return Result("containers", FAIL, detail, first.fix)
+        mount = "restart tether-fused first (the mount fails too: see the mount line), then " if any(
+            f.mount_dead for f in bad) else ""
+        return Result("containers", FAIL, detail, f"{mount}restart each of them (`tether ps` prints the command for "
+                      f"each); {first.name}: {first.fix}")
+    foreign = [f for f in findings if f.state == cf.NOT_TETHERS]
+    if foreign:
+        return Result("containers", WARN, f"{len(foreign)} running container(s) without tether's /etc/hosts: "
+                      f"{names(foreign)} ({foreign[0].name}: {foreign[0].detail})", foreign[0].fix)
+    unchecked = [f for f in findings if f.state == cf.UNCHECKED]
+    if unchecked:
+        return Result("containers", WARN, f"{len(unchecked)} running container(s) not checked: {names(unchecked)} "
+                      f"({unchecked[0].detail})", unchecked[0].fix)
+    ok = [f for f in findings if f.state == cf.OK]
+    if not ok:
+        return Result("containers", OK, f"no running container to check ({source})")
+    return Result("containers", OK, f"{len(ok)} running container(s) read what tether serves: "
+                  f"{', '.join(s.path for s in cf.SERVED)} from inside each ({source})")
+
+
 # --- the checks ------------------------------------------------------------------
 class Doctor:
     def __init__(self, cfg: config_mod.Config) -> None:
@@ -212,6 +250,7 @@ class Doctor:
             ("overlay", self.overlay),
             ("mount", self.mount),
             ("file-server", self.file_server),
+            ("containers", self.containers),
             ("firewall", self.firewall),
             ("isolation", self.isolation),
             ("dns", self.dns),
@@ -221,7 +260,7 @@ class Doctor:
         ]
 
     def run(self) -> list[Result]:
-        return [guarded(name, fn) for name, fn in self.checks()]
+        return [guarded(name, fn, TIMEOUTS.get(name, CHECK_TIMEOUT)) for name, fn in self.checks()]
 
     # kernel and host ------------------------------------------------------------
     def user(self) -> Result:
@@ -592,7 +631,8 @@ class Doctor:
                 return Result(
                     "mount",
                     FAIL,
-                    f"stale mount at {fs}: the daemon that served it is gone ({why})",
+                    f"stale mount at {fs}: the FUSE connection behind it is dead ({why}): every process that held it "
+                    "is gone, or it was aborted",
                     f"start tether-fused again (it detaches the stale mount first), or `umount -l {fs}`; "
                     "containers started before keep the dead files until they restart",
                 )
@@ -617,6 +657,50 @@ class Doctor:
         keeper = keeper_pid(self.cfg.run_dir)
         kept = f"; {KEEPER_NAME} {keeper} holds the connection too" if keeper else ""
         return Result("file-server", OK, f"pid {pid} serves {self.cfg.run_dir / 'fs'} (it outlives restarts of tether-fused){kept}")
+
+    def containers(self) -> Result:
+        """Each running container's served files, read from inside its own
+        mount namespace and compared with what tether serves (container_files)."""
+        running, source = self._running()
+        if running is None:
+            return Result("containers", WARN, f"not checked: {source}", "see the daemon and store lines")
+        findings = cf.check(cf.host_mount(self.cfg.run_dir), running, self._served)
+        return containers_result(findings, source)
+
+    def _running(self) -> tuple[list[cf.Container] | None, str]:
+        """This host's running containers, from the daemon, else (SQLite) from
+        the store: the files outlive tether-fused, and so does this check."""
+        try:
+            items = request(str(self.cfg.socket_path), "ps", timeout=CMD_TIMEOUT)
+            source = "the daemon's list"
+        except (Unreachable, DaemonError) as e:
+            why = first_line(str(e))
+            if self.cfg.clustered:
+                return None, f"the daemon did not answer ({why})"
+            import sqlite3
+
+            try:
+                db = sqlite3.connect(f"file:{urllib.parse.quote(str(self.cfg.db_path))}?mode=ro", uri=True,
+                                     timeout=CMD_TIMEOUT)
+                try:
+                    rows = db.execute("SELECT name, id, pid FROM containers WHERE state = 'running'").fetchall()
+                finally:
+                    db.close()
+            except sqlite3.Error as e:
+                return None, f"the daemon did not answer ({why}) and the store cannot be read ({e})"
+            items = [{"name": name, "id": cid, "pid": pid, "state": "running"} for name, cid, pid in rows]
+            source = "the store (the daemon did not answer)"
+        me = self._host() if self.cfg.clustered else None
+        return [cf.Container(c["name"], c["id"], c["pid"]) for c in items
+                if c.get("state") == "running" and c.get("pid") and (me is None or c.get("host") == me)], source
+
+    def _served(self, name: str) -> dict[str, bytes] | None:
+        """What the daemon serves for `name` (when the host's mount cannot be read)."""
+        try:
+            files = request(str(self.cfg.socket_path), "inspect", {"name": name}, timeout=CMD_TIMEOUT)["files"]
+        except (Unreachable, DaemonError, KeyError, TypeError):
+            return None
+        return {f: text.encode() for f, text in files.items()}
 
     def firewall(self) -> Result:
         """The driver's own diagnosis of what the kernel holds of tether."""

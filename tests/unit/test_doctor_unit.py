@@ -194,3 +194,80 @@ def test_podman_not_installed_is_fine(monkeypatch):
     monkeypatch.setattr(doctor.shutil, "which", lambda name: None)
     r = doctor.Doctor(config_mod.Config()).podman_hooks()
     assert r.status == OK and "not installed" in r.detail
+
+
+# --- containers: each running container's served files ----------------------------
+def finding(name: str, state: str, **kw):
+    from fused import container_files as cf
+
+    return cf.Finding(name, f"id-{name}", state, kw.pop("detail", f"{name} detail"), kw.pop("fix", f"fix {name}"), **kw)
+
+
+def test_containers_fail_naming_the_dead_and_stale_ones():
+    from fused.container_files import DEAD, GONE, NOT_TETHERS, OK, STALE
+
+    one = doctor.containers_result([finding("db", OK), finding("web", DEAD), finding("old", GONE)], "the daemon's list")
+    assert (one.status, one.fix) == (FAIL, "fix web")
+    assert one.detail == "1 running container(s) with dead served files: web (web: web detail)"
+    many = doctor.containers_result([finding(f"c{i}", DEAD) for i in range(7)] + [finding("s", STALE),
+                                    finding("n", NOT_TETHERS)], "x")
+    assert many.status == FAIL
+    assert many.detail.startswith("8 running container(s) with dead or stale served files: c0, c1, c2, c3, c4 and 3 more")
+    assert many.fix == "restart each of them (`tether ps` prints the command for each); c0: fix c0"
+    whole = doctor.containers_result([finding("a", DEAD, mount_dead=True), finding("b", DEAD, mount_dead=True)], "x")
+    assert whole.fix.startswith("restart tether-fused first (the mount fails too: see the mount line), then restart each")
+
+
+def test_containers_warn_on_an_etc_hosts_not_tethers_and_on_what_was_not_checked():
+    from fused.container_files import NOT_TETHERS, OK, UNCHECKED
+
+    r = doctor.containers_result([finding("db", OK), finding("pod", NOT_TETHERS, detail="/etc/hosts is the image's own file")], "x")
+    assert r.status == WARN and r.detail == ("1 running container(s) without tether's /etc/hosts: pod "
+                                             "(pod: /etc/hosts is the image's own file)") and r.fix == "fix pod"
+    assert doctor.containers_result([finding("db", UNCHECKED)], "x").status == WARN
+
+
+def test_containers_ok_and_none():
+    from fused.container_files import GONE, OK
+
+    r = doctor.containers_result([finding("db", OK), finding("web", OK)], "the daemon's list")
+    assert r.status == OK and r.detail == ("2 running container(s) read what tether serves: /etc/hosts, "
+                                           "/etc/tether/hosts, /etc/resolv.conf from inside each (the daemon's list)")
+    assert doctor.containers_result([finding("old", GONE)], "the store").detail == "no running container to check (the store)"
+
+
+def test_ps_warns_on_stderr_and_gives_each_container_its_served_files_state(tmp_path, monkeypatch, capsys):
+    """The table (or JSON) still comes out on stdout; a warning line per
+    container whose files are dead, stale or not tether's; at most ten."""
+    from fused import container_files as cf
+    from fused.container_files import DEAD, NOT_TETHERS, OK
+
+    cfg = tmp_path / "t.toml"
+    cfg.write_text(f'run_dir = "{tmp_path}/run"\n')
+    items = [{"name": n, "id": f"id-{n}", "state": "running" if n != "old" else "stopped", "ip": "10.0.0.2",
+              "pid": 7 if n != "old" else None, "published": [], "links": [], "stopped_at": None}
+             for n in ("db", "old", "pod", "web")]
+    answers = {"health": {"files": "ok"}, "drift": [], "ps": items}
+    monkeypatch.setattr(cli, "request", lambda sock, op, args, **kw: answers[op])
+    checked = []
+
+    def check(fs, running, served):
+        checked.append([c.name for c in running])
+        return [finding("db", OK), finding("pod", NOT_TETHERS), finding("web", DEAD, detail="/etc/hosts: dead")]
+
+    monkeypatch.setattr(cf, "check", check)
+    assert cli.run(["--config", str(cfg), "ps"]) == 0
+    out, err = capsys.readouterr()
+    assert checked == [["db", "pod", "web"]]  # the running ones
+    assert [ln.split()[0] for ln in out.splitlines()] == ["NAME", "db", "pod", "web"]
+    assert err.splitlines() == ["tether: warning: pod: served files not-tethers: pod detail: fix pod",
+                                "tether: warning: web: served files dead: /etc/hosts: dead: fix web"]
+    assert cli.run(["--config", str(cfg), "--json", "ps", "-a"]) == 0
+    got = {c["name"]: c["served_files"] for c in json.loads(capsys.readouterr().out)}
+    assert got == {"db": {"state": "ok", "detail": "db detail", "fix": "fix db"}, "old": None,
+                   "pod": {"state": "not-tethers", "detail": "pod detail", "fix": "fix pod"},
+                   "web": {"state": "dead", "detail": "/etc/hosts: dead", "fix": "fix web"}}
+    monkeypatch.setattr(cf, "check", lambda fs, running, served: [finding(f"c{i}", DEAD) for i in range(12)])
+    assert cli.run(["--config", str(cfg), "ps"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 11 and err[-1] == "tether: warning: and 2 more container(s) like these: `tether doctor` counts them"
