@@ -285,3 +285,30 @@ def test_a_running_container_whose_files_are_dead_is_named(rootfs):
         assert p.returncode == 0, p.stdout
         assert lines_of(p)["containers"].startswith("ok    containers    2 running container(s) read what tether serves")
         assert "warning" not in d.cli("ps").stderr
+
+
+def test_a_file_server_that_hangs_does_not_hang_doctor_or_ps(daemon):
+    """SIGSTOP the file server: every read of the mount waits. doctor and ps
+    give each container's files a bounded time, name them, and return."""
+    import time
+
+    if not [c for c in daemon.cli_json("ps") if c["state"] == "running"]:
+        daemon.start_container("db")
+    fsd = daemon.pid_of("fsd")
+    os.kill(fsd, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        p = doctor(daemon)
+        took = time.monotonic() - t0
+        line = lines_of(p)["containers"]
+        assert p.returncode == 1 and line.startswith("FAIL  containers    1 running container(s) with dead served files"), p.stdout
+        assert "no answer within 2.5 s" in line, line
+        t0 = time.monotonic()
+        ps = daemon.cli("ps", check=False)
+        took_ps = time.monotonic() - t0
+        assert ps.returncode == 0 and "served files dead" in ps.stderr and "no answer within" in ps.stderr, ps.stderr
+        print(f"\nfile server stopped: doctor returned in {took:.1f} s, ps in {took_ps:.1f} s")
+        assert took < 25 and took_ps < 10
+    finally:
+        os.kill(fsd, signal.SIGCONT)
+    wait_for(lambda: doctor(daemon).returncode == 0, timeout=15, what="doctor ok once the file server runs again")
