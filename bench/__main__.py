@@ -17,6 +17,9 @@ Runs, in turn (progress on stderr):
           process, at 1 and 1000 (bench.core: no kernel)
   restart tether-fused's restart at 1 and at 1000 registered containers:
           from its exec until `ps` and DNS answer (bench.restart)
+  dns     one container floods the gateway's port 53 at full speed: the
+          others' DNS answers and a registration meanwhile, against no
+          flood and a container burning a CPU (bench.dns)
   cluster several hosts (network namespaces) on a throwaway etcd: a
           registration against SQLite's, a move's propagation to another
           host's files, starts on 3 hosts at once (bench.cluster)
@@ -41,12 +44,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "integration"))
 from bench import cluster, core, made, move, net, pct, peers, read_hosts, restart, runc_hook, scale, strategies, track  # noqa: E402
+from bench import dns as dns_bench  # noqa: E402
 from harness import build_rootfs  # noqa: E402
 
 FULL = dict(restart=10, net=100, runc=50, reads=50000, move=25, containers=1000, scale_reads=20000, scale_again=True, core=30,
-            strategies=8, cluster=30, per_host=50)
+            strategies=8, cluster=30, per_host=50, dns=3)
 QUICK = dict(restart=4, net=10, runc=8, reads=4000, move=5, containers=1000, scale_reads=4000, scale_again=False, core=10,
-             strategies=4, cluster=8, per_host=20)
+             strategies=4, cluster=8, per_host=20, dns=1)
 SIZES = (1, 10, 100, 1000)
 HOSTS_LINKS = 14  # a ~500-byte hosts file
 
@@ -252,6 +256,25 @@ def build_table(r: dict, quick: bool) -> Table:
                   f"{med(by[hi]) / med(by[lo]):.2f}", "", None,
                   "bench.core: SQLite store, no kernel (no veth, firewall or file server); "
                   "`python -m bench.core --profile " + what + "` names where the time goes")
+    dn = r.get("dns")
+    for drv, label in (("nftables", "nftables' kernel limit at 2x the budget"), ("none", "no firewall: the DNS process alone")):
+        m = (dn or {}).get(drv)
+        if not m:
+            continue
+        fl, qu, hog = m["flood"], m["quiet"], m["hog"]
+        share, ok = dns_bench.within, dns_bench.answered
+        t.add(f"DNS while one container floods port 53 at full speed ({label}): others' queries answered within "
+              "50 ms (%)", f"{share(fl['lat_ms']) * 100:.2f}", "same, no flood", f"{share(qu['lat_ms']) * 100:.2f}", "",
+              "≥ 99 %", share(fl["lat_ms"]) >= 0.99,
+              f"median / p99 {statistics.median(ok(fl['lat_ms'])):.1f} / {pct(ok(fl['lat_ms']), 0.99):.1f} ms "
+              f"(quiet {statistics.median(ok(qu['lat_ms'])):.1f} / {pct(ok(qu['lat_ms']), 0.99):.1f}); the flooder "
+              f"sent {med(fl['sent_per_s']):.0f} q/s, was answered {med(fl['answered_per_s']):.0f}/s and REFUSED "
+              f"{med(fl['refused_per_s']):.0f}/s; a container burning a CPU instead: {share(hog['lat_ms']) * 100:.2f} %")
+        x = med(fl["reg_ms"]) / med(qu["reg_ms"])
+        t.add("  same, a registration during the flood (ms, daemon's log)", mp(fl["reg_ms"]), "same, no flood",
+              mp(qu["reg_ms"]), f"{x:.2f}", "≤ 1.5× no flood", x <= 1.5,
+              f"a container burning a CPU, no DNS: {mp(hog['reg_ms'])} ({med(hog['reg_ms']) / med(qu['reg_ms']):.2f}× "
+              "no flood): what the flooder's CPU costs the rest")
     cl = r.get("cluster")
     if cl:
         reg, prop, con = cl["register"], cl["propagation"], cl["contention"]
@@ -341,7 +364,7 @@ def plot(r: dict, path: Path) -> str | None:
 
 
 # --- main --------------------------------------------------------------------------
-PARTS = ("net", "runc", "read", "move", "strategies", "scale", "core", "restart", "cluster")
+PARTS = ("net", "runc", "read", "move", "strategies", "scale", "core", "restart", "dns", "cluster")
 
 
 def run(parts: tuple[str, ...], cfg: dict, tmp: Path) -> dict:
@@ -415,6 +438,11 @@ def run(parts: tuple[str, ...], cfg: dict, tmp: Path) -> dict:
         log(f"[core] the daemon's own share of register and move, in process, at {SIZES[0]} and {SIZES[-1]}")
         r["core"] = core.measure((SIZES[0], SIZES[-1]), cfg["core"])
         done("core")
+    if "dns" in parts:
+        log(f"[dns] one container floods port 53, {cfg['dns']} rounds of quiet, flood and CPU-hog phases, "
+            "with nftables' kernel limit and with no firewall")
+        r["dns"] = {drv: dns_bench.flood(rootfs, cfg["dns"], drv, log=log) for drv in ("nftables", "none")}
+        done("dns")
     if "cluster" in parts:
         log(f"[cluster] several hosts on etcd: registration against SQLite, a move seen on another host "
             f"({cfg['cluster']} runs), {cfg['per_host']} starts on each of 3 hosts at once")

@@ -91,6 +91,19 @@ print(json.dumps({"lat_ms": lat, "rcodes": rcodes}), flush=True)
 """
 
 
+# a container burning one CPU, asking nothing: the control for what a flood
+# costs the others through the CPU it takes, whatever it sends
+HOG = r"""
+import sys, time
+print("ready", flush=True)
+end = time.monotonic() + float(sys.argv[1])
+n = 0
+while time.monotonic() < end:
+    n += 1
+print('{"loops": %d}' % n, flush=True)
+"""
+
+
 def query_hex(name: str = "database.", rdtype: str = "A") -> str:
     return dns.message.make_query(name, rdtype, id=1).to_wire().hex()
 
@@ -121,6 +134,10 @@ class Load:
 
 def flood(pid: int, gateway: str, seconds: float, wire_hex: str | None = None) -> Load:
     return Load(pid, FLOOD, gateway, seconds, wire_hex or query_hex())
+
+
+def hog(pid: int, seconds: float) -> Load:
+    return Load(pid, HOG, seconds)
 
 
 def probe(pid: int, gateway: str, seconds: float, interval: float = 0.01, timeout: float = 1.0,
