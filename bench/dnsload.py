@@ -24,6 +24,16 @@ s.connect((gw, 53))
 s.setblocking(False)
 send, recv = s.send, s.recv
 sent, rcodes = 0, [0] * 16
+
+def drain():
+    while True:
+        try:
+            r = recv(4096)
+        except OSError:
+            return
+        if len(r) >= 4:
+            rcodes[r[3] & 15] += 1
+
 print("ready", flush=True)
 end = time.monotonic() + seconds
 while time.monotonic() < end:
@@ -33,21 +43,9 @@ while time.monotonic() < end:
             sent += 1
         except OSError:
             pass
-    while True:
-        try:
-            r = recv(4096)
-        except OSError:
-            break
-        if len(r) >= 4:
-            rcodes[r[3] & 15] += 1
-time.sleep(0.3)
-while True:
-    try:
-        r = recv(4096)
-    except OSError:
-        break
-    if len(r) >= 4:
-        rcodes[r[3] & 15] += 1
+    drain()
+time.sleep(0.3)  # the answers still on their way
+drain()
 print(json.dumps({"sent": sent, "rcodes": rcodes, "seconds": seconds}), flush=True)
 """
 

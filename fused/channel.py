@@ -7,10 +7,14 @@ which start fast and import little, use it.
 from __future__ import annotations
 
 import array
+import logging
 import marshal
 import os
 import socket
 import struct
+from typing import Callable, NamedTuple
+
+log = logging.getLogger("tether")
 
 FRAME = struct.Struct("<I")
 MAX_FRAME = 256 << 20
@@ -81,3 +85,42 @@ def connect(path: str, timeout: float) -> socket.socket:
         s.close()
         raise
     return s
+
+
+class Response(NamedTuple):
+    """A handler's answer: the frame, the fds sent with it, and whether the
+    helper exits once it is sent (a "stop")."""
+
+    msg: dict
+    fds: list[int] = []
+    exit: bool = False
+
+
+def serve(conn: socket.socket, ops: dict[str, Callable[[dict, list[int]], Response]], who: str) -> None:
+    """The helper's side of one connection, until it closes: each request's
+    "op" picks its handler from `ops` (a table, not an if-chain); fds that
+    came with a request are closed once it is answered."""
+    with conn:
+        while True:
+            try:
+                msg, fds = recv_frame(conn, with_fds=True)
+            except (OSError, ValueError, EOFError) as e:
+                log.warning("%s: %s", who, e)
+                return
+            if msg is None:
+                return
+            handler = ops.get(msg.get("op"))
+            try:
+                reply = handler(msg, fds) if handler else Response({"error": f"unknown op {msg.get('op')!r}"})
+                send_frame(conn, reply.msg, reply.fds)
+                if reply.exit:
+                    os._exit(0)
+            except OSError as e:
+                log.warning("%s: %s", who, e)
+                return
+            except Exception:  # a bug: this connection ends, the helper goes on
+                log.exception("%s: %s failed", who, msg.get("op"))
+                return
+            finally:
+                for fd in fds:
+                    os.close(fd)

@@ -45,6 +45,21 @@ def log_format(env=os.environ) -> str:
     return "%(asctime)s %(name)s: %(message)s"
 
 
+def begin(parser, code_version: Callable[[], str], argv: list[str] | None = None):
+    """The helper's first steps: with `--check`, print its code version and
+    exit 0 (this installation's helper starts: see check_code); else its
+    arguments, its log on stderr, and SIGINT and SIGHUP ignored (it outlives
+    whoever started it)."""
+    if argv is None and "--check" in sys.argv[1:]:
+        print(code_version())
+        sys.exit(0)
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), format=log_format(), stream=sys.stderr)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    return a
+
+
 class ChildError(Exception):
     """A helper process cannot be started; the message says why."""
 

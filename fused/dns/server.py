@@ -26,18 +26,17 @@ Channel (<run_dir>/dns.sock, root only; fused.channel's frames):
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import select
-import signal
 import socket
 import struct
-import sys
 import threading
 import time
 
 from .. import child
-from ..channel import listen, recv_frame, send_frame
+from ..channel import Response, listen, serve
 from ..graph import Resolved
 from ..model import PortSpec
 from ..render import DnsData
@@ -142,38 +141,26 @@ class Responder:
 
     # --- the channel -----------------------------------------------------------------
     def client(self, conn: socket.socket) -> None:
-        with conn:
-            while True:
-                try:
-                    msg, _ = recv_frame(conn)
-                except (OSError, ValueError, EOFError) as e:
-                    log.warning("DNS channel: %s", e)
-                    return
-                if msg is None:
-                    return
-                op = msg.get("op")
-                try:
-                    if op == "publish":
-                        self.answers.publish(decode(self.answers.data, msg))
-                        self.seq = msg.get("seq", self.seq)
-                        self.ready.set()
-                        send_frame(conn, {"seq": self.seq})
-                    elif op == "hello":
-                        send_frame(conn, {"pid": os.getpid(), "version": self.version, "args": self.args,
-                                          "serving": self.ready.is_set(), "seq": self.seq,
-                                          "counters": {**self.answers.counters, "over_refused": self.refused_total,
-                                                       "over_dropped": self.dropped_total}})
-                    elif op == "handover":
-                        send_frame(conn, {}, [self.udp.fileno(), self.tcp.fileno()])
-                    elif op == "stop":
-                        log.info("DNS responder %d: stopping on request", os.getpid())
-                        send_frame(conn, {})
-                        os._exit(0)
-                    else:
-                        send_frame(conn, {"error": f"unknown op {op!r}"})
-                except OSError as e:
-                    log.warning("DNS channel: %s", e)
-                    return
+        serve(conn, {"publish": self._publish, "hello": self._hello, "handover": self._handover, "stop": self._stop},
+              "DNS channel")
+
+    def _publish(self, msg: dict, _fds) -> Response:
+        self.answers.publish(decode(self.answers.data, msg))
+        self.seq = msg.get("seq", self.seq)
+        self.ready.set()
+        return Response({"seq": self.seq})
+
+    def _hello(self, _msg, _fds) -> Response:
+        return Response({"pid": os.getpid(), "version": self.version, "args": self.args, "serving": self.ready.is_set(),
+                      "seq": self.seq, "counters": {**self.answers.counters, "over_refused": self.refused_total,
+                                                    "over_dropped": self.dropped_total}})
+
+    def _handover(self, _msg, _fds) -> Response:
+        return Response({}, [self.udp.fileno(), self.tcp.fileno()])
+
+    def _stop(self, _msg, _fds) -> Response:
+        log.info("DNS responder %d: stopping on request", os.getpid())
+        return Response({}, exit=True)
 
     def accept_loop(self, listener: socket.socket, serve) -> None:
         while True:
@@ -194,7 +181,9 @@ class Responder:
                 wire, client_addr = recvfrom(MAX_UDP)
             except BlockingIOError:  # SO_RCVTIMEO: nothing for a second
                 wire = None
-            except OSError:
+            except OSError as e:
+                if e.errno == errno.EBADF:  # closed: only a test closes it
+                    return
                 continue
             now = clock()
             if now >= next_tick:
@@ -346,13 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--timeout", type=float, default=2.0)
     p.add_argument("--log-level", default="info")
     p.add_argument("--check", action="store_true", help="import everything, print the code version, exit 0")
-    if argv is None and "--check" in sys.argv[1:]:
-        print(code_version())
-        sys.exit(0)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), format=child.log_format(), stream=sys.stderr)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    a = child.begin(p, code_version, argv)
     udp = socket.socket(fileno=a.udp_fd)
     tcp = socket.socket(fileno=a.tcp_fd)
     for s in (udp, tcp):
