@@ -32,15 +32,13 @@ import logging
 import mmap
 import os
 import select
-import signal
 import socket
 import struct
-import sys
 import threading
 import time
 
 from ..channel import listen, recv_frame, send_frame
-from ..child import log_format
+from ..child import begin, log_format  # noqa: F401 - log_format: tether-fused's, from here
 from . import handlers as h
 from . import wire
 
@@ -290,13 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-passthrough", action="store_true")
     p.add_argument("--log-level", default="info")
     p.add_argument("--check", action="store_true", help="import everything, then exit 0 (before an upgrade)")
-    if argv is None and "--check" in sys.argv[1:]:
-        print(code_version())
-        sys.exit(0)
-    a = p.parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), format=log_format(), stream=sys.stderr)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    a = begin(p, code_version, argv)
     srv = Server(a.run_dir, a.fd, a.fresh, bool(a.passthrough), not a.no_passthrough, a.tree_fd)
     listener = srv.listen()
     with open(os.path.join(a.run_dir, "fsd.pid.tmp"), "w") as f:
