@@ -83,6 +83,9 @@ def test_udp_answers_the_budget_refuses_as_much_again_and_drops_the_rest(respond
     assert {rd.address for a in ok for rrs in a.answer for rd in rrs} == {"10.1.0.1"}
     assert sorted(a.id for a in answers) == list(range(2 * QPS))  # the first ones, in order of arrival
     client.close()
+    r.tick(1.0)  # what the once-a-second line counts, the hello reports
+    counters = call(chan, {"op": "hello"})[0]["counters"]
+    assert (counters["answered"], counters["over_refused"], counters["over_dropped"]) == (QPS, QPS, QPS)
 
 
 def test_tcp_is_answered_and_shares_the_budget(responder):
