@@ -11,6 +11,7 @@ FORWARD policies (nf_tables and legacy), the DOCKER* chains and the jumps to
 them, the nf_tables tables it made, the bridge sysctls."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -161,6 +162,14 @@ def ours(d: Daemon, cmd: str = "iptables-nft", chain: str = "FORWARD") -> list[t
     return [r for r in (rules.rules if rules else ()) if (comment(r) or "").startswith(f"tether {d.chain_prefix}:")]
 
 
+def above(d: Daemon, rule: tuple[str, ...], cmd: str = "iptables-nft", chain: str = "DOCKER-USER") -> bool:
+    """tether's two accepts come before `rule` in `chain` (other daemons'
+    may be there too: every tether beside this one gets past the drop)."""
+    rules = list(listing(cmd)[chain].rules)
+    mine = [i for i, r in enumerate(rules) if r in ours(d, cmd, chain)]
+    return len(mine) == 2 and rule in rules and max(mine) < rules.index(rule)
+
+
 def counted(d: Daemon, chain: str = "FORWARD") -> int:
     """Packets tether's accepts in the nf_tables `chain` let through."""
     out = sh("iptables-nft", "-w", "-t", "filter", "-L", chain, "-v", "-x", "-n").stdout
@@ -201,27 +210,36 @@ def test_links_facades_host_ports_and_dns_work_next_to_dockerd(fd):
 
 
 def test_doctor_fails_while_the_accept_is_gone_and_it_is_back_within_2_s(fd):
-    """Deleted right after a heal round (so the doctor runs before the next),
-    the accept makes doctor exit 1 naming the chain and the fix; it is back
-    within 2 s, once."""
+    """Deleted right after a heal round (so that doctor, about half a second,
+    runs before the next one), the accept makes doctor exit 1 naming the
+    chain and the fix; it is back within 2 s, once. On a loaded machine the
+    heal may still win the race: the deletion is tried again, a few times."""
     d = fd
     wait_for(lambda: len(ours(d)) == 2, timeout=3, what="tether's accepts in FORWARD")
     accept_in = ours(d)[0]
 
-    def delete() -> float:
+    @contextlib.contextmanager
+    def deleted():
+        """The accept deleted; on leaving, it is back within 2 s of that."""
+        t0 = time.monotonic()
         sh("iptables-nft", "-w", "-t", "filter", "-D", "FORWARD", *accept_in)
-        return time.monotonic()
+        yield
+        wait_for(lambda: len(ours(d)) == 2, timeout=2.5, interval=0.01, what="the accept back")
+        assert time.monotonic() - t0 <= 2.0
 
-    t0 = delete()
-    wait_for(lambda: len(ours(d)) == 2, timeout=2.5, interval=0.01, what="the accept back")
-    assert time.monotonic() - t0 <= 2.0
-    t0 = delete()  # a heal round just ended: about a second before the next
-    rc, line = doctor_firewall(d)
-    assert rc == 1 and line.startswith("FAIL"), line
+    with deleted():
+        pass  # once back, a heal round just ended: about a second before the next
+    seen = []
+    for _attempt in range(5):
+        with deleted():
+            rc, line = doctor_firewall(d)
+            seen.append((rc, line))
+        if rc == 1:
+            break
+    rc, line = seen[-1]
+    assert rc == 1 and line.startswith("FAIL"), seen
     assert "iptables-nft FORWARD would drop tether's forwarded traffic (policy DROP)" in line, line
     assert f"iptables-nft -I FORWARD -i {d.bridge} -j ACCEPT" in line, line
-    wait_for(lambda: len(ours(d)) == 2, timeout=2.5, interval=0.01, what="the accept back")
-    assert time.monotonic() - t0 <= 2.0
     time.sleep(1.2)  # another round: nothing twice
     assert len(ours(d)) == 2
     rc, line = doctor_firewall(d)
@@ -240,10 +258,11 @@ def test_a_drop_in_docker_user_above_tethers_accepts_is_got_past(fd):
         sh("iptables-nft", "-w", "-D", "FORWARD", "-j", "DOCKER-USER")
         sh("iptables-nft", "-w", "-I", "FORWARD", "1", "-j", "DOCKER-USER")
         t0 = time.monotonic()
-        wait_for(lambda: len(ours(d, chain="DOCKER-USER")) == 2 and listing("iptables-nft")["DOCKER-USER"].rules[2] == drop,
-                 timeout=2.5, interval=0.01, what="tether's accepts above the drop in DOCKER-USER")
+        wait_for(lambda: above(d, drop), timeout=2.5, interval=0.01, what="tether's accepts above the drop in DOCKER-USER")
         assert time.monotonic() - t0 <= 2.0
-        assert listing("iptables-nft")["FORWARD"].rules[0] == ("-j", "DOCKER-USER")  # dockerd's order kept
+        # dockerd's order kept: its jump stays above tether's accepts in FORWARD (they are not in its way there)
+        forward = list(listing("iptables-nft")["FORWARD"].rules)
+        assert forward.index(("-j", "DOCKER-USER")) < min(forward.index(r) for r in ours(d))
         before = counted(d, "DOCKER-USER")
         works(d)
         assert counted(d, "DOCKER-USER") > before
@@ -265,7 +284,7 @@ def test_a_legacy_forward_drop_and_docker_user_are_got_past(fd):
         sh("iptables-legacy", "-w", "-I", "FORWARD", "1", "-j", "DOCKER-USER")
         sh("iptables-legacy", "-w", "-I", "DOCKER-USER", "1", *drop)
         sh("iptables-legacy", "-w", "-P", "FORWARD", "DROP")
-        wait_for(lambda: len(ours(d, "iptables-legacy", "DOCKER-USER")) == 2 and len(ours(d, "iptables-legacy")) == 2,
+        wait_for(lambda: above(d, drop, "iptables-legacy") and len(ours(d, "iptables-legacy")) == 2,
                  timeout=2.5, interval=0.01, what="tether's accepts in the legacy FORWARD and DOCKER-USER")
         works(d)
         rc, line = doctor_firewall(d)

@@ -189,6 +189,7 @@ class Admission:
         self.mark = f"tether {prefix}:"  # every rule of ours has a comment starting so
         self.rules = list(rules)
         self._gen: int | None = None  # the nf_tables generation our last look saw
+        self._failed: str | None = None  # the last write that failed, logged once
 
     @property
     def bridge(self) -> str | None:
@@ -223,15 +224,16 @@ class Admission:
             out += [(b, judge(b.command, chains[name], want, self.mark)) for name in WATCHED if name in chains]
         return out
 
-    def _nft_changed(self) -> bool:
-        """Whether nf_tables changed since our last look (any commit by anyone
-        raises its generation: one netlink round trip, no fork)."""
+    @staticmethod
+    def _generation() -> int | None:
+        """The nf_tables ruleset generation: any commit by anyone raises it
+        (one netlink round trip, no fork); None when it cannot be read."""
         from .nftables import generation
 
         try:
-            return generation() != self._gen
+            return generation()
         except OSError:
-            return True
+            return None
 
     def advance(self, before: int | None, after: int | None) -> None:
         """The nf_tables generation went from `before` to `after` by the
@@ -239,14 +241,6 @@ class Admission:
         last look still holds."""
         if before is not None and after == before + 1 and self._gen == before:
             self._gen = after
-
-    def _seen(self) -> None:
-        from .nftables import generation
-
-        try:
-            self._gen = generation()
-        except OSError:
-            self._gen = None
 
     # --- writing --------------------------------------------------------------
     def ensure(self, force: bool = False, known: dict[Backend, str] | None = None) -> list[str]:
@@ -258,7 +252,9 @@ class Admission:
         want = self.want()
         if want is None:
             return []
-        backends = tuple(b for b in BACKENDS if b.kernel == "legacy" or force or self._nft_changed())
+        seen = self._generation()  # before the look: a change during it is seen next time
+        changed = force or seen is None or seen != self._gen
+        backends = tuple(b for b in BACKENDS if b.kernel == "legacy" or changed)
         wrote = []
         for b, f in self.survey(backends, known):
             if not f.broken:
@@ -267,11 +263,16 @@ class Admission:
             p = subprocess.run([f"{b.command}-restore", "-w", "--noflush"], input=script, capture_output=True, text=True,
                                timeout=10)
             if p.returncode != 0:
-                log.warning("firewall: could not accept %s's traffic in %s (%s): %s", self.bridge, f.where, f.drops,
-                            " ".join(p.stderr.split()) or p.returncode)
+                why = f"could not accept {self.bridge}'s traffic in {f.where} ({f.drops}): " \
+                      f"{' '.join(p.stderr.split()) or p.returncode}"
+                if why != self._failed:  # once, not every second
+                    log.warning("firewall: %s", why)
+                self._failed = why
                 continue
+            self._failed = None
             wrote.append(f"the accepts for {self.bridge} in {f.where} ({f.drops})")
-        self._seen()
+        # after a write of ours, one more look (it confirms what we wrote)
+        self._gen = None if wrote else seen
         return wrote
 
     def missing(self) -> list[str]:
