@@ -174,7 +174,7 @@ class Bridge:
 
     def __init__(self) -> None:
         tag = "%05x" % random.randrange(1 << 20)
-        self.name = f"tbd{tag}"
+        self.name = f"tfl{tag}"  # not "tb...": the harness names daemons' bridges so
         self.net = ipaddress.IPv4Network(free_subnet(24, range(100, 200), []))
         self.gateway = str(self.net.network_address + 1)
         self.ns = {n: f"tfw{tag}{n}" for n in ("a", "b")}
