@@ -269,7 +269,9 @@ def build_table(r: dict, quick: bool) -> Table:
               f"median / p99 {statistics.median(ok(fl['lat_ms'])):.1f} / {pct(ok(fl['lat_ms']), 0.99):.1f} ms "
               f"(quiet {statistics.median(ok(qu['lat_ms'])):.1f} / {pct(ok(qu['lat_ms']), 0.99):.1f}); the flooder "
               f"sent {med(fl['sent_per_s']):.0f} q/s, was answered {med(fl['answered_per_s']):.0f}/s and REFUSED "
-              f"{med(fl['refused_per_s']):.0f}/s; a container burning a CPU instead: {share(hog['lat_ms']) * 100:.2f} %")
+              f"{med(fl['refused_per_s']):.0f}/s; a container burning a CPU instead: {share(hog['lat_ms']) * 100:.2f} %; "
+              f"while containers register: {share(fl['lat_ms_registering']) * 100:.2f} % (no flood "
+              f"{share(qu['lat_ms_registering']) * 100:.2f} %)")
         x = med(fl["reg_ms"]) / med(qu["reg_ms"])
         t.add("  same, a registration during the flood (ms, daemon's log)", mp(fl["reg_ms"]), "same, no flood",
               mp(qu["reg_ms"]), f"{x:.2f}", "≤ 1.5× no flood", x <= 1.5,

@@ -50,20 +50,23 @@ print(json.dumps({"sent": sent, "rcodes": rcodes, "seconds": seconds}), flush=Tr
 """
 
 # one query at a time, every `interval` s, each waiting up to `timeout` s;
-# prints each query's latency in ms (None: no answer in time) and the rcodes
+# prints each query's latency in ms (None: no answer in time), when it was
+# sent (s after "ready"), and the rcodes
 PROBE = r"""
 import json, select, socket, sys, time
 gw, seconds, interval, timeout, wire = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), bytes.fromhex(sys.argv[5])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.connect((gw, 53))
-lat, rcodes = [], []
+lat, rcodes, sent_at = [], [], []
 print("ready", flush=True)
-end = time.monotonic() + seconds
+start = time.monotonic()
+end = start + seconds
 i = 0
 while time.monotonic() < end:
     i = (i + 1) & 0xFFFF
     q = i.to_bytes(2, "big") + wire[2:]
     t0 = time.monotonic()
+    sent_at.append(t0 - start)
     try:
         s.send(q)
     except OSError:
@@ -85,7 +88,7 @@ while time.monotonic() < end:
     pause = t0 + interval - time.monotonic()
     if pause > 0:
         time.sleep(pause)
-print(json.dumps({"lat_ms": lat, "rcodes": rcodes}), flush=True)
+print(json.dumps({"lat_ms": lat, "rcodes": rcodes, "sent_at": sent_at}), flush=True)
 """
 
 
