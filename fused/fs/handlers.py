@@ -2,26 +2,70 @@
 
     /<name>/{hosts,ports,env,resolv.conf}      read-only, any valid name
 
-No I/O here but through two small seams: `Backing` registers an immutable
-copy of some bytes as a passthrough backing file (an ioctl on /dev/fuse in
-the file server, a dict in the unit tests), and `OpenTable` remembers which
-backing file each inode has open in the kernel, in memory that outlives the
-process (so a file server that replaces a dead one knows it too).
+No I/O here but through two small seams: `Backing` closes the backing files
+an older file server registered (passthrough, below), and `OpenTable`
+remembers which of those each inode still has open, in memory that outlives
+the process.
 
 Inode numbers are derived from the name (a 48-bit BLAKE2b of it, times 8,
 plus the file's index): a server that starts after another one died answers
 for inodes it never handed out, and agrees with the kernel about them.
 
-Every open pins the file's bytes as of that moment, so a reader sees one whole
-snapshot from open to close. With passthrough (Linux 6.9+) the pinned bytes
-are a memfd registered as a backing file: reads never reach us. The kernel
-allows one backing file per inode among the files open at a time, and fails
-(EIO) an open that brings another, passthrough or direct I/O alike; so while
-a reader holds an older version open, a new open reads that same version
-(whole, one change behind) and the first open after the last close gets the
-current bytes. A backing file is closed only when no open file uses it and no
-OPEN reply naming it can still be on its way (its count covers both).
-Without passthrough, every open gets direct I/O from a copy we pin per handle.
+Every open reads through us (direct I/O) from the bytes its handle pinned:
+a read at offset 0 pins the current version, and the reads after it go on in
+that version. One pass over a file is one whole version, however long the
+file is held open, and the next pass reads the current one: a new open, a
+rewind (`tail -f` after the file shrank), or a reader that keeps reading at
+the end (`tail -f` after it grew). `fstat` gives the current size.
+
+sendfile, splice and mmap of a direct I/O file still go through the page
+cache on this kernel (fuse_splice_read: filemap_splice_read), which READs
+without FUSE_READ_LOCKOWNER fill and which the kernel cuts at the size it
+knows: bytes of another length would come out cut short or padded with NULs.
+Those READs get the version whose size the kernel was last told for that
+inode (in a LOOKUP or GETATTR reply). A publish invalidates the attributes
+of what changed, on the FUSE thread while no request is waiting (server.py):
+an attribute reply the kernel asked for before an invalidation is one it
+drops, so none may be in flight. Every open asks for the attributes again
+after that (the mount's default_permissions) and drops the cached pages;
+so does the kernel when the attributes bring another size.
+
+A file that gets shorter is the exception. Told a smaller size, the kernel
+zeroes the cached page beyond it in place, and a page that sendfile put in
+a pipe is that same page: a reader that had read the old version whole
+would find it cut or padded with NULs. So the kernel learns a smaller size
+from a READ instead, which fills a page with the new bytes and comes back
+short (fuse_read_update_size: no truncation): until then the attributes
+keep the old size, and the first page-cache READ of the file gets the new
+bytes. The file server makes that READ itself (an open drops the cached
+pages first) before the publish returns, then invalidates the attributes.
+
+The size the kernel was told is known for sure only for an attribute
+request begun after the invalidation: one the kernel had begun before it
+(the task preempted between taking the attribute version and queueing the
+request) gets its reply dropped. So after a publish, each changed file is
+"settling": the file server stats it itself, and other tasks' attribute
+requests wait until that reply went (page-cache READs do not wait: the
+kernel may hold their page locked while it takes the new size).
+
+And sendfile takes the file's size after its READ came back: a reply that
+changes the size in between (an attribute reply, or the READ that shrinks
+it) would cut or pad what it copies, and a reader can be preempted right
+there. Such a reply waits until the open files that filled pages of that
+inode lately are closed (cat's RELEASE comes right after its sendfile),
+LATER_MAX at most.
+
+Why not passthrough (the kernel reading a memfd, no READ request at all):
+the kernel gives an inode one backing file while any file of it is open,
+and an open that brings another one or no passthrough fails with EIO
+(fs/fuse/iomode.c); reads of a passthrough file go to its backing file for
+as long as it is open. A reader holding the file open would then never see
+a change, nor would anyone who opens it meanwhile, and `tail -f` spins on a
+size that is not the bytes it reads. An older file server did use it: on
+its connection an inode it left open with a backing file accepts only opens
+that name that backing file, so those of ours do (FOPEN_PASSTHROUGH with
+FOPEN_DIRECT_IO, which still sends every read to us), counted in the table,
+and the backing file is closed at the last release.
 """
 from __future__ import annotations
 
@@ -42,6 +86,8 @@ ROOT = 1
 STRIDE = 8  # inode = key * STRIDE + (0: the directory, 1..4: its files)
 KEY_BITS = 48
 TIMEOUT = 3600  # s: the kernel keeps entries and attributes until we invalidate them
+FILL_GUARD = 0.05  # s: how long a page-cache READ holds back a change of its file's size (unless closed before)
+LATER_MAX = 0.1  # s: the longest a reply waits for that (then it goes all the same)
 
 _LABEL = re.compile(rb"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _FILE_INDEX = {f.encode(): i for i, f in enumerate(FILES)}
@@ -51,11 +97,12 @@ EMPTY = (b"", b"", b"", b"")
 _OPEN_REPLY = struct.Struct("<IiQQIi")  # out header + fuse_open_out
 _HEAD_OPEN = struct.Struct("<IIQQ16xI")  # len opcode unique nodeid (uid gid pid ext pad) open_in.flags
 _HEAD_RELEASE = struct.Struct("<IIQQ16xQ")  # ... release_in.fh
-_UNIQUE_MASK = ~wire.UNIQUE_RESEND & ((1 << 64) - 1)
-_COUNT = struct.Struct("<iQ").pack_into  # OpenTable.COUNT
+_HEAD_READ = struct.Struct("<IIQQ16xQQII")  # ... read_in.fh offset size read_flags
 _HEADER = wire.OUT_HEADER
-_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
-_PT_FLAGS = wire.PASSTHROUGH_OPEN | wire.NOFLUSH
+_DIO_FLAGS = wire.DIRECT_IO | wire.NOFLUSH
+# an open of an inode an older server left open with a backing file: that
+# backing file (the kernel's rule), reads still to us
+_HELD_FLAGS = wire.PASSTHROUGH_OPEN | wire.DIRECT_IO | wire.NOFLUSH
 _KEY_END = 1 << KEY_BITS
 _ATTR_REPLY = struct.Struct("<IiQ" + "QII" + wire.ATTR.format[1:])
 _ENTRY_REPLY = struct.Struct("<IiQ" + "QQQQII" + wire.ATTR.format[1:])
@@ -89,8 +136,7 @@ def snapshot(files: dict, default=EMPTY, mtime_ns: int = 0) -> Snapshot:
 
 
 class Backing(Protocol):
-    def open(self, data: bytes) -> int: ...  # a backing id for an immutable copy of data
-    def close(self, bid: int) -> None: ...
+    def close(self, bid: int) -> None: ...  # a backing id an older file server registered
 
 
 @dataclass(slots=True)
@@ -100,18 +146,27 @@ class Slot:
     token: bytes  # digest of the bytes it holds
     last: int  # unique of the last OPEN or RELEASE counted (a resent one is not counted twice)
     off: int = field(default=-1, compare=False)  # its record in the table's memory (-1: none)
-    data: object = field(default=None, compare=False)  # the very bytes object it holds, in this process
+
+
+@dataclass(slots=True)
+class Handle:
+    """One open file: the version it reads, and where a read found its end."""
+
+    ino: int
+    data: bytes
+    eof: int = -1  # the offset of its last read, when that read returned nothing
+    held: bool = False  # counted in the open table: it names an older server's backing file
 
 
 class OpenTable:
-    """inode -> Slot, written through to `mem` (32-byte records) so that the
-    next file server can load it and agree with the kernel about which
-    backing file each inode has open. A count and the request that changed
+    """inode -> Slot, written through to `mem` (32-byte records): which
+    backing file each inode that an older file server opened with
+    passthrough still has open, so that we agree with the kernel about it. A count and the request that changed
     it are written together: a server killed before its reply leaves a count
     that the resent request (same unique) does not change again."""
 
     REC = struct.Struct("<QiiQ8s")  # ino bid count last token
-    COUNT = struct.Struct("<iQ")  # count last, at offset 12 (also _COUNT)
+    COUNT = struct.Struct("<iQ")  # count last, at offset 12
 
     def __init__(self, mem) -> None:
         self.mem = mem
@@ -159,29 +214,44 @@ class OpenTable:
             self._free.append(s.off)
 
 
+class _Later(Exception):
+    """The reply would change a size that a sendfile may be about to read:
+    the request is answered later (Handlers.due)."""
+
+
 class Handlers:
     """One FUSE connection's requests, answered from `self.snap`.
 
     `handle(buf, n)` takes what one read() of /dev/fuse returned and gives the
     bytes to write back (None: no reply). Only the thread that calls
-    `handle` touches the table; `publish` (another thread) only swaps the
-    snapshot reference and says which inodes to invalidate."""
+    `handle` touches the handles and the table; `publish` (another thread)
+    only swaps the snapshot reference and says which inodes to invalidate."""
 
     def __init__(self, backing: Backing | None, table: OpenTable, snap: Snapshot | None = None) -> None:
         self.backing = backing
-        self.passthrough = backing is not None
+        # the connection negotiated passthrough (an older server did): inodes
+        # in the table may hold a backing file
+        self.passthrough = False
         self.table = table
         self.snap = snap or snapshot({}, mtime_ns=time.time_ns())
         self._start_ns = self.snap.mtime_ns
         self._mtime: dict[int, int] = {}
-        self._direct: dict[int, tuple[int, bytes]] = {}  # fh -> (inode, pinned bytes): direct I/O opens
+        self.handles: dict[int, Handle] = {}  # fh -> what that open file reads
+        self.told: dict[int, bytes] = {}  # inode -> the bytes whose size the kernel was last told
+        self.shrinking: dict[int, bytes] = {}  # inode -> shorter bytes the kernel is to learn from a READ
+        self.fillers: dict[int, dict[int, float]] = {}  # inode -> {fh: when it last filled pages}
+        self.deferred: list[tuple[float, bytes]] = []  # (since, request) answered later
+        self.settling: set[int] = set()  # published; the kernel's size not known for sure yet
+        self.clock = time.monotonic
+        self._since = 0.0  # while a deferred request is handled again: when it first came
+        self._force = False  # ...and it has waited LATER_MAX
+        self.prober = 0  # the thread id that reads shrunk files to tell the kernel their size
         # handles of a server before us may still be open: ours start elsewhere
         self._next_fh = random.getrandbits(62) << 1 | 1
         self._unlisted: set[int] = set()  # keys of names looked up but not in the snapshot
-        self._opening = 0  # the inode of the OPEN whose reply is being written
+        self._opening = 0  # the fh of the OPEN whose reply is being written
         self.init: wire.Init | None = None
         self.on_init = lambda init: None
-        self.allow_passthrough = backing is not None
         self.dispatch = {
             wire.OPEN: self.open,
             wire.RELEASE: self.release,
@@ -224,45 +294,69 @@ class Handlers:
                     self._mtime[base + i] = snap.mtime_ns
         return changed
 
+    def defer_shrinks(self, changed: list[int]) -> list[int]:
+        """Of the inodes `changed`, those whose bytes got shorter than what the
+        kernel was told and that a path names (a registered name's file): the
+        kernel is to learn their size from a READ (see above), not from an
+        invalidation. Returns them; the caller invalidates the others."""
+        out = []
+        for i in changed:
+            told = self.told.get(i)
+            k, idx = divmod(i, STRIDE)
+            if told is None or k not in self.snap.by_key or not 0 < idx <= len(FILES):
+                continue
+            new = self._data(k, idx)
+            if len(new) < len(told):
+                self.shrinking[i] = new
+                out.append(i)
+        return out
+
+    def path(self, i: int) -> str | None:
+        """`name/file` of a registered name's file inode."""
+        k, idx = divmod(i, STRIDE)
+        name = self.snap.by_key.get(k)
+        return f"{name}/{FILES[idx - 1]}" if name is not None and 0 < idx <= len(FILES) else None
+
     # --- the loop's entry -------------------------------------------------------
     def handle(self, buf, n: int | None = None) -> bytes | None:
         if n is None:
             n = len(buf)
-        # The two requests every read of a file brings, inline: one unpack of
-        # header and field, the slot updated in place. Anything unusual takes
-        # the general path below, which answers the same.
+        # The three requests every read of a file brings, inline: one unpack
+        # of header and fields. Anything unusual (and any inode an older
+        # server left with a backing file) takes the general path below,
+        # which answers the same.
         op = buf[4] if n > 4 else 0  # the opcode's low byte, checked in full below
-        if op == 14 and n == 48 and self.passthrough:  # OPEN
+        if op == 15 and n == 80:  # READ
+            length, opcode, unique, i, fh, off, size, rflags = _HEAD_READ.unpack_from(buf)
+            hd = self.handles.get(fh)
+            if opcode == wire.READ and hd is not None and hd.ino == i and rflags & wire.READ_LOCKOWNER:
+                data = hd.data
+                if not off or off == hd.eof:  # a new pass: the current version
+                    k, idx = i >> 3, i & 7
+                    snap = self.snap
+                    name = snap.by_key.get(k)
+                    data = hd.data = (snap.default if name is None else snap.files[name])[idx - 1]
+                chunk = data[off : off + size]
+                hd.eof = -1 if chunk else off
+                return _HEADER.pack(16 + len(chunk), 0, unique) + chunk
+        elif op == 14 and n == 48 and not self.table.slots:  # OPEN
             length, opcode, unique, i, flags = _HEAD_OPEN.unpack_from(buf)
             if opcode == wire.OPEN and not flags & 0o3003:
                 k, idx = i >> 3, i & 7
                 if 0 < idx <= 4 and 0 < k < _KEY_END:
                     snap = self.snap
                     name = snap.by_key.get(k)
-                    data = (snap.default if name is None else snap.files[name])[idx - 1]
-                    slot = self.table.slots.get(i)
-                    if slot is None or (slot.count == 0 and slot.data is not data):
-                        return _OPEN_REPLY.pack(32, 0, unique, 0, _PT_FLAGS, self._pin(i, data, unique))
-                    u = unique & _UNIQUE_MASK
-                    if u != slot.last:  # (a resent request was counted by the server before us)
-                        slot.count += 1
-                        slot.last = u
-                        if slot.off >= 0:
-                            _COUNT(self.table.mem, slot.off + 12, slot.count, u)
-                    self._opening = i
-                    return _OPEN_REPLY.pack(32, 0, unique, 0, _PT_FLAGS, slot.bid)
-        elif op == 18 and n >= 56 and self.passthrough:  # RELEASE
+                    fh = self._next_fh
+                    self._next_fh = fh + 2
+                    self.handles[fh] = Handle(i, (snap.default if name is None else snap.files[name])[idx - 1])
+                    self._opening = fh
+                    return _OPEN_REPLY.pack(32, 0, unique, fh, _DIO_FLAGS, 0)
+        elif op == 18 and n >= 56 and not self.table.slots:  # RELEASE
             length, opcode, unique, i, fh = _HEAD_RELEASE.unpack_from(buf)
-            if length == n and opcode == wire.RELEASE and not fh:
-                slot = self.table.slots.get(i)
-                if slot is not None:
-                    u = unique & _UNIQUE_MASK
-                    if u != slot.last:
-                        if slot.count > 0:
-                            slot.count -= 1
-                        slot.last = u
-                        if slot.off >= 0:
-                            _COUNT(self.table.mem, slot.off + 12, slot.count, u)
+            if length == n and opcode == wire.RELEASE:
+                self.handles.pop(fh, None)
+                if self.fillers:
+                    self._unfill(i, fh)
                 return _HEADER.pack(16, 0, unique)
         req = wire.parse(buf, n)
         fn = self.dispatch.get(req.opcode)
@@ -270,10 +364,80 @@ class Handlers:
             return wire.error(req.unique, errno.ENOSYS)
         try:
             return fn(req)
+        except _Later:
+            self.deferred.append((self._since or self.clock(), bytes(memoryview(buf)[:n])))
+            return None
         except OSError as e:
             return wire.error(req.unique, e.errno or errno.EIO)
         except (struct.error, IndexError, wire.Malformed):
             return wire.error(req.unique, errno.EINVAL)
+
+    def attrs_deferred(self) -> bool:
+        """Whether an attribute request is being held back: an invalidation
+        written meanwhile would make the kernel drop its reply."""
+        return any(raw[4] in (wire.GETATTR, wire.LOOKUP) for _, raw in self.deferred)
+
+    def settled(self, inodes) -> None:
+        """The file server's stat of these went (see above)."""
+        self.settling.difference_update(inodes)
+
+    def due(self) -> list[bytes]:
+        """The replies of deferred requests that may go now."""
+        pending, self.deferred = self.deferred, []
+        now = self.clock()
+        out = []
+        for since, raw in pending:
+            self._since, self._force = since, now - since >= LATER_MAX
+            try:
+                r = self.handle(raw, len(raw))
+            finally:
+                self._since, self._force = 0.0, False
+            if r is not None:
+                out.append(r)
+        return out
+
+    # --- the size a sendfile may be reading -----------------------------------------
+    def _filled(self, i: int, fh: int) -> None:
+        self.fillers.setdefault(i, {})[fh] = self.clock()
+
+    def _unfill(self, i: int, fh: int) -> None:
+        f = self.fillers.get(i)
+        if f is not None:
+            f.pop(fh, None)
+            if not f:
+                del self.fillers[i]
+
+    def _guarded(self, i: int, but: int | None = None) -> bool:
+        """Whether an open file (other than `but`) filled pages of `i` lately."""
+        f = self.fillers.get(i)
+        if not f:
+            return False
+        now = self.clock()
+        for fh, t in list(f.items()):
+            if now - t >= FILL_GUARD:
+                del f[fh]
+        if not f:
+            del self.fillers[i]
+            return False
+        return any(fh != but for fh in f)
+
+    def _attrs_wait(self, i: int, pid: int) -> None:
+        """Other tasks' attribute requests for `i` wait while it settles (see
+        above), and while it waits for the READ that tells its smaller size:
+        an attribute reply processed during that READ's flight would make the
+        kernel ignore the size it brings (fuse_read_update_size compares
+        attribute versions). The file server's own (the thread that stats and
+        reads) do not. Not even LATER_MAX lets them go: the file server's
+        requests come within it, or it gives up (server.py)."""
+        if (i in self.shrinking or i in self.settling) and pid != self.prober:
+            raise _Later()
+
+    def _resize_waits(self, i: int, data: bytes) -> None:
+        """Raise _Later when telling the kernel len(data) would change the size
+        of `i` while a sendfile may be reading it."""
+        told = self.told.get(i)
+        if told is not None and len(told) != len(data) and not self._force and self._guarded(i):
+            raise _Later()
 
     # --- inodes -------------------------------------------------------------------
     def _decode(self, i: int) -> tuple[int, int]:
@@ -290,17 +454,27 @@ class Handlers:
         name = snap.by_key.get(k)
         return (snap.default if name is None else snap.files[name])[idx - 1]
 
+    def _version(self, i: int, k: int, idx: int) -> bytes:
+        """The bytes whose size the kernel knows for inode `i` (else the current ones)."""
+        data = self.told.get(i)
+        return self._data(k, idx) if data is None else data
+
     def _attr(self, i: int, k: int, idx: int) -> tuple:
+        """The attributes of `i` to tell the kernel: a file's size is that of
+        its current bytes, which the next pass of every handle reads."""
         if k == 0 or idx == 0:
             sec, nsec = divmod(self._start_ns, 1_000_000_000)
             return (i, 0, 0, sec, sec, sec, nsec, nsec, nsec, stat.S_IFDIR | 0o555, 2, 0, 0, 0, 4096, 0)
-        size = len(self._data(k, idx))
+        data = self.told[i] if i in self.shrinking else self._data(k, idx)
+        self._resize_waits(i, data)
+        self.told[i] = data
+        size = len(data)
         sec, nsec = divmod(self._mtime.get(i, self._start_ns), 1_000_000_000)
         return (i, size, (size + 511) // 512, sec, sec, sec, nsec, nsec, nsec, stat.S_IFREG | 0o444, 1, 0, 0, 0, 4096, 0)
 
     # --- requests ------------------------------------------------------------------
     def init_(self, req: wire.Request) -> bytes:
-        self.init = wire.init(req.body, self.allow_passthrough)
+        self.init = wire.init(req.body)
         self.passthrough = self.init.passthrough
         self.on_init(self.init)
         return wire.reply(req.unique, self.init.reply)
@@ -323,10 +497,12 @@ class Handlers:
                 raise OSError(errno.ENOENT, "")
             child = req.nodeid + 1 + fi
         ck, cidx = divmod(child, STRIDE)
+        self._attrs_wait(child, req.pid)
         return _ENTRY_REPLY.pack(_ENTRY_REPLY.size, 0, req.unique, child, 0, TIMEOUT, TIMEOUT, 0, 0, *self._attr(child, ck, cidx))
 
     def getattr(self, req: wire.Request) -> bytes:
         k, idx = self._decode(req.nodeid)
+        self._attrs_wait(req.nodeid, req.pid)
         return _ATTR_REPLY.pack(_ATTR_REPLY.size, 0, req.unique, TIMEOUT, 0, 0, *self._attr(req.nodeid, k, idx))
 
     def open(self, req: wire.Request) -> bytes:
@@ -337,67 +513,82 @@ class Handlers:
         k, idx = self._decode(i)
         if idx == 0:
             raise OSError(errno.EISDIR, "")
-        data = self._data(k, idx)
-        if self.passthrough:
-            bid = self._pin(i, data, req.unique)
-            return _OPEN_REPLY.pack(32, 0, req.unique, 0, wire.PASSTHROUGH_OPEN | wire.NOFLUSH, bid)
+        hd = Handle(i, self._data(k, idx))
         fh = self._next_fh
         self._next_fh += 2
-        self._direct[fh] = (i, data)
-        return _OPEN_REPLY.pack(32, 0, req.unique, fh, wire.DIRECT_IO | wire.NOFLUSH, 0)
-
-    def _pin(self, i: int, data: bytes, unique: int) -> int:
-        """The backing id this open reads, counted as open from now on.
-
-        The kernel lets an inode have one backing file among its open files,
-        and fails (EIO) any open that brings another one, passthrough or not.
-        So while the inode is open, a new open reads the version those opens
-        pinned (whole, possibly one change behind); the first open after the
-        last close gets the current bytes."""
-        table = self.table
-        slot = table.slots.get(i)
-        if slot is None or slot.count == 0 and slot.data is not data:
-            token = digest(data)
-            if slot is None or slot.token != token or not slot.bid:
-                bid = self.backing.open(data)
-                if slot is not None and slot.bid:
-                    self.backing.close(slot.bid)  # count 0: no open file, no reply on its way
-                slot = Slot(bid, 0, token, slot.last if slot else 0)
-                table.put(i, slot)
-            slot.data = data
-        self._opening = i
-        return table.count(i, +1, unique).bid
+        open_flags, bid = _DIO_FLAGS, 0
+        slot = self.table.slots.get(i)
+        if slot is not None:
+            if self.passthrough and slot.count > 0 and slot.bid:
+                self.table.count(i, +1, req.unique)
+                hd.held = True
+                open_flags, bid = _HELD_FLAGS, slot.bid
+            else:  # nothing has it open: the backing file can go
+                self._close_slot(i)
+        self.handles[fh] = hd
+        self._opening = fh
+        return _OPEN_REPLY.pack(32, 0, req.unique, fh, open_flags, bid)
 
     def release(self, req: wire.Request) -> bytes:
         fh, _flags, _rflags = wire.RELEASE_IN.unpack_from(req.body)
-        if fh:
-            self._direct.pop(fh, None)
-        elif req.nodeid in self.table.slots:
+        hd = self.handles.pop(fh, None)
+        i = req.nodeid
+        # fh 0: a passthrough open of the older server's; or one of ours that named its backing file
+        if self.fillers:
+            self._unfill(i, fh)
+        if (fh == 0 or (hd is not None and hd.held)) and i in self.table.slots:
             # the kernel let go of the backing file at the last close, before
             # it sent this: the count may drop before we answer
-            self.table.count(req.nodeid, -1, req.unique)
+            if self.table.count(i, -1, req.unique).count == 0:
+                self._close_slot(i)
         return wire.reply(req.unique)
+
+    def _close_slot(self, i: int) -> None:
+        slot = self.table.get(i)
+        if slot is not None:
+            if slot.bid and self.backing is not None:
+                self.backing.close(slot.bid)
+            self.table.drop(i)
 
     def unanswered(self) -> None:
         """The kernel refused the reply just written (the request was gone):
-        an OPEN counted for it will never be released."""
-        i, self._opening = self._opening, 0
-        if i and i in self.table.slots:
-            self.table.count(i, -1, 0, once=False)
+        an OPEN answered there will never be released."""
+        fh, self._opening = self._opening, 0
+        hd = self.handles.pop(fh, None) if fh else None
+        if hd is not None and hd.held and hd.ino in self.table.slots:
+            if self.table.count(hd.ino, -1, 0, once=False).count == 0:
+                self._close_slot(hd.ino)
 
     def written(self) -> None:
         self._opening = 0
 
     def read(self, req: wire.Request) -> bytes:
-        fh, off, size, _ = wire.READ_IN.unpack_from(req.body)
-        pinned = self._direct.get(fh)
-        data = pinned[1] if pinned is not None and pinned[0] == req.nodeid else None
-        if data is None:  # opened by a server before us
-            k, idx = self._decode(req.nodeid)
-            if idx == 0:
-                raise OSError(errno.EISDIR, "")
-            data = self._data(k, idx)
-        return wire.reply(req.unique, data[off : off + size])
+        fh, off, size, rflags = wire.READ_IN.unpack_from(req.body)
+        i = req.nodeid
+        k, idx = self._decode(i)
+        if idx == 0:
+            raise OSError(errno.EISDIR, "")
+        if not rflags & wire.READ_LOCKOWNER:  # filling the page cache: the size the kernel knows
+            new = self.shrinking.get(i)
+            if new is not None and not off and len(new) < size:  # short: the kernel takes its size
+                if not self._force and self._guarded(i, but=fh):
+                    raise _Later()
+                del self.shrinking[i]
+                self.told[i] = data = new
+            else:
+                data = self._version(i, k, idx)[off : off + size]
+            self._filled(i, fh)
+            return wire.reply(req.unique, data)
+        hd = self.handles.get(fh)
+        if hd is None or hd.ino != i:  # opened by a server before us: pinned from now on
+            hd = Handle(i, self._data(k, idx))
+            if fh and fh not in self.handles:
+                self.handles[fh] = hd
+        elif not off or off == hd.eof:  # a new pass: the current version
+            hd.data = self._data(k, idx)
+        chunk = hd.data[off : off + size]
+        hd.eof = -1 if chunk else off
+        return wire.reply(req.unique, chunk)
 
     def forget(self, req: wire.Request) -> None:
         self._forgotten(req.nodeid)
@@ -414,11 +605,13 @@ class Handlers:
         """The kernel dropped the inode: nothing has it open, its backing file can go."""
         if i % STRIDE == 0:
             self._unlisted.discard(i // STRIDE)
+        self.told.pop(i, None)
+        self.shrinking.pop(i, None)
+        self.settling.discard(i)
+        self.fillers.pop(i, None)
         slot = self.table.get(i)
         if slot is not None and slot.count == 0:
-            if slot.bid and self.backing is not None:
-                self.backing.close(slot.bid)
-            self.table.drop(i)
+            self._close_slot(i)
 
     def readdir(self, req: wire.Request) -> bytes:
         _fh, off, size, _ = wire.READ_IN.unpack_from(req.body)

@@ -137,14 +137,13 @@ def _as_tuple(fs) -> tuple[bytes, bytes, bytes, bytes]:
 
 
 class FileService:
-    def __init__(self, run_dir: Path, fs_dir: Path, log_level: str = "info", passthrough: bool = True) -> None:
+    def __init__(self, run_dir: Path, fs_dir: Path, log_level: str = "info") -> None:
         self.run_dir = Path(run_dir)
         self.fs_dir = Path(fs_dir)
         self.log_level = log_level
-        self.allow_passthrough = passthrough
         self.fd: int | None = None
         self.tree_fd: int | None = None
-        self.passthrough = False
+        self.passthrough = False  # an older file server negotiated it on this connection
         self.pid: int | None = None
         self.proc: subprocess.Popen | None = None
         self.pidfd: int | None = None  # of the file server: signals and waits never hit a reused pid
@@ -177,6 +176,20 @@ class FileService:
                     "(pidfd_getfd needs ptrace rights): `tether-fused --cleanup` takes everything down "
                     "(running containers then lose their files), then start tether-fused"
                 )
+            if fd is not None and _aborted(fd):
+                log.warning("the FUSE connection in systemd's fd store was aborted: mounting anew "
+                            "(containers started before it need a restart: `tether doctor` names them)")
+                for dead in (fd, _systemd_fd("fuse-tree")):
+                    if dead is not None:
+                        os.close(dead)
+                fd = None
+            if kept is not None and _aborted(kept[0]):
+                log.warning("the FUSE connection %s kept was aborted: mounting anew "
+                            "(containers started before it need a restart: `tether doctor` names them)", KEEPER_NAME)
+                for dead in kept:
+                    if dead is not None:
+                        os.close(dead)
+                kept = None
             if fd is not None:
                 self.fd = fd
                 self.tree_fd = _systemd_fd("fuse-tree")
@@ -317,8 +330,6 @@ class FileService:
             except OSError:
                 pass
         cmd += ["--fresh"] if fresh else ["--passthrough", "1" if self.passthrough else "0"]
-        if not self.allow_passthrough:
-            cmd.append("--no-passthrough")
         fds = [self.fd]
         if self.tree_fd is not None:  # the file server keeps the clone too, for a later tether-fused
             cmd += ["--tree-fd", str(self.tree_fd)]
@@ -466,7 +477,9 @@ class FileService:
             kind = mount_type(str(self.fs_dir))
         except OSError:
             return
-        if kind == "fuse.tether":
+        if kind == "fuse.tether" and _aborted(self.fd):
+            self.problem = ABORTED  # mounted, but nothing answers it any more: never healthy
+        elif kind == "fuse.tether":
             if self.problem:
                 log.info("the FUSE mount at %s is back", self.fs_dir)
             self.problem = None

@@ -31,6 +31,9 @@ ATTR_OUT = struct.Struct("<QII")  # attr_valid attr_valid_nsec dummy, then fuse_
 OPEN_IN = struct.Struct("<II")  # flags open_flags
 OPEN_OUT = struct.Struct("<QIi")  # fh open_flags backing_id
 READ_IN = struct.Struct("<QQII")  # fh offset size read_flags (rest ignored)
+# read_flags: set on a read(2) of a direct I/O file (fuse_send_read), never
+# on a READ that fills the page cache (readahead, read_folio: splice, mmap)
+READ_LOCKOWNER = 1 << 1
 RELEASE_IN = struct.Struct("<QII")  # fh flags release_flags (lock_owner ignored)
 FORGET_IN = struct.Struct("<Q")
 BATCH_FORGET_IN = struct.Struct("<II")  # count dummy, then count x (nodeid, nlookup)
@@ -53,7 +56,6 @@ PROTO_MAJOR, PROTO_MINOR = 7, 40
 # kernel needs a read buffer of at least max_write + one page
 MAX_WRITE = 1 << 15
 BUFSIZE = MAX_WRITE + (1 << 15)
-MAX_STACK_DEPTH = 1  # passthrough: backing files are memfds, never other stacked files
 
 
 class Request(NamedTuple):
@@ -92,7 +94,10 @@ def error(unique: int, err: int) -> bytes:
 
 
 def notify_inval_inode(ino: int) -> bytes:
-    """Drop the kernel's cached attributes of `ino` (offset -1: no page cache to drop)."""
+    """Drop the kernel's cached attributes of `ino`. Offset -1: not its
+    pages, whose invalidation waits for pages being filled, which the FUSE
+    thread that writes this must answer first. Pages go without it: when
+    the next attributes bring another size, and at every open."""
     return OUT_HEADER.pack(OUT_HEADER.size + NOTIFY_INVAL.size, NOTIFY_INVAL_INODE, 0) + NOTIFY_INVAL.pack(ino, -1, 0)
 
 
@@ -117,24 +122,18 @@ class Init(NamedTuple):
     reply: bytes
 
 
-def init(body: memoryview, allow_passthrough: bool) -> Init:
-    """Negotiate: protocol 7.x, async reads, parallel dirops, passthrough when
-    the kernel offers it (and we may use it)."""
+def init(body: memoryview) -> Init:
+    """Negotiate: protocol 7.x, async reads, parallel dirops; never
+    passthrough (handlers.py says why)."""
     if len(body) < INIT_IN.size:
         raise Malformed("INIT shorter than fuse_init_in")
     major, minor, max_readahead, flags = INIT_IN.unpack_from(body)
     if major != PROTO_MAJOR:
         raise OSError(errno.EPROTO, f"FUSE protocol {major} not supported")
-    flags2 = 0
-    if flags & INIT_EXT and len(body) >= INIT_IN.size + 4:
-        (flags2,) = struct.unpack_from("<I", body, INIT_IN.size)
     want = flags & (ASYNC_READ | PARALLEL_DIROPS | MAX_PAGES | INIT_EXT)
-    want2 = flags2 & PASSTHROUGH2 if allow_passthrough else 0
     minor = min(minor, PROTO_MINOR)
-    out = INIT_OUT.pack(
-        PROTO_MAJOR, minor, max_readahead, want, 16, 12, MAX_WRITE, 1, 32, 0, want2, MAX_STACK_DEPTH if want2 else 0
-    )
-    return Init(minor, bool(want2), out)
+    out = INIT_OUT.pack(PROTO_MAJOR, minor, max_readahead, want, 16, 12, MAX_WRITE, 1, 32, 0, 0, 0)
+    return Init(minor, False, out)
 
 
 def dirent(ino: int, offset: int, name: bytes, kind: int) -> bytes:

@@ -20,7 +20,7 @@ def request(opcode: int, unique: int, nodeid: int, body: bytes = b"") -> bytes:
 @pytest.fixture
 def loop(tmp_path):
     kernel, dev = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    srv = server.Server(str(tmp_path), dev.fileno(), fresh=False, passthrough=False, allow_passthrough=False)
+    srv = server.Server(str(tmp_path), dev.fileno(), fresh=False, passthrough=False)
     srv.apply({"op": "publish", "seq": 1, "full": True, "files": {"web": (b"10.0.0.2\tweb\n", b"", b"", b"")},
                "default": (b"", b"", b"", b""), "mtime_ns": 1})
     # a new server cannot know what the kernel caches: web's four files are invalidated
@@ -79,7 +79,7 @@ def test_garbage_from_the_device_is_skipped(loop):
 def test_incremental_publish_adds_changes_and_forgets(tmp_path):
     kernel, dev = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
-        srv = server.Server(str(tmp_path), dev.fileno(), fresh=False, passthrough=False, allow_passthrough=False)
+        srv = server.Server(str(tmp_path), dev.fileno(), fresh=False, passthrough=False)
         web, db = (b"w\n", b"", b"", b""), (b"d\n", b"", b"", b"")
         srv.apply({"op": "publish", "seq": 1, "full": True, "files": {"web": web, "db": db},
                    "default": (b"", b"", b"", b"r\n"), "mtime_ns": 1})
