@@ -151,7 +151,15 @@ def build_table(r: dict, quick: bool) -> Table:
         cpu, other = rd.get("reader_cpu"), rd.get("other_cpu")
         t.add(f"read /etc/hosts (open+read+close), {rd['bytes']} B (µs), nothing pinned", mp(tx, 2),
               "tmpfs, same bytes", mp(us["tmpfs"], 2), f"{med(tx) / med(us['tmpfs']):.2f}", "", None,
-              "a change shows on the next read (checked); one FUSE OPEN round trip per open")
+              "a change shows on the next read, held open or not (checked); an OPEN and a READ round trip per read")
+        if "tether held" in us:
+            th = us["tether held"]
+            t.add("  same, while another descriptor holds it open (µs)", mp(th, 2), "tether, nothing held", mp(tx, 2),
+                  f"{med(th) / med(tx):.2f}", "", None, "the held file follows every change (its next pass reads it)")
+        if "tether sendfile" in us:
+            ts_, tf = us["tether sendfile"], us["tmpfs sendfile"]
+            t.add("  same, by sendfile into a pipe, as busybox cat (µs)", mp(ts_, 2), "tmpfs, sendfile", mp(tf, 2),
+                  f"{med(ts_) / med(tf):.2f}", "", None, "through the page cache: one READ fills it per open")
         if "lxcfs" in us:
             x = med(tx) / med(us["lxcfs"])
             t.add("", "", "LXCFS /proc/uptime (FUSE)", mp(us["lxcfs"], 2), f"{x:.3f}", "≤ 0.15× LXCFS", x <= 0.15,
