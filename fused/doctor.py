@@ -16,7 +16,6 @@ status is 0 iff no check failed.
 from __future__ import annotations
 
 import errno
-import gzip
 import ipaddress
 import json
 import os
@@ -44,7 +43,6 @@ CMD_TIMEOUT = 2.0  # s, per subprocess and per socket request
 CHECK_TIMEOUT = 5.0  # s, per check
 PROBE_NAME = "doctor-probe"  # a valid name: its directory exists whether registered or not
 START = "start it with `systemctl start tether-fused` or `tether-fused --config FILE`"
-PASSTHROUGH_MIN = (6, 9)
 TIMEOUTS = {"containers": cf.BUDGET + 2.0}  # s: checks allowed longer than CHECK_TIMEOUT (it bounds its reads itself)
 LISTED = 5  # names a line lists before "and N more"
 
@@ -160,34 +158,6 @@ def listeners(ss_output: str, port: int) -> list[tuple[str, str, str]]:
     return out
 
 
-def kernel_version(release: str) -> tuple[int, int] | None:
-    m = re.match(r"(\d+)\.(\d+)", release)
-    return (int(m.group(1)), int(m.group(2))) if m else None
-
-
-def kernel_config(release: str) -> str | None:
-    """The running kernel's config text, if readable."""
-    try:
-        with gzip.open("/proc/config.gz", "rt") as f:
-            return f.read()
-    except OSError:
-        pass
-    try:
-        return Path(f"/boot/config-{release}").read_text()
-    except OSError:
-        return None
-
-
-def config_option(text: str, option: str) -> str | None:
-    """'y', 'm', ... or 'n' (is not set), None: not mentioned."""
-    for ln in text.splitlines():
-        if ln.startswith(option + "="):
-            return ln.split("=", 1)[1].strip()
-        if ln.strip() == f"# {option} is not set":
-            return "n"
-    return None
-
-
 def names(findings: list[cf.Finding]) -> str:
     shown = ", ".join(f.name for f in findings[:LISTED])
     return shown + (f" and {len(findings) - LISTED} more" if len(findings) > LISTED else "")
@@ -238,7 +208,6 @@ class Doctor:
             ("kernel-fuse", self.kernel_fuse),
             ("dev-fuse", self.dev_fuse),
             ("fusermount3", self.fusermount3),
-            ("passthrough", self.passthrough),
             ("kernel-veth", self.kernel_veth),
             ("kernel-bridge", self.kernel_bridge),
             ("kernel-nat", self.kernel_nat),
@@ -306,30 +275,6 @@ class Doctor:
             WARN,
             "not on PATH; tether does not need it (it mounts with mount(2) as root)",
             "optional: `apt-get install fuse3`, for `fusermount3 -u` by hand",
-        )
-
-    def passthrough(self) -> Result:
-        release = os.uname().release
-        ver = kernel_version(release)
-        fallback = "served files are read through the daemon instead (direct I/O): correct, slower"
-        if ver is not None and ver < PASSTHROUGH_MIN:
-            return Result(
-                "passthrough", WARN, f"Linux {release}: FUSE passthrough needs 6.9+; {fallback}", "a kernel 6.9+ with CONFIG_FUSE_PASSTHROUGH=y"
-            )
-        text = kernel_config(release)
-        opt = config_option(text, "CONFIG_FUSE_PASSTHROUGH") if text is not None else None
-        if opt == "y":
-            return Result("passthrough", OK, f"Linux {release} with CONFIG_FUSE_PASSTHROUGH=y: reads go straight to memfds")
-        if opt is None:
-            return Result(
-                "passthrough",
-                WARN,
-                f"Linux {release}: cannot tell whether CONFIG_FUSE_PASSTHROUGH is set (no /proc/config.gz or /boot/config-{release}); "
-                f"without it, {fallback}",
-                "tether-fused's log says `passthrough on` or `off` at start",
-            )
-        return Result(
-            "passthrough", WARN, f"Linux {release} without CONFIG_FUSE_PASSTHROUGH: {fallback}", "a kernel with CONFIG_FUSE_PASSTHROUGH=y"
         )
 
     def _in_netns(self, name: str, script: str, what: str, fix: str) -> Result:

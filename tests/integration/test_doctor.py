@@ -15,7 +15,7 @@ from harness import TETHER, Daemon, sh, wait_for
 
 KEYS = {"name", "ok", "status", "detail", "fix"}
 NAMES = {
-    "config", "user", "kernel-fuse", "dev-fuse", "fusermount3", "passthrough", "kernel-veth",
+    "config", "user", "kernel-fuse", "dev-fuse", "fusermount3", "kernel-veth",
     "kernel-bridge", "kernel-nat", "iptables", "forwarding", "bridge", "daemon", "store", "overlay", "mount", "file-server",
     "containers", "firewall", "isolation", "dns", "conntrack", "podman-hooks", "drift",
 }  # fmt: skip
