@@ -25,7 +25,8 @@ from .server import MODULE, NAME, args_of, code_version, encode
 
 log = logging.getLogger("tether.dns")
 
-ACK_TIMEOUT = 1.0  # s for the DNS process to take a publish (it applies one in milliseconds)
+ACK_TIMEOUT = 1.0  # s for the DNS process to take a publish (it applies one in milliseconds), else restarted
+PUBLISH_WAIT = 0.05  # s a publish waits for that on the caller's thread (the daemon's loop), at most
 RCVBUF = 8 << 20  # the UDP receive queue: a restart's queries, a burst's
 SO_RCVBUFFORCE = 33  # root: above net.core.rmem_max
 IP_FREEBIND = 15  # bind before the bridge has its address
@@ -69,9 +70,14 @@ class DnsService:
         self.latest: DnsData | None = None  # the last data published
         self._sent: DnsData | None = None  # what the DNS process has
         self._seq = 0
+        # publishes are counted: the sender thread hands the latest to the DNS
+        # process, and a publish waits (a moment at most) until that is done
+        self._handed = threading.Condition()
+        self._given = self._taken = 0
         self.restarts = 0
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._sender: threading.Thread | None = None
 
     @property
     def pid(self) -> int | None:
@@ -89,6 +95,8 @@ class DnsService:
         self._watcher = threading.Thread(target=self.child.watch, args=(self._restart, self._stop),
                                          name="tether-dns-watch", daemon=True)
         self._watcher.start()
+        self._sender = threading.Thread(target=self._send_loop, name="tether-dns-publish", daemon=True)
+        self._sender.start()
         return how
 
     def _take_over(self) -> str | None:
@@ -150,17 +158,37 @@ class DnsService:
 
     # --- publishing --------------------------------------------------------------------
     def publish(self, data: DnsData) -> None:
-        """Hand `data` to the DNS process; returns once it answers from it (or
-        at once when there is none right now: the next one gets it first)."""
-        with self.lock:
+        """Hand `data` to the DNS process; returns once it answers from it, or
+        after PUBLISH_WAIT (a stuck DNS process never holds the daemon's
+        loop: the sender goes on, and restarts it past ACK_TIMEOUT), or at
+        once when there is none right now (the next one gets it first)."""
+        with self._handed:
             self.latest = data
-            self._publish_locked()
+            self._given += 1
+            mine = self._given
+            self._handed.notify_all()
+            if self._sender is not None and self.child.conn is not None:
+                self._handed.wait_for(lambda: self._taken >= mine, timeout=PUBLISH_WAIT)
+
+    def _send_loop(self) -> None:
+        while True:
+            with self._handed:
+                self._handed.wait_for(lambda: self._given > self._taken or self._stop.is_set())
+                if self._stop.is_set():
+                    return
+                given = self._given
+            with self.lock:
+                self._publish_locked()
+            with self._handed:
+                self._taken = max(self._taken, given)
+                self._handed.notify_all()
 
     def _publish_locked(self) -> None:
-        if self.latest is None or self.child.conn is None:
+        data = self.latest  # once: a publish may replace it meanwhile
+        if data is None or self.child.conn is None:
             return
         self._seq += 1
-        msg = encode(self._sent, self.latest)
+        msg = encode(self._sent, data)
         msg["seq"] = self._seq
         try:
             self.child.call(msg, timeout=ACK_TIMEOUT)
@@ -169,7 +197,7 @@ class DnsService:
             self.child.kill()
             self._sent = None
             return
-        self._sent = self.latest
+        self._sent = data
 
     # --- watching ----------------------------------------------------------------------
     def _restart(self) -> bool:
@@ -178,6 +206,7 @@ class DnsService:
         with self.lock:
             dead = self.child.pid
             self.child.forget()
+            self._sent = None  # the next one gets all of it, whoever sends first
         log.warning("DNS responder %s is gone: starting another on the same sockets", dead)
         try:
             self._spawn()
@@ -191,8 +220,11 @@ class DnsService:
     def close(self) -> None:
         """Stop watching; the DNS process keeps answering (a restart takes over)."""
         self._stop.set()
-        if self._watcher is not None:
-            self._watcher.join(timeout=2)
+        with self._handed:
+            self._handed.notify_all()
+        for t in (self._watcher, self._sender):
+            if t is not None:
+                t.join(timeout=2)
         with self.lock:
             self.child.release()
             for s in (self.udp, self.tcp):

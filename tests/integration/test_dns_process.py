@@ -171,3 +171,29 @@ def test_it_answers_while_tether_fused_is_stopped_and_cleanup_stops_it(pair):
     assert f"stopped DNS responder {pid}" in out
     assert gone(pid) and dns_sockets(d) == []
     assert not (d.run_dir / "dns.pid").exists() and not (d.run_dir / "dns.sock").exists()
+
+
+def test_a_stuck_dns_process_holds_up_no_change_and_is_replaced(pair):
+    d = pair
+
+    def retarget(target: str) -> float:
+        t0 = time.monotonic()
+        d.cli("link", "retarget", "web", "database", target)
+        return time.monotonic() - t0
+
+    usual = max(retarget("db2"), retarget("db"))  # the CLI's own start included
+    old = d.pid_of("dns")
+    os.kill(old, signal.SIGSTOP)
+    try:
+        took = retarget("db2")  # publishes to a process that cannot take it
+        new = wait_for(lambda: (p := d.pid_of("dns")) != old and p, 10, what="a new DNS process")
+        print(f"\nretarget with the DNS process stopped: {took * 1000:.0f} ms, usually {usual * 1000:.0f} ms")
+        # the daemon waits for the DNS process a moment at most (not the
+        # second after which it restarts it)
+        assert took < usual + 0.5
+        assert a_of(d, "web", "db2.") == [facade(d, "web", "database")]  # the new one has the change
+        assert f"DNS responder {old} did not take the data" in d.log.read_text()
+        assert gone(old) and d.pid_of("dns") == new
+    finally:
+        if not gone(old):
+            os.kill(old, signal.SIGKILL)
