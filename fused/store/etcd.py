@@ -78,7 +78,12 @@ def _tuples(cls, d: dict):
 
 
 class EtcdUnreachable(StoreError):
-    pass
+    """`sent`: the request went out and its answer did not come (etcd may
+    still apply it when it runs again), rather than no connection at all."""
+
+    def __init__(self, message: str, sent: bool = False) -> None:
+        super().__init__(message)
+        self.sent = sent
 
 
 class EtcdStore:
@@ -131,7 +136,7 @@ class EtcdStore:
         the daemon's other work."""
         if clients is None and time.monotonic() < self._down_until:
             raise EtcdUnreachable(self._down)
-        last = None
+        last, sent = None, False
         for c in clients or self._clients:
             try:
                 out = c.post(c.get_url(path), json=body)
@@ -139,6 +144,8 @@ class EtcdStore:
                 return out
             except (etcd_errors.ConnectionFailedError, etcd_errors.ConnectionTimeoutError) as e:
                 last = e
+                # connected, asked, no answer (a stopped etcd): requests' own words, in etcd3gw's detail
+                sent = sent or "Read timed out" in (getattr(e, "detail_text", None) or str(e))
             except etcd_errors.Etcd3Exception as e:
                 detail = getattr(e, "detail_text", None) or ""
                 if "database space exceeded" in detail:  # its NOSPACE alarm: every write refused until disarmed
@@ -154,7 +161,7 @@ class EtcdStore:
         )
         if clients is None:  # until the keepalive (every ttl / 3) or the watch is through again
             self._down_until = float("inf")
-        raise EtcdUnreachable(self._down)
+        raise EtcdUnreachable(self._down, sent)
 
     def _key(self, *parts: object) -> str:
         return "/".join((self.prefix, *(str(p) for p in parts)))
@@ -352,8 +359,13 @@ class EtcdStore:
             }
             try:
                 out = self._post("/kv/txn", txn)
-            except EtcdUnreachable:
+            except EtcdUnreachable as e:
                 if not self._landed(nonce):
+                    if e.sent:  # neither answered nor known to be lost: say so, not "nothing changed"
+                        raise EtcdUnreachable(
+                            f"etcd at {', '.join(self.endpoints)} did not answer the commit within {self.timeout:g} s: "
+                            "if it applies it once it runs again, tether follows the store (see `tether ps`, `tether link ls`); running "
+                            "containers keep working", sent=True) from None
                     raise
                 out = {"succeeded": True, "header": {"revision": "0"}}  # it did: go on as if answered
             if not out.get("succeeded"):

@@ -157,3 +157,36 @@ def test_a_start_on_a_full_disk_that_cannot_read_the_store_refuses_in_one_line(o
                        stdin=subprocess.DEVNULL)
     assert one_line(p, "tether-fused:") == f"tether-fused: {cause(d)}"
     serving(d)
+
+
+def test_a_full_etcd_is_one_line(tmp_path, monkeypatch):
+    """etcd past its quota (its NOSPACE alarm: every write refused): the
+    etcd store says so in one line naming the endpoint and the way out;
+    reads go on."""
+    import cluster
+    from fused.model import Container
+    from fused.store.base import Draft
+    from fused.store.etcd import EtcdStore
+    from fused.errors import StoreFull
+
+    wrapper = tmp_path / "etcd"  # etcd with a quota of 128 KiB, started as the cluster harness starts it
+    wrapper.write_text(f'#!/bin/sh\nexec {cluster.ETCD} --quota-backend-bytes {1 << 17} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setattr(cluster, "ETCD", str(wrapper))
+    net, _etcd, endpoint = cluster.etcd_reachable_from_here()
+    try:
+        s = EtcdStore([endpoint], "/tfull", "h1", "10.0.0.1")
+        try:
+            with pytest.raises(StoreFull) as ei:
+                for i in range(200):
+                    d = Draft(s.snapshot())
+                    d.put(Container(f"c{i}", "x" * 30000, "stopped", None, None, "/b", 1.0, 2.0, 3.0, "", (), ()))
+                    s.commit(d.change, d.snap.revision)
+            line = str(ei.value)
+            assert line.startswith("etcd at ") and endpoint.split("//")[1] in line and "\n" not in line
+            assert "no space left (mvcc: database space exceeded" in line and "etcdctl alarm disarm" in line
+            assert len(s.snapshot().containers) == i  # everything before it, and reads go on
+        finally:
+            s.close()
+    finally:
+        net.close()

@@ -19,7 +19,7 @@ import dns.message
 import dns.query
 import pytest
 
-from harness import TETHER, Daemon, address_in_hosts, bridge_ports, dnats_to, enter_netns, firewall_state, serve
+from harness import TETHER, Daemon, address_in_hosts, bridge_ports, dnats_to, enter_netns, firewall_state, serve, wait_for
 from fused.protocol import request
 
 SLEEP = ["sleep", "1000000"]
@@ -176,3 +176,37 @@ def test_a_held_store_stalls_neither_dns_nor_ps_and_a_start_fails_in_one_line(li
     # and all works again
     d.cli("link", "retarget", "web", "database", "db2")
     assert consistent(d) == "db2"
+
+
+def test_a_stopped_etcd_stalls_neither_dns_nor_ps_and_a_change_ends_as_the_store_says(rootfs):
+    """etcd stopped for 3 s (several hosts' store): a link added meanwhile
+    either goes through or fails in one line naming etcd; either way, once
+    etcd answers again, the served files and the traffic follow what the
+    store says (a commit whose answer was lost may still have been applied:
+    tether follows the store, never its own guess)."""
+    from cluster import Cluster
+
+    with Cluster(rootfs, n=1, strategy="facade") as c:
+        c.start()
+        d = c["h1"]
+        d.start_container("db", serve("db"), "--expose", "5432")
+        d.start_container("db2", serve("db2"), "--expose", "5432")
+        d.start_container("web", SLEEP, "--link", "db:database")
+        etcd = c.etcd.proc.pid
+        change = [TETHER, "--config", str(d.config), "link", "add", "web", "db2", "--alias", "other"]
+        f = during(d, lambda: os.kill(etcd, signal.SIGSTOP), lambda: os.kill(etcd, signal.SIGCONT), change)
+        if f["change_rc"] != 0:
+            (line,) = f["change_stderr"].splitlines()
+            assert line.startswith("tether: etcd") and c.etcd.endpoint in line, f
+        print("link ls:", [r["alias"] for r in d.cli_json("link", "ls")])
+
+        def agreed() -> bool:
+            linked = any(r["alias"] == "other" for r in d.cli_json("link", "ls"))
+            return linked == ("\tother db2\n" in (d.run_dir / "fs" / "web" / "hosts").read_text())
+
+        wait_for(agreed, 10, interval=0.2, what="web's files to follow the store")
+        time.sleep(1)  # a late commit's watch event, had there been one, has come by now
+        assert agreed()
+        assert d.exec("web", "nc", "-w", "3", "database", "5432").stdout.strip() == "db"
+        if any(r["alias"] == "other" for r in d.cli_json("link", "ls")):
+            assert d.exec("web", "nc", "-w", "3", "other", "5432").stdout.strip() == "db2"
