@@ -209,12 +209,15 @@ class Child:
             except ProcessLookupError:
                 pass
 
-    def forget(self) -> None:
-        """Let go of it (dead, or being replaced): it is killed if it still runs."""
+    def forget(self, timeout: float = 2.0) -> None:
+        """Let go of it (dead, or being replaced): it is killed if it still
+        runs, and gone when this returns (what it held, its sockets, with it)."""
         self.kill()
         if self.proc is not None:
             self.proc.wait()
             self.proc = None
+        elif self.pidfd is not None:  # adopted: not ours to wait for, but its pidfd says when it ends
+            select.select([self.pidfd], [], [], timeout)
         if self.pidfd is not None:
             os.close(self.pidfd)
         self.pid = self.pidfd = None

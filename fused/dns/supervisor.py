@@ -112,7 +112,7 @@ class DnsService:
             log.warning("DNS responder %d does not hand its sockets over (%s): stopping it", pid, e)
             if old.pidfd is None:
                 child.terminate(pid)
-            old.forget()
+            old.forget()  # gone, and its sockets with it: ours can be bound
             return None
         socks = [socket.socket(fileno=fd) for fd in fds]
         if len(socks) != 2 or socks[0].getsockname() != (self.gateway, 53):

@@ -197,3 +197,21 @@ def test_a_stuck_dns_process_holds_up_no_change_and_is_replaced(pair):
     finally:
         if not gone(old):
             os.kill(old, signal.SIGKILL)
+
+
+def test_a_hung_dns_process_at_start_is_stopped_and_a_new_one_binds(pair):
+    """It cannot hand its sockets over: the next tether-fused stops it and
+    binds the address anew (what waited in the old socket is lost)."""
+    d = pair
+    old = d.pid_of("dns")
+    d.kill9("fused")
+    os.kill(old, signal.SIGSTOP)
+    try:
+        d.start(timeout=30)
+        assert f"DNS responder {old} does not hand its sockets over" in d.log.read_text()
+        assert gone(old) and d.pid_of("dns") != old
+        assert f"started DNS responder {d.pid_of('dns')}" in d.log.read_text()
+        assert a_of(d, "web", "database.") == [facade(d, "web", "database")]
+    finally:
+        if not gone(old):
+            os.kill(old, signal.SIGKILL)
