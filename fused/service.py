@@ -36,13 +36,12 @@ import trio
 from . import drift, graph, model, oci, plan, render, rules
 from . import config as config_mod
 from .config import Config
-from .errors import DeadlineError, InputError, ServiceError, StoreFull
+from .errors import DeadlineError, InputError, ServiceError, StoreError, StoreFull
 from .graph import Edge, Topology, resolve_edge
 from .net import ports as host_ports
 from .net.firewall import Firewall
 from .net.wiring import Endpoint, Wiring, Worker, netns_inode, veth_name
-from .errors import StoreError
-from .publisher import Delivery, Publisher
+from .publisher import Publisher
 from .store.base import ChangeSet, Conflict, Draft, Store, StoreSnapshot, inverse
 from .store.thread import StoreThread
 
