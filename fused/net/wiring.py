@@ -43,7 +43,7 @@ def _import_pyroute2():
 IPRoute, NetlinkError = _import_pyroute2()
 
 from ..errors import WiringError  # wiring.WiringError: the same class
-from ..model import overlay_name
+from ..model import mac_for, overlay_name
 
 log = logging.getLogger("tether.net")
 
@@ -161,6 +161,13 @@ class Wiring:
         }
         if (self.gateway, self.prefixlen) not in have:
             self.ipr.addr("add", index=idx, address=self.gateway, prefixlen=self.prefixlen)
+        # a bridge with no address of its own takes the lowest of its ports'
+        # MACs, and changes it when a port with a lower one joins: the
+        # gateway's MAC would move under every container's ARP cache (seconds
+        # of lost traffic at another's start). The one several hosts share:
+        mac = mac_for(self.gateway)
+        if self.ipr.get_links(idx)[0].get_attr("IFLA_ADDRESS") != mac:
+            self.ipr.link("set", index=idx, address=mac)
         self.ipr.link("set", index=idx, state="up")
         _set_sysctl("/proc/sys/net/ipv4/ip_forward", "1")
         # the host's own 127.0.0.1:HOSTPORT, DNAT'ed to a container, leaves
