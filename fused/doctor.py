@@ -700,11 +700,18 @@ class Doctor:
         if r.rc != 0:
             return Result("dns", WARN, f"cannot list sockets: {first_line(r.err) or r.rc}", "install iproute2 (ss)")
         protos = sorted({proto for proto, addr, _ in listeners(r.out, 53) if addr in (gw, "0.0.0.0", "*")})
-        procs = sorted({p for _, addr, p in listeners(r.out, 53) if addr in (gw, "0.0.0.0", "*") and p})
         if "udp" not in protos:
             return Result("dns", FAIL, f"nothing listens on {gw}:53/udp: containers' resolv.conf points there", f"{START}; its log says why the responder did not start")
-        who = f" ({', '.join(procs)})" if procs else ""
-        return Result("dns", OK, f"listening on {gw}:53 {'+'.join(protos)}{who}")
+        # tether-fused keeps a copy of the sockets: a listener alone does not
+        # mean that anything answers on them
+        from .child import running
+
+        pid = running(self.cfg.run_dir, "dns", "fused.dns.server")
+        if pid is None:
+            return Result("dns", FAIL, f"{gw}:53 is bound, but no DNS process of this run_dir answers on it "
+                          f"(<run_dir>/dns.pid): containers' lookups go unanswered",
+                          "restart tether-fused, which starts it; its log says why it stopped")
+        return Result("dns", OK, f"listening on {gw}:53 {'+'.join(protos)}, answered by DNS process {pid}")
 
 
     def conntrack(self) -> Result:
