@@ -248,7 +248,9 @@ def test_no_read_error_during_60s_of_retargets(three):
         errors += err.decode().splitlines()
     print(f"\n60 s of retargets ({retargets}): {total} reads in a container, 0 errors")
     assert not errors, errors[:3]
-    assert total >= 50_000
+    # both readers went on through the retargets (how fast is bench.read_hosts's:
+    # sh's `read` reads a byte at a time, each a round trip to the file server)
+    assert total >= 2_000 and retargets >= 100, (total, retargets)
 
 
 def test_both_killed_at_once_with_systemd_fd_store(three, tmp_path):
