@@ -17,6 +17,7 @@ import math
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import outcome
 import trio
 
 from .base import ChangeSet, Store, StoreSnapshot
@@ -50,21 +51,48 @@ class StoreThread:
         with self._count:
             self.busy -= 1
 
+    async def _call(self, fn, *args, abandon: bool = False):
+        """fn(*args) on the store's thread; the waiting task is woken from
+        there (no thread of trio's in between). `abandon`: a cancel stops the
+        wait, and the call's result is dropped."""
+        token = trio.lowlevel.current_trio_token()
+        task = trio.lowlevel.current_task()
+        abandoned = False
+
+        def deliver(result: outcome.Outcome) -> None:  # on the trio thread
+            if not abandoned:
+                trio.lowlevel.reschedule(task, result)
+
+        def work() -> None:  # on the store's thread
+            result = outcome.capture(fn, *args)
+            try:
+                token.run_sync_soon(deliver, result)
+            except trio.RunFinishedError:  # nobody waits any more
+                pass
+
+        def abort(_raise_cancel) -> trio.lowlevel.Abort:
+            nonlocal abandoned
+            if abandon:
+                abandoned = True
+                return trio.lowlevel.Abort.SUCCEEDED
+            return trio.lowlevel.Abort.FAILED  # its result comes, and decides; the cancel is raised after
+
+        self._submit(work)
+        return await trio.lowlevel.wait_task_rescheduled(abort)
+
     async def snapshot(self, wait: float = math.inf) -> StoreSnapshot:
         """The store's snapshot; trio.TooSlowError after `wait` seconds (the
         read goes on, and its result is cached by the store for the next)."""
-        fut = self._submit(self.store.snapshot)
         with trio.move_on_after(wait):
-            return await trio.to_thread.run_sync(fut.result, abandon_on_cancel=True)
+            return await self._call(self.store.snapshot, abandon=True)
         raise trio.TooSlowError
 
     async def commit(self, change: ChangeSet, revision: int) -> StoreSnapshot:
-        fut = self._submit(self.store.commit, change, revision)
-        return await trio.to_thread.run_sync(fut.result)
+        return await self._call(self.store.commit, change, revision)
 
     async def run(self, fn, *args):
         """Any other call on the store (its thread, its order)."""
-        return await trio.to_thread.run_sync(self._submit(fn, *args).result)
+        return await self._call(fn, *args)
 
     def close(self) -> None:
         """Wait for what is queued, then stop the thread (before the store is closed)."""
