@@ -18,7 +18,8 @@ commit order; a change waits for its own files after it lets go of the lock.
 A change must reach its commit within CHANGE_DEADLINE of its arrival, else
 it is refused in one line naming what it waited for, with its kernel steps
 undone. Read-only requests never queue behind a change: they answer from
-the store when it answers at once, else from the last published snapshot.
+the store when it answers within READ_WAIT, else from the last published
+snapshot.
 """
 from __future__ import annotations
 
@@ -227,11 +228,10 @@ class Service:
 
     async def _view(self) -> StoreSnapshot:
         """What a read-only request answers from: the store's snapshot when
-        it comes at once, else the last published one. A reader never queues
-        behind a change waiting for the store or the kernel."""
+        it comes within READ_WAIT, else the last published one (the store's
+        thread is held by a change that waits for the store). Never the
+        lock: a reader does not queue behind a change."""
         pub = self._pub
-        if pub is not None and (self.lock.locked() or self.store_thread.busy):
-            return pub.snap
         try:
             return await self.store_thread.snapshot(wait=READ_WAIT if pub is not None else math.inf)
         except trio.TooSlowError:

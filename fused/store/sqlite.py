@@ -306,8 +306,6 @@ class SqliteStore:
         """The store, as a line that says what a request waited for names it."""
         return f"the store {self.path}"
 
-    timeout = BUSY_TIMEOUT_MS / 1000  # s: the longest one call waits for another process's lock
-
     def close(self) -> None:
         self.db.close()
 

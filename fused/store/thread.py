@@ -14,8 +14,7 @@ changes nothing, and what it reads is cached for the next one.
 from __future__ import annotations
 
 import math
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import outcome
 import trio
@@ -27,29 +26,11 @@ class StoreThread:
     def __init__(self, store: Store, name: str = "tether-store") -> None:
         self.store = store
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
-        self.busy = 0  # calls queued or running: a reader that would queue behind them need not
-        self._count = threading.Lock()
 
     @property
     def where(self) -> str:
         """What a request that waited for the store names ("the store PATH", "etcd at URL")."""
         return getattr(self.store, "where", "the store")
-
-    @property
-    def timeout(self) -> float:
-        """The longest one call may take before the store itself gives up."""
-        return float(getattr(self.store, "timeout", 0.0))
-
-    def _submit(self, fn, *args) -> Future:
-        with self._count:
-            self.busy += 1
-        fut = self._pool.submit(fn, *args)
-        fut.add_done_callback(self._done)
-        return fut
-
-    def _done(self, _fut: Future) -> None:  # on the store thread
-        with self._count:
-            self.busy -= 1
 
     async def _call(self, fn, *args, abandon: bool = False):
         """fn(*args) on the store's thread; the waiting task is woken from
@@ -77,7 +58,7 @@ class StoreThread:
                 return trio.lowlevel.Abort.SUCCEEDED
             return trio.lowlevel.Abort.FAILED  # its result comes, and decides; the cancel is raised after
 
-        self._submit(work)
+        self._pool.submit(work)
         return await trio.lowlevel.wait_task_rescheduled(abort)
 
     async def snapshot(self, wait: float = math.inf) -> StoreSnapshot:
@@ -89,10 +70,6 @@ class StoreThread:
 
     async def commit(self, change: ChangeSet, revision: int) -> StoreSnapshot:
         return await self._call(self.store.commit, change, revision)
-
-    async def run(self, fn, *args):
-        """Any other call on the store (its thread, its order)."""
-        return await self._call(fn, *args)
 
     def close(self) -> None:
         """Wait for what is queued, then stop the thread (before the store is closed)."""

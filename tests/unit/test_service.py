@@ -406,7 +406,6 @@ class HeldStore(MemoryStore):
     """A store whose commits wait while `held` is set (SQLite's busy wait, a slow etcd)."""
 
     where = "the store /state/tether.db"
-    timeout = 2.0
 
     def __init__(self) -> None:
         super().__init__()
@@ -553,7 +552,7 @@ def test_a_change_behind_a_slow_store_is_refused_in_one_line_and_leaves_nothing(
             n.start_soon(first)
             await until(store.waiting)
             t0 = trio.current_time()
-            seen["ps"] = await s.dispatch("ps", {})  # the lock is held: from the last publish, at once
+            seen["ps"] = await s.dispatch("ps", {})  # the store's thread is held: from the last publish
             seen["read"] = trio.current_time() - t0
             with pytest.raises(DeadlineError) as e:
                 await s.dispatch("register", state("web", 102))
@@ -561,7 +560,7 @@ def test_a_change_behind_a_slow_store_is_refused_in_one_line_and_leaves_nothing(
             store.held.clear()
 
     trio.run(main)
-    assert seen["read"] < 0.1 and [c["name"] for c in seen["ps"]] == ["db"]
+    assert seen["read"] < service_mod.READ_WAIT + 0.2 and [c["name"] for c in seen["ps"]] == ["db"]
     assert seen["refused"].startswith("gave up after 0.3 s waiting for an earlier change, which waits "
                                       "for the store /state/tether.db: nothing was changed; try again")
     assert "\n" not in seen["refused"]
