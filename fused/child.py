@@ -1,6 +1,6 @@
 """A helper process that tether-fused starts, watches, and leaves running when
 it stops, so that what it serves outlives tether-fused: the DNS responder
-(the file server's session.py takes the same steps by hand).
+and the file server (fs/session.py adds the FUSE mount around it).
 
   - It is found again by <run_dir>/<name>.pid, checked against its command
     line: a stale pid file may name any process, which is never signalled.
@@ -93,7 +93,11 @@ def announce(run_dir: str, name: str) -> None:
 
 
 def terminate(pid: int, timeout: float = 2.0) -> None:
-    """SIGTERM, and SIGKILL when it has not gone within `timeout`."""
+    """SIGTERM, and SIGKILL when it has not gone within `timeout`. Returns
+    once it is out of the process table, or `timeout` after it exited: an
+    orphan (a helper of an earlier tether-fused) is reaped by init in init's
+    own time, and shows in /proc and ps until then. Not for our own children
+    (they are reaped by our wait: Child.forget)."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -103,6 +107,10 @@ def terminate(pid: int, timeout: float = 2.0) -> None:
         if not select.select([pidfd], [], [], timeout)[0]:
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             select.select([pidfd], [], [], timeout)
+        reaped_by = time.monotonic() + timeout
+        while time.monotonic() < reaped_by:
+            signal.pidfd_send_signal(pidfd, 0)  # ProcessLookupError once reaped
+            time.sleep(0.005)
     except ProcessLookupError:
         pass
     finally:
@@ -122,9 +130,10 @@ def check_code(module: str) -> str | None:
 class Child:
     """tether-fused's handle on one helper process: its channel and its pidfd."""
 
-    def __init__(self, run_dir: Path, name: str, module: str) -> None:
+    def __init__(self, run_dir: Path, name: str, module: str, label: str | None = None) -> None:
         self.run_dir = Path(run_dir)
-        self.name = name  # what the logs call it, and its files: <name>.pid, <name>.sock
+        self.name = name  # its files: <name>.pid, <name>.sock
+        self.label = label or f"{name} process"  # what the logs and errors call it
         self.module = module
         self.proc: subprocess.Popen | None = None  # when we started it (else adopted)
         self.pid: int | None = None
@@ -162,11 +171,11 @@ class Child:
             proc = subprocess.Popen(cmd, pass_fds=fds, start_new_session=True, stdin=subprocess.DEVNULL, env=env,
                                     cwd="/")
         except OSError as e:
-            raise ChildError(f"cannot start the {self.name} process: {e.strerror or e}") from None
+            raise ChildError(f"cannot start the {self.label}: {e.strerror or e}") from None
         deadline = time.monotonic() + SPAWN_TIMEOUT
         while True:
             if proc.poll() is not None:
-                raise ChildError(f"the {self.name} process exited at once ({proc.returncode}): see the log above")
+                raise ChildError(f"the {self.label} exited at once ({proc.returncode}): see the log above")
             conn = None
             try:
                 conn = connect(str(self.sock_path), 2.0)
@@ -181,7 +190,7 @@ class Child:
             if time.monotonic() > deadline:
                 proc.kill()
                 proc.wait()
-                raise ChildError(f"the {self.name} process did not answer on {self.sock_path} within {SPAWN_TIMEOUT:g} s")
+                raise ChildError(f"the {self.label} did not answer on {self.sock_path} within {SPAWN_TIMEOUT:g} s")
             time.sleep(0.005)
         self.proc, self.pid, self.pidfd, self.conn = proc, proc.pid, os.pidfd_open(proc.pid), conn
         return hello
@@ -190,12 +199,12 @@ class Child:
              with_fds: bool = False) -> tuple[dict, list[int]]:
         """One request and its answer; OSError or ValueError when there is none."""
         if self.conn is None:
-            raise OSError(f"no {self.name} process")
+            raise OSError(f"no {self.label}")
         self.conn.settimeout(timeout)
         send_frame(self.conn, msg, fds)
         reply, got = recv_frame(self.conn, with_fds=with_fds)
         if reply is None:
-            raise OSError(f"the {self.name} process closed its channel")
+            raise OSError(f"the {self.label} closed its channel")
         return reply, got
 
     def kill(self) -> None:
@@ -231,9 +240,12 @@ class Child:
             os.close(self.pidfd)
             self.pidfd = None
 
-    def watch(self, restart: Callable[[], bool], stop: threading.Event) -> None:
+    def watch(self, restart: Callable[[], bool], stop: threading.Event,
+              each_round: Callable[[], None] | None = None) -> None:
         """Until `stop`: when the helper dies (or there is none), call
-        `restart`, which returns False to be called again a second later."""
+        `restart`, which returns False to be called again a second later.
+        `each_round` (about every WATCH_INTERVAL) watches what else the
+        caller serves, on the same thread."""
         while not stop.is_set():
             try:
                 pidfd = self.pidfd
@@ -243,6 +255,8 @@ class Child:
                     gone = bool(select.select([pidfd], [], [], WATCH_INTERVAL)[0]) or self.conn is None
                 if gone and not stop.is_set() and not restart():
                     stop.wait(1.0)
+                if each_round is not None and not stop.is_set():
+                    each_round()
             except Exception:  # never leave it unwatched
-                log.exception("watching the %s process", self.name)
+                log.exception("watching the %s", self.label)
                 stop.wait(1.0)

@@ -18,21 +18,19 @@ containers, whose bind mounts share the connection, never notice.
 from __future__ import annotations
 
 import ctypes
-import errno
 import logging
 import os
 import re
 import select
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-from ..channel import recv_frame, send_frame
+from .. import child
+from ..child import read_pid  # noqa: F401 - the daemon's and doctor's, from here
 from .server import code_version
 
 log = logging.getLogger("tether.fs")
@@ -42,9 +40,9 @@ MNT_DETACH = 2
 SYS_OPEN_TREE, SYS_MOVE_MOUNT = 428, 429
 OPEN_TREE_CLONE, MOVE_MOUNT_F_EMPTY_PATH, AT_FDCWD = 1, 4, -100
 MAX_READ = 1 << 17
-SPAWN_TIMEOUT = 10.0
+NAME, MODULE = "fsd", "fused.fs.server"  # <run_dir>/fsd.pid, fsd.sock; `python -m fused.fs.server`
 ACK_TIMEOUT = 5.0
-WATCH_INTERVAL = 0.5
+MOUNT_CHECK_INTERVAL = 1.0
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -102,34 +100,10 @@ def _attach(tree_fd: int, path: str) -> bool:
     return _libc.syscall(SYS_MOVE_MOUNT, tree_fd, b"", AT_FDCWD, path.encode(), MOVE_MOUNT_F_EMPTY_PATH) == 0
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
 def file_server_pid(run_dir: Path) -> int | None:
     """The pid in <run_dir>/fsd.pid if that process is tether's file server
     for this run_dir (a stale pid file may name any process: never signal it)."""
-    pid = read_pid(Path(run_dir) / "fsd.pid")
-    if pid is None:
-        return None
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    if b"fused.fs.server" in argv and str(run_dir).encode() in argv:
-        return pid
-    return None
-
-
-def read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
+    return child.running(Path(run_dir), NAME, MODULE)
 
 
 def _as_tuple(fs) -> tuple[bytes, bytes, bytes, bytes]:
@@ -144,10 +118,7 @@ class FileService:
         self.fd: int | None = None
         self.tree_fd: int | None = None
         self.passthrough = False  # an older file server negotiated it on this connection
-        self.pid: int | None = None
-        self.proc: subprocess.Popen | None = None
-        self.pidfd: int | None = None  # of the file server: signals and waits never hit a reused pid
-        self.conn: socket.socket | None = None
+        self.child = child.Child(self.run_dir, NAME, MODULE, label="file server")
         self.lock = threading.RLock()
         self.latest = None  # the last snapshot published (render.Snapshot)
         self._sent: dict | None = None  # name -> FileSet as the file server has it
@@ -156,11 +127,21 @@ class FileService:
         self.restarts = 0
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._mount_checked = 0.0
 
-    # --- paths -------------------------------------------------------------------------
+    @property
+    def pid(self) -> int | None:
+        return self.child.pid
+
+    @property
+    def conn(self):
+        """The file server's channel; None while there is none (the service's
+        sign that a publish was not acknowledged)."""
+        return self.child.conn
+
     @property
     def sock_path(self) -> Path:
-        return self.run_dir / "fsd.sock"
+        return self.child.sock_path
 
     # --- start ---------------------------------------------------------------------------
     def start(self) -> str:
@@ -215,14 +196,14 @@ class FileService:
                 if self.tree_fd is not None and self.conn is not None:  # the file server keeps the new spare
                     with self.lock:
                         try:
-                            send_frame(self.conn, {"op": "tree"}, [self.tree_fd])
-                            recv_frame(self.conn)
+                            self.child.call({"op": "tree"}, ACK_TIMEOUT, fds=[self.tree_fd])
                         except (OSError, ValueError) as e:
                             log.warning("could not give the file server the mount's new clone: %s", e)
             else:
                 self.problem = f"nothing is mounted at {self.fs_dir}"
         _store_fds({"fuse": self.fd, "fuse-tree": self.tree_fd})
-        self._watcher = threading.Thread(target=self._watch, name="tether-fs-watch", daemon=True)
+        self._watcher = threading.Thread(target=self.child.watch, args=(self._restart, self._stop, self._check_mount_due),
+                                         name="tether-fs-watch", daemon=True)
         self._watcher.start()
         return how
 
@@ -230,25 +211,18 @@ class FileService:
         pid = file_server_pid(self.run_dir)
         if pid is None:
             return None
-        conn, fds = None, []
+        fds: list[int] = []
         try:
-            pidfd = os.pidfd_open(pid)
-        except OSError:
-            return None
-        try:
-            conn = self._connect(timeout=5.0)
-            send_frame(conn, {"op": "handover"})
-            msg, fds = recv_frame(conn, with_fds=True)
-            send_frame(conn, {"op": "hello"})
-            hello, _ = recv_frame(conn)
-            if not fds or not msg or not hello or hello.get("pid") != pid:
+            hello = self.child.adopt(pid)
+            msg, fds = self.child.call({"op": "handover"}, timeout=5.0, with_fds=True)
+            if not fds:
                 raise ValueError("no connection handed over")
+        except ProcessLookupError:
+            return None  # it has just ended: nothing to take over
         except (OSError, ValueError) as e:
             for fd in fds:
                 os.close(fd)
-            if conn is not None:
-                conn.close()
-            os.close(pidfd)
+            self.child.release()
             # it holds the connection running containers read through: never
             # kill it to mount anew; say so and let the admin choose
             raise MountError(
@@ -260,7 +234,6 @@ class FileService:
         for extra in fds[2:]:
             os.close(extra)
         self.passthrough = bool(msg.get("passthrough"))
-        self.pid, self.pidfd, self.conn = pid, pidfd, conn
         if hello.get("version") != code_version():
             return self._upgrade(hello.get("version"))
         return f"took over the connection of file server {self.pid}"
@@ -269,20 +242,18 @@ class FileService:
         """A file server of other code: replace it by one of ours, on the same
         connection (the kernel resends what the old one held). Only once ours
         is known to start: a broken install keeps the old one serving."""
-        check = subprocess.run([sys.executable, "-P", "-m", "fused.fs.server", "--check"], cwd="/",
-                               capture_output=True, text=True, timeout=30)
-        if check.returncode != 0:
+        problem = child.check_code(MODULE)
+        if problem is not None:
             log.error("this installation's file server cannot start (%s): file server %d (code %s) keeps serving",
-                      (check.stderr.strip().splitlines() or ["?"])[-1], self.pid, theirs)
+                      problem, self.pid, theirs)
             return f"took over the connection of file server {self.pid} (not upgraded: see above)"
         old = self.pid
         log.info("file server %d runs other code (%s): replacing it", old, theirs)
         try:
-            send_frame(self.conn, {"op": "stop"})
-            recv_frame(self.conn)
+            self.child.call({"op": "stop"}, timeout=5.0)
         except (OSError, ValueError):
             pass
-        self._forget_server()
+        self.child.forget()
         self._spawn(fresh=False)
         return f"replaced file server {old} (other code) on its connection"
 
@@ -290,7 +261,7 @@ class FileService:
         detach(self.fs_dir)
         for stale in (file_server_pid(self.run_dir), keeper_pid(self.run_dir)):
             if stale is not None:
-                _kill(stale)
+                child.terminate(stale)
         for stale in ("fsd.table", "fsd.sock", "fsd.pid", "fsd.passthrough", "keeper.pid"):
             try:
                 (self.run_dir / stale).unlink()
@@ -310,59 +281,23 @@ class FileService:
         self.fd = fd
         self.tree_fd = _clone_mount(str(self.fs_dir))
 
-    def _connect(self, timeout: float) -> socket.socket:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        s.settimeout(timeout)
-        try:
-            s.connect(str(self.sock_path))
-        except OSError:
-            s.close()
-            raise
-        return s
-
     def _spawn(self, fresh: bool) -> None:
         """Start a file server on our fd and wait until it answers."""
-        cmd = [sys.executable, "-P", "-m", "fused.fs.server", "--run-dir", str(self.run_dir), "--fd", str(self.fd),
-               "--log-level", self.log_level]
+        args = ["--fd", str(self.fd), "--log-level", self.log_level]
         if not fresh:  # what INIT negotiated: the first file server wrote it down
             try:
                 self.passthrough = (self.run_dir / "fsd.passthrough").read_text().strip() == "1"
             except OSError:
                 pass
-        cmd += ["--fresh"] if fresh else ["--passthrough", "1" if self.passthrough else "0"]
+        args += ["--fresh"] if fresh else ["--passthrough", "1" if self.passthrough else "0"]
         fds = [self.fd]
         if self.tree_fd is not None:  # the file server keeps the clone too, for a later tether-fused
-            cmd += ["--tree-fd", str(self.tree_fd)]
+            args += ["--tree-fd", str(self.tree_fd)]
             fds.append(self.tree_fd)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("NOTIFY_", "LISTEN_"))}
         try:
-            proc = subprocess.Popen(cmd, pass_fds=fds, start_new_session=True, stdin=subprocess.DEVNULL, env=env, cwd="/")
-        except OSError as e:
-            raise MountError(f"cannot start the file server: {e.strerror or e}") from None
-        deadline = time.monotonic() + SPAWN_TIMEOUT
-        while True:
-            if proc.poll() is not None:
-                raise MountError(f"the file server exited at once ({proc.returncode}): see the log above")
-            conn = None
-            try:
-                conn = self._connect(timeout=2.0)
-                send_frame(conn, {"op": "hello"})
-                hello, _ = recv_frame(conn)
-                if hello and hello.get("pid") == proc.pid:
-                    break
-            except (OSError, ValueError):
-                pass
-            if conn is not None:
-                conn.close()
-            if time.monotonic() > deadline:
-                proc.kill()
-                proc.wait()
-                raise MountError(f"the file server did not answer on {self.sock_path} within {SPAWN_TIMEOUT:g} s")
-            time.sleep(0.005)
-        self.proc = proc
-        self.pid = proc.pid
-        self.pidfd = os.pidfd_open(proc.pid)
-        self.conn = conn
+            self.child.spawn(args, fds)
+        except child.ChildError as e:
+            raise MountError(str(e)) from None
         self._sent = None
 
     # --- publishing ------------------------------------------------------------------------
@@ -386,54 +321,19 @@ class FileService:
             msg["default"] = _as_tuple(snap.default)
             msg["mtime_ns"] = snap.mtime_ns
             try:
-                self.conn.settimeout(ACK_TIMEOUT)
-                send_frame(self.conn, msg)
-                ack, _ = recv_frame(self.conn)
-                if ack is None:
-                    raise OSError(errno.EPIPE, "file server closed the channel")
+                self.child.call(msg, ACK_TIMEOUT)
             except (OSError, ValueError) as e:
                 log.warning("file server %s did not take the snapshot (%s): restarting it", self.pid, e)
-                self._drop()
+                self.child.kill()  # the watcher starts another
                 return
             self._sent = dict(snap.files)
 
-    def _drop(self) -> None:
-        """The file server stopped answering: the watcher starts another."""
-        if self.conn is not None:
-            self.conn.close()
-        self.conn = None
-        if self.pidfd is not None:
-            _signal(self.pidfd, signal.SIGKILL)
-
     # --- watching ------------------------------------------------------------------------------
-    def _watch(self) -> None:
-        last_mount_check = 0.0
-        while not self._stop.is_set():
-            try:
-                pidfd = self.pidfd
-                died = False
-                if pidfd is not None:
-                    died = bool(select.select([pidfd], [], [], WATCH_INTERVAL)[0])
-                else:
-                    self._stop.wait(WATCH_INTERVAL)
-                if self._stop.is_set():
-                    return
-                if died or self.conn is None:
-                    if not self._restart():
-                        self._stop.wait(1.0)  # back off, outside the lock
-                now = time.monotonic()
-                if now - last_mount_check >= 1.0:
-                    last_mount_check = now
-                    self._check_mount()
-            except Exception:  # never leave the mount unwatched
-                log.exception("watching the file server")
-                self._stop.wait(1.0)
-
     def _restart(self) -> bool:
         """A new file server on the same connection; False: not now (retry)."""
         with self.lock:
             dead = self.pid
-            self._forget_server()
+            self.child.forget()
             if _aborted(self.fd):
                 if self.problem != ABORTED:
                     self.problem = ABORTED
@@ -455,22 +355,12 @@ class FileService:
             log.info("file server %d serves the mount again", self.pid)
             return True
 
-    def _forget_server(self) -> None:
-        """Let go of the file server we knew (dead, or being replaced)."""
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
-        if self.proc is not None:
-            if self.proc.poll() is None:
-                self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-        elif self.pidfd is not None:
-            _signal(self.pidfd, signal.SIGKILL)
-        if self.pidfd is not None:
-            os.close(self.pidfd)
-        self.pidfd = None
-        self.pid = None
+    def _check_mount_due(self) -> None:
+        """Each round of the watcher (child.watch): the mount, once a second."""
+        now = time.monotonic()
+        if now - self._mount_checked >= MOUNT_CHECK_INTERVAL:
+            self._mount_checked = now
+            self._check_mount()
 
     def _check_mount(self) -> None:
         try:
@@ -497,13 +387,11 @@ class FileService:
         if self._watcher is not None:
             self._watcher.join(timeout=2)
         with self.lock:
-            if self.conn is not None:
-                self.conn.close()
-                self.conn = None
-        for fd in (self.fd, self.tree_fd, self.pidfd):
+            self.child.release()
+        for fd in (self.fd, self.tree_fd):
             if fd is not None:
                 os.close(fd)
-        self.fd = self.tree_fd = self.pidfd = None
+        self.fd = self.tree_fd = None
 
 
 ABORTED = "the FUSE connection was aborted"
@@ -532,38 +420,16 @@ def _aborted(fd: int | None) -> bool:
     return any(ev & (select.POLLERR | select.POLLNVAL) for _, ev in p.poll(0))
 
 
-def _signal(pidfd: int, sig: int) -> None:
-    try:
-        signal.pidfd_send_signal(pidfd, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _kill(pid: int, timeout: float = 2.0) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    if _alive(pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def stop_all(run_dir: Path, fs_dir: Path) -> list[str]:
     """--cleanup: stop the file server, unmount, remove its files. Returns what it did."""
     done = []
     pid = file_server_pid(Path(run_dir))
     if pid is not None:
-        _kill(pid)
+        child.terminate(pid)
         done.append(f"stopped file server {pid}")
     keeper = keeper_pid(Path(run_dir))
     if keeper is not None:
-        _kill(keeper)
+        child.terminate(keeper)
         done.append(f"stopped {KEEPER_NAME} {keeper}")
     if detach(fs_dir):
         done.append(f"unmounted {fs_dir}")

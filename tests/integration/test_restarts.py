@@ -7,14 +7,18 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from harness import FUSED, Daemon, sh, wait_for
 from fused.protocol import request
 
+ROOT = Path(__file__).resolve().parents[2]
 SLEEP = ["sleep", "1000000"]
 READS = 2000
 # one cat of the three files per round, a separator the test splits on; a
@@ -168,6 +172,38 @@ def test_sigterm_and_start_again(three):
     reads = readers.finish()
     print(f"\nSIGTERM + start: {reads} reads, 0 failed")
     new_container_gets_files(d, "n4")
+
+
+def test_an_upgrade_replaces_a_file_server_of_other_code(three, tmp_path):
+    """A file server of other code (a copy of fused/ that differs by a
+    comment) is replaced on the same connection by the next tether-fused's,
+    readers in every container going on: first by the copy's tether-fused,
+    then back by this one's."""
+    d = three
+    other = tmp_path / "other"
+    shutil.copytree(ROOT / "fused", other / "fused", ignore=shutil.ignore_patterns("__pycache__"))
+    wire = other / "fused" / "fs" / "wire.py"
+    wire.write_text(wire.read_text() + "\n# another release\n")
+    readers = Readers(d)
+    readers.wait_started()
+    ours = d.pid_of("fsd")
+    d.stop()
+    with open(d.log, "a") as log:
+        p = subprocess.Popen([*d.nsenter, FUSED, "--config", str(d.config)], stdout=log, stderr=subprocess.STDOUT,
+                             stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(other)})
+    d.pids.add(p.pid)
+    theirs = wait_for(lambda: f"replaced file server {ours} (other code)" in d.log.read_text() and d.pid_of("fsd"),
+                      15, what="the copy's tether-fused to replace the file server")
+    assert str(other).encode() in Path(f"/proc/{theirs}/environ").read_bytes()
+    p.send_signal(signal.SIGTERM)
+    p.wait(10)
+    d.start()
+    reads = readers.finish()
+    new = d.pid_of("fsd")
+    assert new != theirs and f"replaced file server {theirs} (other code) on its connection" in d.log.read_text()
+    assert not os.path.exists(f"/proc/{theirs}")
+    print(f"\nfile server replaced twice (other code): {reads} reads, 0 failed")
+    new_container_gets_files(d, "n9")
 
 
 def test_unmounted_from_outside_is_reported(three):
