@@ -9,13 +9,14 @@ PY    := $(VENV)/bin/python
 # global is configured here.
 # etcd-server: the tests' throwaway etcd for several hosts (tests/integration/
 # test_cluster.py), started inside the tests' own network namespaces; the
-# package's own service is stopped and disabled right after the install
+# package's own service is stopped and disabled right after the install;
+# etcd-client: etcdctl, which a store test uses to compact etcd's history
 # docker.io: tests/integration/test_docker_firewall.py starts a dockerd of its
 # own (its own data and exec roots, socket, no bridge) to check tether next
 # to Docker's firewall; the package's services are stopped and disabled right
 # after the install, so no other dockerd runs
 APT_PACKAGES := runc busybox-static fuse3 iptables nftables conntrack iproute2 \
-                python3 python3-venv python3-dev gcc podman etcd-server docker.io
+                python3 python3-venv python3-dev gcc podman etcd-server etcd-client docker.io
 # the peers `make bench` measures tether against (podman's network backend,
 # the CNI reference plugins, LXCFS); only the benchmark uses them
 BENCH_PACKAGES := netavark containernetworking-plugins lxcfs

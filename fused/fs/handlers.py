@@ -45,8 +45,10 @@ request begun after the invalidation: one the kernel had begun before it
 (the task preempted between taking the attribute version and queueing the
 request) gets its reply dropped. So after a publish, each changed file is
 "settling": the file server stats it itself, and other tasks' attribute
-requests wait until that reply went (page-cache READs do not wait: the
-kernel may hold their page locked while it takes the new size).
+requests wait until that reply went (page-cache READs wait only once that
+reply is written, until the stat returns: before, the kernel has the old
+size; during, it may be taking the new one, possibly waiting for the very
+page a READ fills, which LATER_MAX then answers with the new bytes).
 
 And sendfile takes the file's size after its READ came back: a reply that
 changes the size in between (an attribute reply, or the READ that shrinks
@@ -242,6 +244,7 @@ class Handlers:
         self.fillers: dict[int, dict[int, float]] = {}  # inode -> {fh: when it last filled pages}
         self.deferred: list[tuple[float, bytes]] = []  # (since, request) answered later
         self.settling: set[int] = set()  # published; the kernel's size not known for sure yet
+        self.resizing: set[int] = set()  # settling, and a new size told the file server's stat
         self.clock = time.monotonic
         self._since = 0.0  # while a deferred request is handled again: when it first came
         self._force = False  # ...and it has waited LATER_MAX
@@ -380,6 +383,7 @@ class Handlers:
     def settled(self, inodes) -> None:
         """The file server's stat of these went (see above)."""
         self.settling.difference_update(inodes)
+        self.resizing.difference_update(inodes)
 
     def due(self) -> list[bytes]:
         """The replies of deferred requests that may go now."""
@@ -467,6 +471,8 @@ class Handlers:
             return (i, 0, 0, sec, sec, sec, nsec, nsec, nsec, stat.S_IFDIR | 0o555, 2, 0, 0, 0, 4096, 0)
         data = self.told[i] if i in self.shrinking else self._data(k, idx)
         self._resize_waits(i, data)
+        if i in self.settling and len(self.told.get(i, data)) != len(data):
+            self.resizing.add(i)  # the kernel takes this size when the file server's stat returns
         self.told[i] = data
         size = len(data)
         sec, nsec = divmod(self._mtime.get(i, self._start_ns), 1_000_000_000)
@@ -569,6 +575,14 @@ class Handlers:
         if idx == 0:
             raise OSError(errno.EISDIR, "")
         if not rflags & wire.READ_LOCKOWNER:  # filling the page cache: the size the kernel knows
+            if i in self.resizing:
+                # the new size is on its way into the kernel (the file server's
+                # stat): wait until it is there; past LATER_MAX the kernel is
+                # likely waiting for this very page to take it (a growth locks
+                # the last page), so the size it takes is the new one
+                if not self._force:
+                    raise _Later()
+                self.told[i] = self._data(k, idx)
             new = self.shrinking.get(i)
             if new is not None and not off and len(new) < size:  # short: the kernel takes its size
                 if not self._force and self._guarded(i, but=fh):
@@ -608,6 +622,7 @@ class Handlers:
         self.told.pop(i, None)
         self.shrinking.pop(i, None)
         self.settling.discard(i)
+        self.resizing.discard(i)
         self.fillers.pop(i, None)
         slot = self.table.get(i)
         if slot is not None and slot.count == 0:
