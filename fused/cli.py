@@ -360,6 +360,9 @@ def run(argv: list[str]) -> int:
         print(f"tether: {e}", file=sys.stderr)
         return 1
     print(json.dumps(result, indent=2, sort_keys=True) if as_json else _printer(op)(result))
+    if not as_json and isinstance(result, dict):  # a change that went through, with what did not (stderr)
+        for w in result.get("warnings") or ():
+            print(f"tether: warning: {w}", file=sys.stderr)
     return 0
 
 
