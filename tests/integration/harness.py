@@ -321,6 +321,13 @@ def serve(name: str, port: int = 5432) -> list[str]:
     return ["nc", "-ll", "-p", str(port), "-e", "echo", name]
 
 
+def start_web_linked_to_db(d: Daemon) -> None:
+    """db and db2 answering on 5432 with their names, web --link db:database."""
+    d.start_container("db", serve("db"), "--expose", "5432")
+    d.start_container("db2", serve("db2"), "--expose", "5432")
+    d.start_container("web", ["sleep", "1000000"], "--link", "db:database")
+
+
 def tcp_get(ip: str, port: int, timeout: float = 3.0) -> str:
     """From the host (test process): connect, read until EOF."""
     with socket.create_connection((ip, port), timeout=timeout) as s:

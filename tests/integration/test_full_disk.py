@@ -12,13 +12,12 @@ import json
 import os
 import shutil
 import subprocess
-from pathlib import Path
 
 import dns.message
 import dns.query
 import pytest
 
-from harness import Daemon, address_in_hosts, bridge_ports, firewall_state, in_netns, serve, sh, wait_for
+from harness import Daemon, address_in_hosts, bridge_ports, firewall_state, in_netns, sh, start_web_linked_to_db, wait_for
 
 SLEEP = ["sleep", "1000000"]
 TMPFS_SIZE = "8m"
@@ -31,25 +30,12 @@ def on_tmpfs(rootfs):
     sh("mount", "-t", "tmpfs", "-o", f"size={TMPFS_SIZE},mode=0700", "tmpfs", str(d.state_dir))
     try:
         d.start()
-        pin_bridge_mac(d)
-        d.start_container("db", serve("db"), "--expose", "5432")
-        d.start_container("db2", serve("db2"), "--expose", "5432")
-        d.start_container("web", SLEEP, "--link", "db:database")
+        start_web_linked_to_db(d)
         yield d
     finally:
         d.close()
         sh("umount", "-l", str(d.state_dir), check=False)
         shutil.rmtree(d.dir, ignore_errors=True)
-
-
-def pin_bridge_mac(d: Daemon) -> None:
-    """A bridge with no address of its own set takes its ports' lowest MAC:
-    when a veth comes and goes (a refused start, a container killed), the
-    gateway's MAC can change under a container's ARP cache, which then loses
-    DNS and traffic for tens of seconds, full disk or not (the wiring sets
-    no bridge address: reported, not this test's subject). Pinned here."""
-    mac = (Path("/sys/class/net") / d.bridge / "address").read_text().strip()
-    sh("ip", "link", "set", d.bridge, "address", mac)
 
 
 def fill(d: Daemon) -> None:

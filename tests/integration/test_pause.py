@@ -19,8 +19,7 @@ import dns.message
 import dns.query
 import pytest
 
-from harness import TETHER, Daemon, address_in_hosts, bridge_ports, dnats_to, enter_netns, firewall_state, serve, wait_for
-from test_full_disk import pin_bridge_mac
+from harness import TETHER, Daemon, address_in_hosts, bridge_ports, dnats_to, enter_netns, firewall_state, serve, start_web_linked_to_db, wait_for
 from fused.protocol import request
 
 SLEEP = ["sleep", "1000000"]
@@ -63,10 +62,7 @@ def linked(rootfs):
     d = Daemon(rootfs, strategy="facade")
     try:
         d.start()
-        pin_bridge_mac(d)  # a refused start's veth comes and goes
-        d.start_container("db", serve("db"), "--expose", "5432")
-        d.start_container("db2", serve("db2"), "--expose", "5432")
-        d.start_container("web", SLEEP, "--link", "db:database")
+        start_web_linked_to_db(d)
         yield d
     finally:
         d.close()
