@@ -359,7 +359,7 @@ class Demo:
         self.say("web was not restarted: same process, and its next read of /etc/hosts and its next connection saw db2")
 
     def srv(self) -> None:
-        self.heading(9, "DNS: the same link by name (A) and its ports (SRV), answered by tether-fused")
+        self.heading(9, "DNS: the same link by name (A) and its ports (SRV), answered by tether's DNS process")
         self.runc("exec", "web", "cat", "/etc/resolv.conf")
         out = self.runc("exec", "web", "nslookup", "database")
         if "Address:" not in out.split("Name:", 1)[-1]:
@@ -417,7 +417,7 @@ class Demo:
         alive = self._is_our_file_server(fsd0)
         self.say(f"1 s later: tether-fused is gone, file server {fsd0} {'still runs' if alive else 'is GONE'}; "
                  f"web did {n1 - n0} more rounds meanwhile")
-        self.say("(web's DNS server, on the gateway, is part of tether-fused: down until it is back)")
+        self.say("(web's DNS server, on the gateway, is a process of its own: it keeps answering meanwhile)")
         self.launch()
         took = [line for line in self.log.read_text(errors="replace").splitlines() if "served files:" in line]
         self.output(took[-1] if took else "(no `served files:` line in $D/fused.log)")
