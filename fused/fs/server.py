@@ -36,7 +36,6 @@ import mmap
 import os
 import select
 import socket
-import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -171,9 +170,9 @@ class Server:
         self.seq = msg.get("seq", self.seq)
         self.ready.set()
 
-    def _put(self, job: Install) -> list[int]:
-        """Have the FUSE thread carry `job` out (this thread, before it runs);
-        returns the inodes that got shorter (handlers.py)."""
+    def _put(self, job: Install) -> None:
+        """Have the FUSE thread carry `job` out (this thread, before it runs),
+        and return once it is done."""
         with self._lock:
             if self._looping:
                 self._queue.append(job)
@@ -181,7 +180,6 @@ class Server:
             else:
                 self._carry_out(job)
         job.done.wait()
-        return job.shrunk
 
     def _settle(self, inodes: list[int]) -> None:
         """stat each changed file: the attribute request that the kernel
